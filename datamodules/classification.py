@@ -1,0 +1,181 @@
+"""Video classification data: Kinetics-style lists -> clips -> (multi-view) uint8 batches."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from datamodules import synthetic
+from datamodules.base import BadVideoPolicy, VideoDataModule, load_guarded, open_checked
+from datamodules.kinetics_list import VideoRecord, read_class_names, read_video_list
+from datamodules.sampling import random_clip, uniform_clips
+from datamodules.transforms import EvalClipTransform, TrainClipTransform
+
+log = logging.getLogger(__name__)
+
+
+class ClipClassificationDataset(Dataset):
+    """One sample per video: a random clip in training, ``num_clips`` uniform clips x crops in evaluation.
+
+    Training samples: ``video`` uint8 (3, T, H, W). Evaluation samples: ``video`` uint8 (views, 3, T, H, W) with
+    views = clips x crops. ``label`` is the class index, or a multi-hot float vector when ``multilabel``; ``index``
+    identifies the sample (evaluation under DDP de-duplicates by it).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[VideoRecord],
+        num_classes: int,
+        num_frames: int,
+        frame_interval: int,
+        transform: Callable[[Tensor], Tensor],
+        train: bool,
+        num_clips: int = 1,
+        multilabel: bool = False,
+        min_video_frames: int = 1,
+        bad_video: BadVideoPolicy = "error",
+        decode_threads: int = 1,
+    ):
+        self.records = list(records)
+        self.num_classes = num_classes
+        self.num_frames = num_frames
+        self.frame_interval = frame_interval
+        self.transform = transform
+        self.train = train
+        self.num_clips = num_clips
+        self.multilabel = multilabel
+        self.min_video_frames = min_video_frames
+        self.bad_video = bad_video
+        self.decode_threads = decode_threads
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def target(self, record: VideoRecord) -> Tensor:
+        if self.multilabel:
+            hot = torch.zeros(self.num_classes)
+            hot[list(record.labels)] = 1.0
+            return hot
+        return torch.tensor(record.labels[0])
+
+    def load(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        video = open_checked(record.path, self.min_video_frames, self.decode_threads)
+        if self.train:
+            # Torch's generator is the one Lightning seeds per worker; numpy only draws from it.
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
+            clip = self.transform(video.get_frames(random_clip(video.num_frames, self.num_frames, self.frame_interval, rng)))
+        else:
+            idx = uniform_clips(video.num_frames, self.num_frames, self.frame_interval, self.num_clips)
+            frames = video.get_frames(idx.reshape(-1)).unflatten(0, idx.shape)  # (clips, T, H, W, 3)
+            clip = torch.cat([self.transform(f) for f in frames])  # (clips * crops, 3, T, H, W)
+        return {"video": clip, "label": self.target(record), "index": index}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return load_guarded(lambda: self.load(index), self.bad_video, index)
+
+
+class VideoClassificationDataModule(VideoDataModule):
+    """Kinetics-style classification lists (Kinetics, Mini-Kinetics, ActivityNet as multi-label, synthetic).
+
+    ``synthetic=True`` writes the embedded synthetic motion dataset to ``root`` on first use (rank 0 only).
+    Remaining arguments (batch size, workers, ``bad_video`` policy, normalisation) are those of
+    ``VideoDataModule``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_list: str = "train.txt",
+        val_list: str = "val.txt",
+        test_list: str | None = None,
+        predict_list: str | None = None,
+        classes_file: str | None = "classes.txt",
+        num_classes: int | None = None,
+        multilabel: bool = False,
+        num_frames: int = 8,
+        frame_interval: int = 32,
+        crop_size: int = 224,
+        train_short_side: tuple[int, int] = (256, 320),
+        test_short_side: int = 256,
+        flip: bool = True,
+        randaugment_ops: int = 2,
+        randaugment_magnitude: int = 9,
+        test_num_clips: int = 1,
+        test_num_crops: int = 1,
+        min_video_frames: int | None = None,
+        synthetic: bool = False,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        self.lists = {"train": train_list, "val": val_list, "test": test_list or val_list}
+        self.lists["predict"] = predict_list or self.lists["test"]
+        self.classes_file = classes_file
+        self._num_classes = num_classes
+        self.multilabel = multilabel
+        self.num_frames = num_frames
+        self.frame_interval = frame_interval
+        self.crop_size = crop_size
+        self.train_short_side = train_short_side
+        self.test_short_side = test_short_side
+        self.flip = flip
+        self.randaugment_ops = randaugment_ops
+        self.randaugment_magnitude = randaugment_magnitude
+        self.test_num_clips = test_num_clips
+        self.test_num_crops = test_num_crops
+        self.min_video_frames = min_video_frames or num_frames
+        self.synthetic = synthetic
+
+    def prepare_data(self) -> None:
+        if self.synthetic and not synthetic.is_complete(self.root):
+            log.info("writing the synthetic classification set to %s", self.root)
+            synthetic.generate_classification(self.root)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        if self.classes_file and (self.root / self.classes_file).is_file():
+            return read_class_names(self.root / self.classes_file)
+        return None
+
+    @property
+    def num_classes(self) -> int:
+        if self._num_classes is None:
+            if self.synthetic and self.classes_file == "classes.txt":
+                return len(synthetic.CLASSIFICATION_CLASSES)
+            names = self.class_names
+            if names is None:
+                raise ValueError(
+                    f"number of classes unknown: set data.init_args.num_classes, or classes_file to a file under {self.root}"
+                )
+            self._num_classes = len(names)
+        return self._num_classes
+
+    def build_dataset(self, stage: str) -> ClipClassificationDataset:
+        train = stage == "train"
+        if train:
+            transform = TrainClipTransform(
+                self.crop_size, self.train_short_side, self.flip, self.randaugment_ops, self.randaugment_magnitude
+            )
+        else:
+            transform = EvalClipTransform(self.crop_size, self.test_short_side, self.test_num_crops)
+        return ClipClassificationDataset(
+            read_video_list(self.root / self.lists[stage], self.root, self.num_classes),
+            num_classes=self.num_classes,
+            num_frames=self.num_frames,
+            frame_interval=self.frame_interval,
+            transform=transform,
+            train=train,
+            num_clips=1 if train else self.test_num_clips,
+            multilabel=self.multilabel,
+            min_video_frames=self.min_video_frames,
+            bad_video=self.bad_video,
+            decode_threads=self.decode_threads,
+        )

@@ -1,0 +1,86 @@
+"""The one video-decoding interface of the project, over decord.
+
+Every dataset opens videos through ``open_video`` and reads frames by index or by timestamp. A video that cannot
+be used raises ``VideoDecodeError`` naming the file and the reason; the datasets turn that into an error or a
+counted skip according to their ``bad_video`` policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+#: Files smaller than this cannot hold a decodable video stream (mmaction2 and VideoMAE use the same bound).
+MIN_VIDEO_BYTES = 1024
+
+
+class VideoDecodeError(RuntimeError):
+    """A video that is missing, empty, corrupt or too short for what was asked.
+
+    ``kind`` is one of "missing", "empty", "corrupt", "too_short", "decode_failed" (what skips are counted by).
+    """
+
+    def __init__(self, path: str | Path, kind: str, reason: str):
+        self.path = str(path)
+        self.kind = kind
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class Video:
+    """An opened video: frame count, rate, and frames as uint8 tensors ``(T, H, W, 3)``."""
+
+    def __init__(self, path: str | Path, num_threads: int = 1):
+        import decord
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise VideoDecodeError(path, "missing", "file not found")
+        size = self.path.stat().st_size
+        if size < MIN_VIDEO_BYTES:
+            raise VideoDecodeError(path, "empty", f"file has {size} bytes, too small to hold a video")
+        try:
+            self._reader = decord.VideoReader(str(self.path), num_threads=num_threads)
+        except Exception as err:  # noqa: BLE001 - decord raises its own DECORDError and RuntimeErrors
+            raise VideoDecodeError(path, "corrupt", f"cannot be opened as a video ({_first_line(err)})") from err
+        self.num_frames = len(self._reader)
+        if self.num_frames == 0:
+            raise VideoDecodeError(path, "empty", "video has no frames")
+        self.fps = float(self._reader.get_avg_fps()) or 30.0
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / self.fps
+
+    def get_frames(self, indices: Sequence[int] | np.ndarray) -> Tensor:
+        """Frames at ``indices`` (clamped to the video) as a uint8 tensor (T, H, W, 3)."""
+        idx = np.clip(np.asarray(indices, dtype=np.int64), 0, self.num_frames - 1)
+        try:
+            frames = self._reader.get_batch(idx.tolist()).asnumpy()
+        except Exception as err:  # noqa: BLE001
+            raise VideoDecodeError(self.path, "decode_failed", f"decoding frames {idx.min()}-{idx.max()} failed ({_first_line(err)})") from err
+        if frames.shape[0] != len(idx):
+            raise VideoDecodeError(self.path, "decode_failed", f"decoder returned {frames.shape[0]} of {len(idx)} frames")
+        return torch.from_numpy(frames)
+
+    def frame_indices_at(self, times: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Index of the frame shown at each time (seconds), clamped to the video."""
+        idx = np.floor(np.asarray(times, dtype=np.float64) * self.fps + 1e-6).astype(np.int64)
+        return np.clip(idx, 0, self.num_frames - 1)
+
+    def get_frames_at(self, times: Sequence[float] | np.ndarray) -> Tensor:
+        """Frames shown at ``times`` (seconds) as uint8 (T, H, W, 3)."""
+        return self.get_frames(self.frame_indices_at(times))
+
+
+def open_video(path: str | Path, num_threads: int = 1) -> Video:
+    return Video(path, num_threads)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__

@@ -1,0 +1,72 @@
+"""What every task shares: optimiser with decay/no-decay groups, warmup + cosine schedule, pretrained loading."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import nn
+
+from models.checkpoint import load_pretrained
+
+#: Parameters that never get weight decay besides biases and norms (1-D tensors).
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "time_embed", "mask_token", "q_bias", "v_bias")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or any(n in name for n in NO_DECAY_NAMES) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, start_factor: float, min_ratio: float) -> float:
+    """LR multiplier: linear from ``start_factor`` to 1 over the warmup, then cosine down to ``min_ratio``."""
+    if step < warmup_steps:
+        return start_factor + (1.0 - start_factor) * step / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class VideoTask(L.LightningModule):
+    """Base LightningModule: subclasses build their model in ``__init__`` and implement the steps."""
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        optimizer: Literal["adamw", "adam"] = "adamw",
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 1.0,
+        warmup_start_factor: float = 0.01,
+        min_lr_ratio: float = 0.01,
+    ):
+        super().__init__()
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.optimizer_name = optimizer
+        self.betas = betas
+        self.warmup_epochs = warmup_epochs
+        self.warmup_start_factor = warmup_start_factor
+        self.min_lr_ratio = min_lr_ratio
+
+    def load_backbone(self, backbone: nn.Module, pretrained: str | None) -> None:
+        if pretrained:
+            report = load_pretrained(backbone, pretrained)
+            self.print(report.summary())
+
+    def configure_optimizers(self):
+        groups = param_groups(self, self.weight_decay)
+        cls = torch.optim.AdamW if self.optimizer_name == "adamw" else torch.optim.Adam
+        opt = cls(groups, lr=self.lr, betas=self.betas)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        epochs = max(self.trainer.max_epochs or 1, 1)
+        warmup = int(total * self.warmup_epochs / epochs)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, warmup, total, self.warmup_start_factor, self.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

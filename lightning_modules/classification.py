@@ -1,0 +1,107 @@
+"""Video classification task: a backbone + linear head, trained with cross-entropy, scored per video."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_modules.base import VideoTask
+from lightning_modules.metrics import VideoClassificationScores
+
+
+class VideoClassifier(VideoTask):
+    """Any backbone that maps (B, 3, T, H, W) to a (B, D) clip feature, with a linear classifier on top.
+
+    Evaluation averages the softmax (sigmoid for multi-label) scores of all views of a video (clips x crops).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        pretrained: str | None = None,
+        head_dropout: float = 0.0,
+        label_smoothing: float = 0.0,
+        multilabel: bool = False,
+        top_k: tuple[int, ...] = (1, 5),
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        optimizer: Literal["adamw", "adam"] = "adamw",
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 1.0,
+        warmup_start_factor: float = 0.01,
+        min_lr_ratio: float = 0.01,
+    ):
+        super().__init__(lr, weight_decay, optimizer, betas, warmup_epochs, warmup_start_factor, min_lr_ratio)
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone
+        self.load_backbone(backbone, pretrained)
+        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(backbone.embed_dim, num_classes))
+        nn.init.trunc_normal_(self.head[1].weight, std=0.02)
+        nn.init.zeros_(self.head[1].bias)
+        self.num_classes = num_classes
+        self.multilabel = multilabel
+        self.label_smoothing = label_smoothing
+        self.val_scores = VideoClassificationScores(num_classes, top_k, multilabel)
+        self.test_scores = VideoClassificationScores(num_classes, top_k, multilabel)
+
+    def forward(self, video: Tensor) -> Tensor:
+        """(B, 3, T, H, W) -> (B, num_classes) logits."""
+        return self.head(self.backbone(video))
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        if self.multilabel:
+            return F.binary_cross_entropy_with_logits(logits, target.float())
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        if batch["batch_size"] == 0:  # every clip of the batch was a skipped bad video
+            return None
+        logits = self(batch["video"])
+        loss = self.loss(logits, batch["label"])
+        n = batch["batch_size"]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        if not self.multilabel:
+            self.log("train/top1", (logits.argmax(-1) == batch["label"]).float().mean(), batch_size=n)
+        return loss
+
+    def video_scores(self, video: Tensor) -> Tensor:
+        """(B, views, 3, T, H, W) -> (B, num_classes) view-averaged probabilities."""
+        b, v = video.shape[:2]
+        logits = self(video.flatten(0, 1)).unflatten(0, (b, v))
+        probs = logits.sigmoid() if self.multilabel else logits.softmax(-1)
+        return probs.mean(1)
+
+    def _eval_step(self, batch: dict[str, Any], metric: VideoClassificationScores, prefix: str) -> None:
+        if batch["batch_size"] == 0:
+            return
+        scores = self.video_scores(batch["video"])
+        metric.update(scores, batch["label"], batch["index"])
+        if not self.multilabel:
+            nll = F.nll_loss(scores.clamp_min(1e-8).log(), batch["label"])
+            self.log(f"{prefix}/loss", nll, batch_size=batch["batch_size"], sync_dist=True)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_scores, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_scores, "test")
+
+    def _log_scores(self, metric: VideoClassificationScores, prefix: str) -> None:
+        if not metric.update_called:
+            return
+        for name, value in metric.compute().items():
+            self.log(f"{prefix}/{name}", value, prog_bar=name == "top1", rank_zero_only=False)
+        metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores(self.val_scores, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_scores(self.test_scores, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        return {"index": batch["index"], "scores": self.video_scores(batch["video"])}

@@ -1,0 +1,186 @@
+"""Building blocks shared by every backbone: tubelet embedding, attention, transformer block, positions.
+
+The names of parameters follow the VideoMAE / timm convention (``patch_embed.proj``, ``blocks.N.attn.qkv``,
+``q_bias``/``v_bias``, ``mlp.fc1``) so that official checkpoints load with little or no remapping.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import DropPath, Mlp
+from torch import Tensor, nn
+
+QKVBias = Literal["qv", "qkv", "none"]
+
+
+class BlockHook(Protocol):
+    """Something a method runs inside a block, after the attention residual and before the MLP.
+
+    ``needs_attention`` asks the block for the post-softmax attention map ``(B, heads, N, N)``; blocks whose hook
+    does not ask for it keep using fused ``scaled_dot_product_attention``. The hook returns the (possibly pruned or
+    re-ordered) token sequence that the MLP and all later blocks see.
+    """
+
+    needs_attention: bool
+
+    def __call__(self, x: Tensor, attn: Tensor | None) -> Tensor: ...
+
+
+class TubeletEmbed(nn.Module):
+    """Non-overlapping ``tubelet_size x patch_size x patch_size`` patches -> tokens.
+
+    ``tubelet_size=1`` is the 2D-patch-per-frame embedding of an inflated image ViT.
+    """
+
+    def __init__(self, patch_size: int = 16, tubelet_size: int = 2, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.patch_size = patch_size
+        self.tubelet_size = tubelet_size
+        kernel = (tubelet_size, patch_size, patch_size)
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=kernel, stride=kernel)
+
+    def grid(self, video_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """Token grid (t, h, w) for a video of shape (..., T, H, W)."""
+        t, h, w = video_shape[-3:]
+        if t % self.tubelet_size or h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"input of {t} frames at {h}x{w} is not divisible into {self.tubelet_size}x{self.patch_size}"
+                f"x{self.patch_size} tubelets; change num_frames or the crop size"
+            )
+        return t // self.tubelet_size, h // self.patch_size, w // self.patch_size
+
+    def forward(self, video: Tensor) -> Tensor:
+        # (B, C, T, H, W) -> (B, t*h*w, D), time-major like VideoMAE
+        return rearrange(self.proj(video), "b d t h w -> b (t h w) d")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with fused SDPA, or an explicit softmax when the attention map is needed.
+
+    ``qkv_bias``: ``"qv"`` is VideoMAE's learnable q and v biases with a zero k bias, ``"qkv"`` a plain biased
+    Linear (DeiT / timm), ``"none"`` no bias.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: QKVBias = "qv", attn_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias == "qkv")
+        if qkv_bias == "qv":
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+
+    def _qkv_bias(self) -> Tensor | None:
+        if self.q_bias is None:
+            return self.qkv.bias
+        return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """``x`` (B, N, C); ``attn_mask`` boolean, broadcastable to (B, heads, N, N), True where attention is allowed."""
+        qkv = F.linear(x, self.qkv.weight, self._qkv_bias())
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        drop = self.attn_drop if self.training else 0.0
+        if not need_weights:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+            attn = None
+        else:
+            logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+            if attn_mask is not None:
+                logits = logits.masked_fill(~attn_mask, float("-inf"))
+            attn = logits.softmax(dim=-1)
+            out = F.dropout(attn, drop) @ v
+        return self.proj(rearrange(out, "b h n d -> b n (h d)")), attn
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with an optional hook between attention and MLP."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: QKVBias = "qv",
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, hook: BlockHook | None = None) -> Tensor:
+        need = hook is not None and hook.needs_attention
+        y, attn = self.attn(self.norm1(x), attn_mask, need_weights=need)
+        x = x + self.drop_path(y)
+        if hook is not None:
+            x = hook(x, attn)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def sinusoid_table(num_positions: int, dim: int) -> Tensor:
+    """The 1D sinusoid table of "Attention is all you need" over a flattened token index, as VideoMAE uses it.
+
+    Channel ``2i`` holds ``sin(p / 10000^(2i/dim))`` and channel ``2i+1`` the matching cosine.
+    """
+    position = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    exponent = 2 * (torch.arange(dim) // 2).to(torch.float64) / dim
+    angles = position / torch.pow(10000.0, exponent)  # (N, dim)
+    table = torch.empty_like(angles)
+    table[:, 0::2] = torch.sin(angles[:, 0::2])
+    table[:, 1::2] = torch.cos(angles[:, 1::2])
+    return table.float()
+
+
+def resize_grid_positions(table: Tensor, src_grid: tuple[int, int, int], dst_grid: tuple[int, int, int]) -> Tensor:
+    """Resize a (t*h*w, C) position table laid out on ``src_grid`` to ``dst_grid``.
+
+    Space is resized per temporal slice with bicubic interpolation; time, if it differs, linearly.
+    """
+    if src_grid == dst_grid:
+        return table
+    t, h, w = src_grid
+    grid = rearrange(table, "(t h w) c -> t c h w", t=t, h=h, w=w)
+    if (h, w) != dst_grid[1:]:
+        grid = F.interpolate(grid, size=dst_grid[1:], mode="bicubic", align_corners=False)
+    if t != dst_grid[0]:
+        grid = rearrange(grid, "t c h w -> (h w) c t")
+        grid = F.interpolate(grid, size=dst_grid[0], mode="linear", align_corners=False)
+        grid = rearrange(grid, "(h w) c t -> t c h w", h=dst_grid[1])
+    return rearrange(grid, "t c h w -> (t h w) c")
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Stochastic depth rising linearly from 0 to ``rate`` over the blocks."""
+    return [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
+def trunc_normal_init(module: nn.Module) -> None:
+    """ViT initialisation: truncated-normal Linear weights (std .02), unit LayerNorms, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv3d):
+        fan_in = math.prod(module.weight.shape[1:])
+        nn.init.trunc_normal_(module.weight, std=math.sqrt(1.0 / fan_in))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,110 @@
+"""The CLI end to end: every shipped recipe parses, a quickstart run trains, checkpoints resume, W&B stays local."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_modules.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "sweeps" not in p.parts)
+SWEEPS = sorted((REPO / "recipes" / "sweeps").glob("*.yaml"))
+QUICKSTART = REPO / "recipes" / "quickstart" / "synthetic_dense_vit.yaml"
+
+
+def print_config(args: list[str], capsys) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_every_recipe_parses(recipe, capsys):
+    config = print_config(["fit", "--config", str(recipe)], capsys)
+    assert config["model"]["class_path"] and config["data"]["class_path"]
+
+
+def test_unknown_key_is_an_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(QUICKSTART.read_text().replace("    lr: 1.0e-3", "    lr: 1.0e-3\n    learning_rat: 0.1"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(bad), "--print_config"])
+    assert exit_info.value.code != 0
+    assert "learning_rat" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.name)
+def test_sweep_parameters_are_cli_keys(sweep, capsys):
+    """Each swept parameter, substituted as W&B's ${args} would, must be accepted by the recipe it runs."""
+    spec = yaml.safe_load(sweep.read_text())
+    command = spec["command"]
+    recipe = command[command.index("--config") + 1]
+    args = []
+    for name, values in spec["parameters"].items():
+        value = values["values"][0] if "values" in values else values["min"]
+        args.append(f"--{name}={value}")
+    config = print_config(["fit", "--config", str(REPO / recipe), *args], capsys)
+    for name, values in spec["parameters"].items():
+        node = config
+        for part in name.split("."):
+            node = node[part]
+        assert node is not None
+    assert spec["metric"]["name"] == "val/top1"  # the name the classification task logs
+
+
+def quick_args(root: Path, data_root: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(QUICKSTART),
+        f"--data.init_args.root={data_root}", "--data.init_args.synthetic=false",
+        "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
+        f"--trainer.default_root_dir={root}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={root}",
+        "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "--trainer.check_val_every_n_epoch=1",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_fit_then_resume_then_validate(tmp_path, synthetic_classification):
+    cli = main(["fit", *quick_args(tmp_path, synthetic_classification, "--trainer.max_epochs=1")], run=True)
+    assert cli.trainer.current_epoch == 1 and cli.trainer.global_step == 2
+    (last,) = tmp_path.rglob("last.ckpt")
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["epoch"] == 0 and state["global_step"] == 2
+    resumed = main(["fit", *quick_args(tmp_path, synthetic_classification, "--trainer.max_epochs=2"), f"--ckpt_path={last}"])
+    assert resumed.trainer.global_step == 4 and resumed.trainer.current_epoch == 2
+    validated = main(["validate", *quick_args(tmp_path, synthetic_classification), f"--ckpt_path={last}"])
+    metrics = validated.trainer.callback_metrics
+    assert {"val/top1", "val/top5", "val/num_samples"} <= set(metrics)
+    assert metrics["val/num_samples"] == 8  # limit_val_batches=2 x batch 4, each video counted once
+
+
+def test_wandb_offline_runs_get_their_own_directories(tmp_path, synthetic_classification, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no key configured
+    logger = [
+        "--trainer.logger=lightning_modules.loggers.AutoWandbLogger",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'wandb'}",
+    ]
+    for _ in range(2):
+        args = quick_args(tmp_path, synthetic_classification, "--trainer.max_epochs=1")
+        args = [a for a in args if not a.startswith("--trainer.logger")] + logger
+        cli = main(["fit", *args])
+        assert cli.trainer.logger.experiment.settings.mode in ("offline", "dryrun")  # dryrun: offline, internally
+        cli.trainer.logger.experiment.finish()
+    runs = sorted((tmp_path / "wandb").iterdir())
+    assert len(runs) == 2  # two runs, two directories: config.yaml and wandb files never clash
+    for run in runs:
+        assert list(run.rglob("offline-run-*")), f"no offline W&B files in {run}"
+        assert (run / "config.yaml").is_file() or list(run.rglob("config.yaml"))
+
+
+def test_cli_errors_name_the_missing_list(tmp_path):
+    with pytest.raises(Exception, match=r"not found.*one video per line"):
+        main(["fit", *quick_args(tmp_path, tmp_path / "nowhere", "--trainer.max_epochs=1"),
+              "--data.init_args.num_classes=8"])  # fmt: skip
