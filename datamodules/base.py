@@ -36,7 +36,9 @@ def open_checked(path: str, min_frames: int, num_threads: int = 1) -> Video:
     """Open ``path`` and require at least ``min_frames`` frames."""
     video = open_video(path, num_threads)
     if video.num_frames < min_frames:
-        raise VideoDecodeError(path, "too_short", f"video has {video.num_frames} frames, fewer than the {min_frames} needed")
+        raise VideoDecodeError(
+            path, "too_short", f"video has {video.num_frames} frames, fewer than the {min_frames} needed"
+        )
     return video
 
 

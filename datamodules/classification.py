@@ -71,7 +71,9 @@ class ClipClassificationDataset(Dataset):
         if self.train:
             # Torch's generator is the one Lightning seeds per worker; numpy only draws from it.
             rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
-            clip = self.transform(video.get_frames(random_clip(video.num_frames, self.num_frames, self.frame_interval, rng)))
+            clip = self.transform(
+                video.get_frames(random_clip(video.num_frames, self.num_frames, self.frame_interval, rng))
+            )
         else:
             idx = uniform_clips(video.num_frames, self.num_frames, self.frame_interval, self.num_clips)
             frames = video.get_frames(idx.reshape(-1)).unflatten(0, idx.shape)  # (clips, T, H, W, 3)
@@ -85,7 +87,8 @@ class ClipClassificationDataset(Dataset):
 class VideoClassificationDataModule(VideoDataModule):
     """Kinetics-style classification lists (Kinetics, Mini-Kinetics, ActivityNet as multi-label, synthetic).
 
-    ``synthetic=True`` writes the embedded synthetic motion dataset to ``root`` on first use (rank 0 only).
+    ``synthetic=True`` writes the embedded synthetic motion dataset to ``root`` on first use (rank 0 only), and
+    again whenever ``synthetic_videos_per_class`` or ``synthetic_seed`` change.
     Remaining arguments (batch size, workers, ``bad_video`` policy, normalisation) are those of
     ``VideoDataModule``.
     """
@@ -112,6 +115,8 @@ class VideoClassificationDataModule(VideoDataModule):
         test_num_crops: int = 1,
         min_video_frames: int | None = None,
         synthetic: bool = False,
+        synthetic_videos_per_class: int = 40,
+        synthetic_seed: int = 0,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -133,11 +138,12 @@ class VideoClassificationDataModule(VideoDataModule):
         self.test_num_crops = test_num_crops
         self.min_video_frames = min_video_frames or num_frames
         self.synthetic = synthetic
+        self.synthetic_config = {"videos_per_class": synthetic_videos_per_class, "seed": synthetic_seed}
 
     def prepare_data(self) -> None:
-        if self.synthetic and not synthetic.is_complete(self.root):
+        if self.synthetic and not synthetic.is_complete(self.root, **self.synthetic_config):
             log.info("writing the synthetic classification set to %s", self.root)
-            synthetic.generate_classification(self.root)
+            synthetic.generate_classification(self.root, **self.synthetic_config)
 
     @property
     def class_names(self) -> list[str] | None:
@@ -162,7 +168,11 @@ class VideoClassificationDataModule(VideoDataModule):
         train = stage == "train"
         if train:
             transform = TrainClipTransform(
-                self.crop_size, self.train_short_side, self.flip, self.randaugment_ops, self.randaugment_magnitude
+                self.crop_size,
+                self.train_short_side,
+                self.flip,
+                self.randaugment_ops,
+                self.randaugment_magnitude,
             )
         else:
             transform = EvalClipTransform(self.crop_size, self.test_short_side, self.test_num_crops)

@@ -23,7 +23,9 @@ class VideoRecord:
     labels: tuple[int, ...]
 
 
-def read_video_list(list_file: str | Path, root: str | Path, num_classes: int | None = None) -> list[VideoRecord]:
+def read_video_list(
+    list_file: str | Path, root: str | Path, num_classes: int | None = None
+) -> list[VideoRecord]:
     """Parse a list file; video paths are resolved against ``root``; labels are checked against ``num_classes``."""
     list_file, root = Path(list_file), Path(root)
     if not list_file.is_file():
@@ -44,7 +46,9 @@ def read_video_list(list_file: str | Path, root: str | Path, num_classes: int | 
             if len(parts) == 3:
                 int(parts[1])
         except ValueError:
-            raise AnnotationError(f"{list_file}:{lineno}: expected integer frame count and labels, got {line!r}")
+            raise AnnotationError(
+                f"{list_file}:{lineno}: expected integer frame count and labels, got {line!r}"
+            ) from None
         bad = [x for x in labels if x < 0 or (num_classes is not None and x >= num_classes)]
         if bad:
             raise AnnotationError(
@@ -62,7 +66,9 @@ def read_class_names(classes_file: str | Path) -> list[str]:
     """One class name per line; the line number is the label index."""
     path = Path(classes_file)
     if not path.is_file():
-        raise AnnotationError(f"class list {path} not found; give num_classes instead, or the right classes_file")
+        raise AnnotationError(
+            f"class list {path} not found; give num_classes instead, or the right classes_file"
+        )
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not names:
         raise AnnotationError(f"class list {path} is empty")

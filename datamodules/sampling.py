@@ -17,7 +17,9 @@ def clip_indices(start: int, num_frames: int, frame_interval: int) -> np.ndarray
     return start + np.arange(num_frames) * frame_interval
 
 
-def random_clip(video_frames: int, num_frames: int, frame_interval: int, rng: np.random.Generator) -> np.ndarray:
+def random_clip(
+    video_frames: int, num_frames: int, frame_interval: int, rng: np.random.Generator
+) -> np.ndarray:
     """One clip at a uniformly random start (training)."""
     slack = max(video_frames - clip_span(num_frames, frame_interval), 0)
     return clip_indices(int(rng.integers(0, slack + 1)), num_frames, frame_interval)
@@ -25,7 +27,9 @@ def random_clip(video_frames: int, num_frames: int, frame_interval: int, rng: np
 
 def centre_clip(video_frames: int, num_frames: int, frame_interval: int) -> np.ndarray:
     """The clip centred in the video (single-view evaluation)."""
-    return clip_indices(max(video_frames - clip_span(num_frames, frame_interval), 0) // 2, num_frames, frame_interval)
+    return clip_indices(
+        max(video_frames - clip_span(num_frames, frame_interval), 0) // 2, num_frames, frame_interval
+    )
 
 
 def uniform_clips(video_frames: int, num_frames: int, frame_interval: int, num_clips: int) -> np.ndarray:

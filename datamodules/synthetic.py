@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 __all__ = [
     "CLASSIFICATION_CLASSES",
@@ -48,7 +49,14 @@ __all__ = [
 ]
 
 CLASSIFICATION_CLASSES: tuple[str, ...] = (
-    "static", "left", "right", "up", "down", "right_fast", "rotate_cw", "rotate_ccw",
+    "static",
+    "left",
+    "right",
+    "up",
+    "down",
+    "left_fast",
+    "right_fast",
+    "rotate",
 )
 SPATIOTEMPORAL_ACTIONS: tuple[str, ...] = ("move_left", "move_right", "rotate", "stand_still")
 TEMPORAL_ACTIONS: tuple[str, ...] = ("jump", "spin", "slide")
@@ -60,21 +68,21 @@ DECORD_UNSAFE_WIDTHS: frozenset[int] = frozenset({8, 12, 16, 24, 48, 72})
 
 MARKER_NAME = ".complete"
 # Bumped whenever the rendered content changes, so stale datasets are regenerated rather than reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Per-kind tags mixed into the RNG seed so the three kinds never share random streams for the same seed.
 _KIND_TAG = {"classification": 101, "spatiotemporal": 202, "temporal": 303}
 
-# Nominal motion of the classification classes: (unit dx, unit dy, rotation sign, speed kind).
-_CLS_MOTION: dict[str, tuple[float, float, float, str]] = {
-    "static": (0.0, 0.0, 0.0, "none"),
-    "left": (-1.0, 0.0, 0.0, "slow"),
-    "right": (1.0, 0.0, 0.0, "slow"),
-    "up": (0.0, -1.0, 0.0, "slow"),
-    "down": (0.0, 1.0, 0.0, "slow"),
-    "right_fast": (1.0, 0.0, 0.0, "fast"),
-    "rotate_cw": (0.0, 0.0, 1.0, "rot"),
-    "rotate_ccw": (0.0, 0.0, -1.0, "rot"),
+# Nominal motion of the classification classes: (unit dx, unit dy, speed kind).
+_CLS_MOTION: dict[str, tuple[float, float, str]] = {
+    "static": (0.0, 0.0, "none"),
+    "left": (-1.0, 0.0, "slow"),
+    "right": (1.0, 0.0, "slow"),
+    "up": (0.0, -1.0, "slow"),
+    "down": (0.0, 1.0, "slow"),
+    "left_fast": (-1.0, 0.0, "fast"),
+    "right_fast": (1.0, 0.0, "fast"),
+    "rotate": (0.0, 0.0, "rot"),  # direction drawn per video: the class is "rotating", either way
 }
 
 _SLOW_SPEED = 1.0  # px / frame
@@ -86,8 +94,15 @@ _SPEED_JITTER = 0.2  # +-20 % per video, so speed alone is a range rather than a
 # --------------------------------------------------------------------------------------------- file I/O
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int, *, crf: int = 20, preset: str = "veryfast",
-                gop: int | None = None) -> None:
+def write_video(
+    path: str | Path,
+    frames: np.ndarray,
+    fps: int,
+    *,
+    crf: int = 20,
+    preset: str = "veryfast",
+    gop: int | None = None,
+) -> None:
     """Encode ``frames`` (T, H, W, 3) uint8 RGB as an H.264 (yuv420p) mp4 at ``fps``.
 
     The file is written under a ``.part`` name and renamed at the end, so a crash never leaves a truncated
@@ -288,8 +303,9 @@ def _sample_bilinear(tex: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarra
     return top * (1 - fv) + bot * fv
 
 
-def _composite(frames: np.ndarray, tex: np.ndarray, cx: np.ndarray, cy: np.ndarray,
-               angle: np.ndarray) -> None:
+def _composite(
+    frames: np.ndarray, tex: np.ndarray, cx: np.ndarray, cy: np.ndarray, angle: np.ndarray
+) -> None:
     """Paint a rotated rectangular sprite into ``frames`` (T, H, W, 3) float, in place.
 
     Pixel (i, j) covers [j, j+1) x [i, i+1); the sprite's centre is (cx, cy) and a positive ``angle``
@@ -316,8 +332,11 @@ def _composite(frames: np.ndarray, tex: np.ndarray, cx: np.ndarray, cy: np.ndarr
         region += alpha[..., None] * (col - region)
 
 
-def _render(background: np.ndarray, num_frames: int,
-            sprites: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+def _render(
+    background: np.ndarray,
+    num_frames: int,
+    sprites: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+) -> np.ndarray:
     frames = np.repeat(background[None].astype(np.float32), num_frames, axis=0)
     for tex, cx, cy, angle in sprites:
         _composite(frames, tex, cx, cy, angle)
@@ -355,16 +374,22 @@ def classification_geometry(size: int = 80, num_frames: int = 24) -> dict[str, A
         lo, hi = obj / 2 + vmax * half_span, size - obj / 2 - vmax * half_span
         return (lo, hi) if lo <= hi else (size / 2, size / 2)
 
-    vx = max(fast[1] if m[3] == "fast" else slow[1] for m in _CLS_MOTION.values() if m[0] != 0)
-    vy = max(fast[1] if m[3] == "fast" else slow[1] for m in _CLS_MOTION.values() if m[1] != 0)
+    vx = max(fast[1] if m[2] == "fast" else slow[1] for m in _CLS_MOTION.values() if m[0] != 0)
+    vy = max(fast[1] if m[2] == "fast" else slow[1] for m in _CLS_MOTION.values() if m[1] != 0)
     return {
-        "object_size": obj, "slow_speed": slow, "fast_speed": fast, "rotation_deg": rot,
-        "centre_x": centre_range(vx), "centre_y": centre_range(vy), "middle_frame": mid,
+        "object_size": obj,
+        "slow_speed": slow,
+        "fast_speed": fast,
+        "rotation_deg": rot,
+        "centre_x": centre_range(vx),
+        "centre_y": centre_range(vy),
+        "middle_frame": mid,
     }
 
 
-def classification_trajectory(rng: np.random.Generator, label: str, *, size: int = 80,
-                              num_frames: int = 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def classification_trajectory(
+    rng: np.random.Generator, label: str, *, size: int = 80, num_frames: int = 24
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-frame object centre x, y (pixels) and angle (radians, clockwise) for one clip of ``label``.
 
     The centre and orientation at the middle frame (``num_frames // 2``) are drawn from the same distribution
@@ -379,15 +404,19 @@ def classification_trajectory(rng: np.random.Generator, label: str, *, size: int
     cy_mid = rng.uniform(*geo["centre_y"])
     angle_mid = rng.uniform(0.0, 2 * np.pi)
     speed_u = rng.uniform()
-    ux, uy, rot_sign, kind = _CLS_MOTION[label]
+    ux, uy, kind = _CLS_MOTION[label]
     t = np.arange(num_frames, dtype=np.float64) - geo["middle_frame"]
     speed = 0.0
     if kind in ("slow", "fast", "rot"):
         lo, hi = geo[{"slow": "slow_speed", "fast": "fast_speed", "rot": "rotation_deg"}[kind]]
         speed = lo + (hi - lo) * speed_u
     if kind == "rot":
-        return (np.full(num_frames, cx_mid), np.full(num_frames, cy_mid),
-                angle_mid + rot_sign * np.deg2rad(speed) * t)
+        rot_sign = rng.choice((-1.0, 1.0))  # drawn after the shared draws, so they stay class-independent
+        return (
+            np.full(num_frames, cx_mid),
+            np.full(num_frames, cy_mid),
+            angle_mid + rot_sign * np.deg2rad(speed) * t,
+        )
     return cx_mid + ux * speed * t, cy_mid + uy * speed * t, np.full(num_frames, angle_mid)
 
 
@@ -399,8 +428,16 @@ def _classification_video(rng: np.random.Generator, label: str, size: int, num_f
     return _render(background, num_frames, [(tex, cx, cy, angle)])
 
 
-def generate_classification(root: str | Path, *, videos_per_class: int = 40, val_fraction: float = 0.25,
-                            size: int = 80, num_frames: int = 24, fps: int = 12, seed: int = 0) -> Path:
+def generate_classification(
+    root: str | Path,
+    *,
+    videos_per_class: int = 40,
+    val_fraction: float = 0.25,
+    size: int = 80,
+    num_frames: int = 24,
+    fps: int = 12,
+    seed: int = 0,
+) -> Path:
     """Writes root/videos/*.mp4, root/train.txt, root/val.txt, root/classes.txt; returns root.
 
     List lines are ``videos/<class>_<i:04d>.mp4 <num_frames> <label_index>``; classes.txt has one class per
@@ -416,27 +453,46 @@ def generate_classification(root: str | Path, *, videos_per_class: int = 40, val
     _begin(root)
     n_val = _num_val(videos_per_class, val_fraction)
     train, val = [], []
-    for ci, label in enumerate(CLASSIFICATION_CLASSES):
-        for i in range(videos_per_class):
-            rng = np.random.default_rng([seed, _KIND_TAG["classification"], ci, i])
-            name = f"{label}_{i:04d}.mp4"
-            write_video(root / "videos" / name, _classification_video(rng, label, size, num_frames), fps)
-            line = f"videos/{name} {num_frames} {ci}"
-            (val if i >= videos_per_class - n_val else train).append(line)
+    jobs = [
+        (ci, label, i) for ci, label in enumerate(CLASSIFICATION_CLASSES) for i in range(videos_per_class)
+    ]
+    for ci, label, i in tqdm(jobs, desc=f"synthetic classification -> {root}", unit="video", leave=False):
+        rng = np.random.default_rng([seed, _KIND_TAG["classification"], ci, i])
+        name = f"{label}_{i:04d}.mp4"
+        write_video(root / "videos" / name, _classification_video(rng, label, size, num_frames), fps)
+        line = f"videos/{name} {num_frames} {ci}"
+        (val if i >= videos_per_class - n_val else train).append(line)
     _write_text_atomic(root / "classes.txt", _lines(list(CLASSIFICATION_CLASSES)))
     _write_text_atomic(root / "train.txt", _lines(train))
     _write_text_atomic(root / "val.txt", _lines(val))
-    _finish(root, "classification", {"seed": seed, "videos_per_class": videos_per_class,
-                                     "val_fraction": val_fraction, "size": size, "num_frames": num_frames,
-                                     "fps": fps})
+    _finish(
+        root,
+        "classification",
+        {
+            "seed": seed,
+            "videos_per_class": videos_per_class,
+            "val_fraction": val_fraction,
+            "size": size,
+            "num_frames": num_frames,
+            "fps": fps,
+        },
+    )
     return root
 
 
 # ------------------------------------------------------------------------------------ spatiotemporal
 
 
-def _actor_track(rng: np.random.Generator, num_frames: int, fps: int, seconds: int, width: int, height: int,
-                 aw: int, ah: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+def _actor_track(
+    rng: np.random.Generator,
+    num_frames: int,
+    fps: int,
+    seconds: int,
+    width: int,
+    height: int,
+    aw: int,
+    ah: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
     """One actor: per-frame centre/angle and per-frame action index (one action, or one switch)."""
     hd = math.hypot(aw, ah) / 2  # half diagonal: any orientation stays inside the frame
     xlo, xhi = hd, width - hd
@@ -482,9 +538,17 @@ def _actor_track(rng: np.random.Generator, num_frames: int, fps: int, seconds: i
     return np.clip(xs, xlo, xhi), np.full(num_frames, cy0), angles, actions
 
 
-def generate_spatiotemporal(root: str | Path, *, num_videos: int = 8, val_fraction: float = 0.25,
-                            size: tuple[int, int] = (96, 128), seconds: int = 8, fps: int = 12,
-                            max_actors: int = 2, seed: int = 0) -> Path:
+def generate_spatiotemporal(
+    root: str | Path,
+    *,
+    num_videos: int = 8,
+    val_fraction: float = 0.25,
+    size: tuple[int, int] = (96, 128),
+    seconds: int = 8,
+    fps: int = 12,
+    max_actors: int = 2,
+    seed: int = 0,
+) -> Path:
     """AVA-style: root/videos/<video_id>.mp4, root/annotations/{train,val}.csv,
     root/annotations/label_map.pbtxt, root/annotations/{train,val}_excluded_timestamps.csv; returns root.
 
@@ -524,26 +588,39 @@ def generate_spatiotemporal(root: str | Path, *, num_videos: int = 8, val_fracti
                 ex, ey = _rotated_extent(aw, ah, angle[f])
                 x1, x2 = max(cx[f] - ex, 0.0) / width, min(cx[f] + ex, width) / width
                 y1, y2 = max(cy[f] - ey, 0.0) / height, min(cy[f] + ey, height) / height
-                rows[split].append(f"{video_id},{t:04d},{x1:.3f},{y1:.3f},{x2:.3f},{y2:.3f},"
-                                   f"{actions[f] + 1},{pid}")
+                rows[split].append(
+                    f"{video_id},{t:04d},{x1:.3f},{y1:.3f},{x2:.3f},{y2:.3f},{actions[f] + 1},{pid}"
+                )
     ann = root / "annotations"
-    label_map = "".join(f'item {{\n  name: "{name}"\n  id: {k + 1}\n}}\n'
-                        for k, name in enumerate(SPATIOTEMPORAL_ACTIONS))
+    label_map = "".join(
+        f'item {{\n  name: "{name}"\n  id: {k + 1}\n}}\n' for k, name in enumerate(SPATIOTEMPORAL_ACTIONS)
+    )
     _write_text_atomic(ann / "label_map.pbtxt", label_map)
     for split in ("train", "val"):
         _write_text_atomic(ann / f"{split}_excluded_timestamps.csv", "")
         _write_text_atomic(ann / f"{split}.csv", _lines(rows[split]))
-    _finish(root, "spatiotemporal", {"seed": seed, "num_videos": num_videos, "val_fraction": val_fraction,
-                                     "size": [height, width], "seconds": seconds, "fps": fps,
-                                     "max_actors": max_actors})
+    _finish(
+        root,
+        "spatiotemporal",
+        {
+            "seed": seed,
+            "num_videos": num_videos,
+            "val_fraction": val_fraction,
+            "size": [height, width],
+            "seconds": seconds,
+            "fps": fps,
+            "max_actors": max_actors,
+        },
+    )
     return root
 
 
 # ------------------------------------------------------------------------------------------ temporal
 
 
-def _sample_segments(rng: np.random.Generator, num_frames: int, fps: int,
-                     max_segments: int) -> list[tuple[int, int]]:
+def _sample_segments(
+    rng: np.random.Generator, num_frames: int, fps: int, max_segments: int
+) -> list[tuple[int, int]]:
     """Non-overlapping [start, end] frame pairs, 1.5-4 s long, with >= 1 s gaps and >= 0.5 s margins."""
     n = int(rng.integers(1, max_segments + 1))
     lengths = [int(round(rng.uniform(1.5, 4.0) * fps)) for _ in range(n)]
@@ -562,8 +639,17 @@ def _sample_segments(rng: np.random.Generator, num_frames: int, fps: int,
     return segments
 
 
-def generate_temporal(root: str | Path, *, num_videos: int = 8, val_fraction: float = 0.25, size: int = 64,
-                      seconds: float = 12.0, fps: int = 10, max_segments: int = 3, seed: int = 0) -> Path:
+def generate_temporal(
+    root: str | Path,
+    *,
+    num_videos: int = 8,
+    val_fraction: float = 0.25,
+    size: int = 64,
+    seconds: float = 12.0,
+    fps: int = 10,
+    max_segments: int = 3,
+    seed: int = 0,
+) -> Path:
     """ActivityNet/THUMOS-style: root/videos/<video_id>.mp4 and root/annotations.json; returns root.
 
     Also writes root/category_idx.txt (one label per line, index = label_id). Outside the segments the
@@ -612,20 +698,40 @@ def generate_temporal(root: str | Path, *, num_videos: int = 8, val_fraction: fl
             else:
                 sign = 1 if rng.uniform() < 0.5 else -1
                 cx[span] = cx0 + sign * slide_amp * rng.uniform(0.8, 1.0) * np.sin(np.pi * p)
-            annotations.append({"label": label, "label_id": label_id,
-                                 "segment": [round(start / fps, 3), round(end / fps, 3)]})
+            annotations.append(
+                {
+                    "label": label,
+                    "label_id": label_id,
+                    "segment": [round(start / fps, 3), round(end / fps, 3)],
+                }
+            )
         frames = _render(background, num_frames, [(tex, cx, cy, angle)])
         write_video(root / "videos" / f"{video_id}.mp4", frames, fps)
         database[video_id] = {
             "subset": "validation" if i >= num_videos - n_val else "training",
-            "duration": round(num_frames / fps, 3), "frame": num_frames, "fps": fps,
-            "resolution": f"{size}x{size}", "annotations": annotations,
+            "duration": round(num_frames / fps, 3),
+            "frame": num_frames,
+            "fps": fps,
+            "resolution": f"{size}x{size}",
+            "annotations": annotations,
         }
     _write_text_atomic(root / "category_idx.txt", _lines(list(TEMPORAL_ACTIONS)))
-    _write_text_atomic(root / "annotations.json",
-                       json.dumps({"version": "synthetic", "database": database}, indent=2) + "\n")
-    _finish(root, "temporal", {"seed": seed, "num_videos": num_videos, "val_fraction": val_fraction,
-                               "size": size, "seconds": seconds, "fps": fps, "max_segments": max_segments})
+    _write_text_atomic(
+        root / "annotations.json", json.dumps({"version": "synthetic", "database": database}, indent=2) + "\n"
+    )
+    _finish(
+        root,
+        "temporal",
+        {
+            "seed": seed,
+            "num_videos": num_videos,
+            "val_fraction": val_fraction,
+            "size": size,
+            "seconds": seconds,
+            "fps": fps,
+            "max_segments": max_segments,
+        },
+    )
     return root
 
 
@@ -654,7 +760,7 @@ def generate(root: str | Path, kind: str = "all", seed: int = 0, **kwargs: Any) 
         if prefix is not None and prefix not in kinds:
             continue  # aimed at a kind that was not selected
         targets = [prefix] if prefix is not None else list(kinds)
-        name = key[len(prefix) + 1:] if prefix is not None else key
+        name = key[len(prefix) + 1 :] if prefix is not None else key
         accepted = [k for k in targets if name in inspect.signature(_GENERATORS[k]).parameters]
         if not accepted:
             raise TypeError(f"no selected generator ({', '.join(kinds)}) accepts {key!r}")
@@ -665,8 +771,9 @@ def generate(root: str | Path, kind: str = "all", seed: int = 0, **kwargs: Any) 
 
 
 def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m datamodules.synthetic",
-                                     description="Write deterministic synthetic video datasets.")
+    parser = argparse.ArgumentParser(
+        prog="python -m datamodules.synthetic", description="Write deterministic synthetic video datasets."
+    )
     parser.add_argument("--out", required=True, type=Path, help="output root; one sub-folder per kind")
     parser.add_argument("--kind", default="all", choices=("all",) + KINDS)
     parser.add_argument("--seed", type=int, default=0)

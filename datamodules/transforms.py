@@ -62,7 +62,9 @@ class TrainClipTransform:
         self.short_side_range = (lo, hi)
         self.flip = flip
         self.randaugment = (
-            T.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude) if randaugment_ops > 0 else None
+            T.RandAugment(num_ops=randaugment_ops, magnitude=randaugment_magnitude)
+            if randaugment_ops > 0
+            else None
         )
 
     def __call__(self, frames: Tensor) -> Tensor:
@@ -98,11 +100,15 @@ class EvalClipTransform:
 
     def __call__(self, frames: Tensor) -> Tensor:
         clip = resize_short_side(to_tchw(frames), self.short_side)
-        crops = [centre_crop(clip, self.crop_size)] if self.num_crops == 1 else three_crops(clip, self.crop_size)
+        crops = (
+            [centre_crop(clip, self.crop_size)] if self.num_crops == 1 else three_crops(clip, self.crop_size)
+        )
         return torch.stack([c.permute(1, 0, 2, 3) for c in crops]).contiguous()
 
 
-def normalize(video: Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32) -> Tensor:
+def normalize(
+    video: Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
+) -> Tensor:
     """uint8 video with channels at dim -4 (..., 3, T, H, W) -> float, ``(x/255 - mean) / std`` per channel."""
     shape = (3, 1, 1, 1)
     m = torch.as_tensor(mean, dtype=dtype, device=video.device).view(shape) * 255.0

@@ -24,7 +24,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, start_factor: float, min_ratio: float) -> float:
+def warmup_cosine(
+    step: int, warmup_steps: int, total_steps: int, start_factor: float, min_ratio: float
+) -> float:
     """LR multiplier: linear from ``start_factor`` to 1 over the warmup, then cosine down to ``min_ratio``."""
     if step < warmup_steps:
         return start_factor + (1.0 - start_factor) * step / warmup_steps

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -57,9 +56,11 @@ class VideoClassifier(VideoTask):
             return F.binary_cross_entropy_with_logits(logits, target.float())
         return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        if batch["batch_size"] == 0:  # every clip of the batch was a skipped bad video
-            return None
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        if batch["batch_size"] == 0:
+            # Every clip was a skipped bad video. A zero loss that touches every parameter keeps this rank in
+            # the DDP gradient all-reduce (returning None would leave the other ranks waiting).
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         logits = self(batch["video"])
         loss = self.loss(logits, batch["label"])
         n = batch["batch_size"]

@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 _WRAPPERS = ("model", "module", "state_dict", "model_state", "model_state_dict")
 _PREFIXES = ("module.", "backbone.", "encoder.", "videomae.", "model.")
 #: Keys a backbone never takes: heads, MAE decoders, training state.
-_FOREIGN = re.compile(r"^(head\.|classifier\.|decoder\.|decoder_|encoder_to_decoder|mask_token|head_dist\.|dist_token)")
+_FOREIGN = re.compile(
+    r"^(head\.|classifier\.|decoder\.|decoder_|encoder_to_decoder|mask_token|head_dist\.|dist_token)"
+)
 #: Keys a checkpoint may carry for a pooling the model does not use.
 _OPTIONAL = re.compile(r"^(fc_norm|norm)\.")
 
@@ -72,7 +74,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             "point to the checkpoint file, or to a directory written by save_pretrained"
         )
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path in your recipe (pretrained: ...)")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; check the path in your recipe (pretrained: ...)"
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -83,9 +87,14 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         except pickle.UnpicklingError:
             # Official VideoMAE checkpoints pickle their argparse namespace beside the weights.
             obj = torch.load(path, map_location="cpu", weights_only=False)
-            log.warning("%s holds more than tensors; it was loaded with full unpickling (trust only your own files)", path)
+            log.warning(
+                "%s holds more than tensors; it was loaded with full unpickling (trust only your own files)",
+                path,
+            )
     except Exception as err:  # noqa: BLE001 - any failure here means the file is not a readable checkpoint
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({err}); is the file complete?") from err
+        raise CheckpointError(
+            f"cannot read {path} as a PyTorch checkpoint ({err}); is the file complete?"
+        ) from err
     for key in _WRAPPERS:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -123,9 +132,13 @@ def _from_hf_videomae(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     layers = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.", k))})
     for i in layers:
         p = f"encoder.layer.{i}.attention.attention."
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([sd.pop(p + n + ".weight") for n in ("query", "key", "value")])
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat(
+            [sd.pop(p + n + ".weight") for n in ("query", "key", "value")]
+        )
         if p + "key.bias" in sd:  # qv_bias=False: an ordinary biased Linear
-            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([sd.pop(p + n + ".bias") for n in ("query", "key", "value")])
+            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat(
+                [sd.pop(p + n + ".bias") for n in ("query", "key", "value")]
+            )
         else:  # VideoMAE's q/v biases, saved as q_bias/v_bias or (in memory, newer releases) query/value.bias
             for ours, names in (("q_bias", ("q_bias", "query.bias")), ("v_bias", ("v_bias", "value.bias"))):
                 for name in names:

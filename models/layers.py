@@ -147,7 +147,9 @@ def sinusoid_table(num_positions: int, dim: int) -> Tensor:
     return table.float()
 
 
-def resize_grid_positions(table: Tensor, src_grid: tuple[int, int, int], dst_grid: tuple[int, int, int]) -> Tensor:
+def resize_grid_positions(
+    table: Tensor, src_grid: tuple[int, int, int], dst_grid: tuple[int, int, int]
+) -> Tensor:
     """Resize a (t*h*w, C) position table laid out on ``src_grid`` to ``dst_grid``.
 
     Space is resized per temporal slice with bicubic interpolation; time, if it differs, linearly.

@@ -31,7 +31,9 @@ def test_every_recipe_parses(recipe, capsys):
 
 def test_unknown_key_is_an_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(QUICKSTART.read_text().replace("    lr: 1.0e-3", "    lr: 1.0e-3\n    learning_rat: 0.1"))
+    config = yaml.safe_load(QUICKSTART.read_text())
+    config["model"]["init_args"]["learning_rat"] = 0.1  # a typo of a real key
+    bad.write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(bad), "--print_config"])
     assert exit_info.value.code != 0
@@ -44,16 +46,18 @@ def test_sweep_parameters_are_cli_keys(sweep, capsys):
     spec = yaml.safe_load(sweep.read_text())
     command = spec["command"]
     recipe = command[command.index("--config") + 1]
-    args = []
-    for name, values in spec["parameters"].items():
-        value = values["values"][0] if "values" in values else values["min"]
-        args.append(f"--{name}={value}")
-    config = print_config(["fit", "--config", str(REPO / recipe), *args], capsys)
-    for name, values in spec["parameters"].items():
+    chosen = {
+        name: values["values"][0] if "values" in values else values["min"]
+        for name, values in spec["parameters"].items()
+    }
+    config = print_config(
+        ["fit", "--config", str(REPO / recipe), *(f"--{k}={v}" for k, v in chosen.items())], capsys
+    )
+    for name, value in chosen.items():
         node = config
         for part in name.split("."):
             node = node[part]
-        assert node is not None
+        assert float(node) == float(value), name
     assert spec["metric"]["name"] == "val/top1"  # the name the classification task logs
 
 
@@ -75,7 +79,13 @@ def test_fit_then_resume_then_validate(tmp_path, synthetic_classification):
     (last,) = tmp_path.rglob("last.ckpt")
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["epoch"] == 0 and state["global_step"] == 2
-    resumed = main(["fit", *quick_args(tmp_path, synthetic_classification, "--trainer.max_epochs=2"), f"--ckpt_path={last}"])
+    resumed = main(
+        [
+            "fit",
+            *quick_args(tmp_path, synthetic_classification, "--trainer.max_epochs=2"),
+            f"--ckpt_path={last}",
+        ]
+    )
     assert resumed.trainer.global_step == 4 and resumed.trainer.current_epoch == 2
     validated = main(["validate", *quick_args(tmp_path, synthetic_classification), f"--ckpt_path={last}"])
     metrics = validated.trainer.callback_metrics
@@ -95,7 +105,10 @@ def test_wandb_offline_runs_get_their_own_directories(tmp_path, synthetic_classi
         args = quick_args(tmp_path, synthetic_classification, "--trainer.max_epochs=1")
         args = [a for a in args if not a.startswith("--trainer.logger")] + logger
         cli = main(["fit", *args])
-        assert cli.trainer.logger.experiment.settings.mode in ("offline", "dryrun")  # dryrun: offline, internally
+        assert cli.trainer.logger.experiment.settings.mode in (
+            "offline",
+            "dryrun",
+        )  # dryrun: offline, internally
         cli.trainer.logger.experiment.finish()
     runs = sorted((tmp_path / "wandb").iterdir())
     assert len(runs) == 2  # two runs, two directories: config.yaml and wandb files never clash

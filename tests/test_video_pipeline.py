@@ -30,6 +30,13 @@ def test_decode_by_index_and_time(make_video):
     frames = video.get_frames([0, 5, 29, 40])  # past the end: clamped to the last frame
     assert frames.shape == (4, 48, 64, 3) and frames.dtype == torch.uint8
     assert frame_ids(frames) == [0, 5, 29, 29]
+    assert frame_ids(video.get_frames([3, 6, 9, 12, 12])) == [
+        3,
+        6,
+        9,
+        12,
+        12,
+    ]  # short range: one sequential read
     assert frame_ids(video.get_frames_at([0.0, 1.25, 2.9])) == [0, 12, 29]
 
 
@@ -91,7 +98,9 @@ def bad_videos(tmp_path, make_video):
     good = make_video("good.mp4", 30)
     from datamodules.synthetic import write_video
 
-    noise = np.random.default_rng(0).integers(0, 256, (40, 96, 128, 3), dtype=np.uint8)  # large, so not "empty"
+    noise = np.random.default_rng(0).integers(
+        0, 256, (40, 96, 128, 3), dtype=np.uint8
+    )  # large, so not "empty"
     write_video(tmp_path / "whole.mp4", noise, 10)
     data = (tmp_path / "whole.mp4").read_bytes()
     truncated = tmp_path / "truncated.mp4"
@@ -106,14 +115,26 @@ def bad_videos(tmp_path, make_video):
 
 
 def dataset(paths, policy, train=False):
-    transform = TrainClipTransform(32, (48, 48), flip=False, randaugment_ops=0) if train else EvalClipTransform(32, 48)
+    transform = (
+        TrainClipTransform(32, (48, 48), flip=False, randaugment_ops=0)
+        if train
+        else EvalClipTransform(32, 48)
+    )
     records = [VideoRecord(str(p), (0,)) for p in paths]
-    return ClipClassificationDataset(records, 2, 8, 2, transform, train=train, min_video_frames=8, bad_video=policy)
+    return ClipClassificationDataset(
+        records, 2, 8, 2, transform, train=train, min_video_frames=8, bad_video=policy
+    )
 
 
 @pytest.mark.parametrize(
     "name,kind",
-    [("truncated", "corrupt"), ("zero", "empty"), ("text", "corrupt"), ("short", "too_short"), ("missing", "missing")],
+    [
+        ("truncated", "corrupt"),
+        ("zero", "empty"),
+        ("text", "corrupt"),
+        ("short", "too_short"),
+        ("missing", "missing"),
+    ],
 )
 def test_bad_video_error_policy_names_file_and_fix(bad_videos, name, kind):
     ds = dataset([bad_videos[name]], "error")
@@ -129,7 +150,13 @@ def test_bad_video_skip_policy_counts_and_keeps_good_samples(bad_videos):
     batch = collate_clips([ds[i] for i in range(len(ds))])
     assert batch["batch_size"] == 2 and batch["video"].shape == (2, 3, 8, 32, 32)
     assert batch["index"].tolist() == [0, 6]
-    assert sorted(kind for _, kind, _ in batch["skipped"]) == ["corrupt", "corrupt", "empty", "missing", "too_short"]
+    assert sorted(kind for _, kind, _ in batch["skipped"]) == [
+        "corrupt",
+        "corrupt",
+        "empty",
+        "missing",
+        "too_short",
+    ]
     dm = VideoClassificationDataModule(root=".", num_classes=2, bad_video="skip")
     out = dm.on_after_batch_transfer(batch, 0)
     assert out["video"].dtype == torch.float32
@@ -146,7 +173,10 @@ def test_all_bad_batch_is_empty_not_a_crash(bad_videos):
 def test_video_list_errors(tmp_path):
     (tmp_path / "list.txt").write_text("a.mp4 120 3\nb.mp4 1,2\n\n# comment\n")
     records = read_video_list(tmp_path / "list.txt", tmp_path, num_classes=4)
-    assert records == [VideoRecord(str(tmp_path / "a.mp4"), (3,)), VideoRecord(str(tmp_path / "b.mp4"), (1, 2))]
+    assert records == [
+        VideoRecord(str(tmp_path / "a.mp4"), (3,)),
+        VideoRecord(str(tmp_path / "b.mp4"), (1, 2)),
+    ]
     with pytest.raises(AnnotationError, match=r"list.txt:1: label 3 is outside \[0, 3\)"):
         read_video_list(tmp_path / "list.txt", tmp_path, num_classes=3)
     (tmp_path / "bad.txt").write_text("a.mp4 120 3\nonly_a_path.mp4\n")
