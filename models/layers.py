@@ -127,10 +127,13 @@ class Block(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, hook: BlockHook | None = None) -> Tensor:
         need = hook is not None and hook.needs_attention
         y, attn = self.attn(self.norm1(x), attn_mask, need_weights=need)
-        x = x + self.drop_path(y)
+        # Inference adds each residual into the branch's fresh output, sparing a (B, N, C) allocation.
+        inplace = not (torch.is_grad_enabled() or self.training)
+        x = y.add_(x) if inplace else x + self.drop_path(y)
         if hook is not None:
             x = hook(x, attn)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        y = self.mlp(self.norm2(x))
+        return y.add_(x) if inplace else x + self.drop_path(y)
 
 
 def sinusoid_table(num_positions: int, dim: int) -> Tensor:
