@@ -180,6 +180,12 @@ def adapt_to_model(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]
             # Image patch kernel -> tubelet kernel: spread over time so a static clip gives the image response.
             t = want.shape[2]
             out["patch_embed.proj.weight"] = w.unsqueeze(2).repeat(1, 1, t, 1, 1) / t
+    for key in target:
+        # Divided space-time blocks start their temporal attention as a copy of the spatial one (TimeSformer).
+        if ".temporal_attn." in key or ".temporal_norm1." in key:
+            spatial = key.replace(".temporal_attn.", ".attn.").replace(".temporal_norm1.", ".norm1.")
+            if key not in out and spatial in out:
+                out[key] = out[spatial].clone()
     if "pos_embed" in out and "pos_embed" in target and out["pos_embed"].shape != target["pos_embed"].shape:
         src, dst = out["pos_embed"], target["pos_embed"]
         if src.shape[-1] == dst.shape[-1]:

@@ -1,0 +1,276 @@
+"""HaltingVT: an inflated DeiT whose first two blocks are the Glimpser and whose joint blocks halt tokens.
+
+- Glimpser (blocks 0-1): TimeSformer-style divided space-time blocks; block 1 keeps, per frame, the
+  ``ceil(glimpse_ratio * h * w)`` patch tokens the class token attends to most. The class token keeps its residual
+  path through the selecting block.
+- Joint blocks (2..): A-ViT token halting. Each token's halting score is ``sigmoid(halt_scale * e0 - halt_center)``
+  with ``e0`` channel 0 of its block output; a token stops once its cumulative score reaches ``1 - halt_eps``
+  (always at the last block). The class feature is the halting-weighted sum of the class token's outputs.
+
+Two forward paths compute the same function:
+
+- ``forward_masked`` (training): all tokens stay in the tensor; halted tokens are neither updated nor attended to.
+- ``forward_compact`` (inference): halted tokens are physically removed. Token-wise layers run on the active tokens
+  of the whole batch packed together and attention runs per sample, so the cost follows the active token counts
+  whatever their spread over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import DropPath, Mlp
+from torch import Tensor, nn
+
+from models.layers import Attention, Block, QKVBias
+from models.vit import InflatedViT, Size
+
+
+class DividedBlock(nn.Module):
+    """Divided space-time block: temporal attention per spatial location, then spatial attention per frame.
+
+    ``keep_ratio < 1`` makes it the selecting Glimpser block: after spatial attention each frame keeps its
+    ``ceil(keep_ratio * patches)`` patch tokens with the highest class-token attention (mean over heads), in their
+    original order, and only those go through the MLP and on to later blocks.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: QKVBias = "qkv",
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
+        keep_ratio: float = 1.0,
+    ):
+        super().__init__()
+        self.keep_ratio = keep_ratio
+        self.temporal_norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.temporal_attn = Attention(dim, num_heads, qkv_bias)
+        self.temporal_fc = nn.Linear(dim, dim)
+        nn.init.zeros_(self.temporal_fc.weight)  # starts as the image model: temporal branch adds nothing
+        nn.init.zeros_(self.temporal_fc.bias)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def kept_per_frame(self, patches: int) -> int:
+        return patches if self.keep_ratio >= 1.0 else math.ceil(self.keep_ratio * patches)
+
+    def forward(self, x: Tensor, frames: int) -> Tensor:
+        """(B, 1 + T*P, C) time-major tokens -> (B, 1 + T*P', C) with P' the kept patches per frame."""
+        cls, patches = x[:, :1], rearrange(x[:, 1:], "b (t p) c -> (b p) t c", t=frames)
+        y, _ = self.temporal_attn(self.temporal_norm1(patches))
+        patches = patches + self.drop_path(self.temporal_fc(y))
+        b = x.shape[0]
+        patches = rearrange(patches, "(b p) t c -> (b t) p c", b=b)
+        per_frame = torch.cat([cls.repeat_interleave(frames, dim=0), patches], dim=1)  # (B*T, 1+P, C)
+        select = self.keep_ratio < 1.0
+        y, attn = self.attn(self.norm1(per_frame), need_weights=select)
+        cls = cls + self.drop_path(rearrange(y[:, 0], "(b t) c -> b t c", t=frames).mean(1, keepdim=True))
+        patches = patches + self.drop_path(y[:, 1:])
+        if select:
+            k = self.kept_per_frame(patches.shape[1])
+            score = attn[:, :, 0, 1:].mean(1)  # (B*T, P): class-token attention, mean over heads
+            keep = score.topk(k, dim=1).indices.sort(dim=1).values
+            patches = patches.gather(1, keep[..., None].expand(-1, -1, patches.shape[-1]))
+        x = torch.cat([cls, rearrange(patches, "(b t) p c -> b (t p) c", b=b)], dim=1)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+@dataclass
+class HaltingOutput:
+    """What a halting forward returns.
+
+    ``feature`` (B, C) normalised class feature; ``ponder`` (B, N) per-token ponder cost rho (layers run +
+    remainder); ``active`` (B, L) number of tokens each joint layer processed per sample; ``halting`` (L,) mean
+    halting score per joint layer over the batch's tokens that were active there (for the distribution prior).
+    """
+
+    feature: Tensor
+    ponder: Tensor
+    active: Tensor
+    halting: Tensor
+
+
+class HaltingViT(InflatedViT):
+    """HaltingVT backbone: ``glimpser_blocks`` divided blocks, the rest joint blocks with token halting.
+
+    Keys follow DeiT/timm naming, so ``load_pretrained`` takes DeiT-S weights directly; the divided blocks'
+    temporal attention is initialised from their spatial attention when the checkpoint has none.
+    """
+
+    def __init__(
+        self,
+        size: Size | None = "small",
+        embed_dim: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        img_size: int = 224,
+        num_frames: int = 8,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        mlp_ratio: float = 4.0,
+        qkv_bias: QKVBias = "qkv",
+        drop_path_rate: float = 0.1,
+        norm_eps: float = 1e-6,
+        glimpser_blocks: int = 2,
+        glimpse_ratio: float = 0.5,
+        halt_scale: float = 10.0,
+        halt_center: float = 10.0,
+        halt_eps: float = 0.01,
+    ):
+        super().__init__(
+            size, embed_dim, depth, num_heads, img_size, num_frames, patch_size, in_chans,
+            mlp_ratio, qkv_bias, drop_path_rate, norm_eps,
+        )  # fmt: skip
+        if not 0 < glimpse_ratio <= 1:
+            raise ValueError(f"glimpse_ratio must be in (0, 1], got {glimpse_ratio}")
+        if glimpser_blocks >= self.depth:
+            raise ValueError(
+                f"glimpser_blocks ({glimpser_blocks}) must leave joint blocks (depth {self.depth})"
+            )
+        self.glimpser_blocks = glimpser_blocks
+        self.glimpse_ratio = glimpse_ratio
+        self.halt_scale = halt_scale
+        self.halt_center = halt_center
+        self.halt_eps = halt_eps
+        for i in range(glimpser_blocks):
+            old = self.blocks[i]
+            keep = glimpse_ratio if i == glimpser_blocks - 1 else 1.0
+            dpr = old.drop_path.drop_prob if isinstance(old.drop_path, DropPath) else 0.0
+            self.blocks[i] = DividedBlock(
+                self.embed_dim, self.num_heads, mlp_ratio, qkv_bias, dpr, norm_eps, keep
+            )
+
+    @property
+    def joint_blocks(self) -> list[Block]:
+        return list(self.blocks[self.glimpser_blocks :])
+
+    def glimpse(self, video: Tensor) -> Tensor:
+        """Embedding and the Glimpser: (B, 3, T, H, W) -> (B, 1 + T*P', C)."""
+        frames = self.token_grid(video.shape)[0]
+        x = self.embed(video)
+        for block in self.blocks[: self.glimpser_blocks]:
+            x = block(x, frames)
+        return x
+
+    def halting_score(self, x: Tensor, last: bool) -> Tensor:
+        if last:
+            return torch.ones_like(x[..., 0])
+        return torch.sigmoid(self.halt_scale * x[..., 0] - self.halt_center)
+
+    def forward_masked(self, video: Tensor) -> HaltingOutput:
+        """Halting with every token kept in place: halted tokens are frozen and masked out as keys."""
+        x = self.glimpse(video)
+        b, n, _ = x.shape
+        joint = self.joint_blocks
+        cum = x.new_zeros(b, n)
+        remainder = x.new_ones(b, n)
+        ponder = x.new_zeros(b, n)
+        active = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        feature = x.new_zeros(b, x.shape[-1])
+        counts, halting = [], []
+        for i, block in enumerate(joint):
+            counts.append(active.sum(1))
+            # A sample with no active token left attends to all (its rows are discarded) rather than to none.
+            keys = active | ~active.any(1, keepdim=True)
+            y = block(x, attn_mask=keys[:, None, None, :])
+            x = torch.where(active[..., None], y, x)
+            h = self.halting_score(x, last=i == len(joint) - 1) * active
+            halting.append(h.sum() / active.sum())
+            cum = cum + h
+            reached = active & (cum >= 1.0 - self.halt_eps)
+            running = active & ~reached
+            weight = torch.where(reached, remainder, torch.where(running, h, 0.0))
+            ponder = ponder + active.float() + torch.where(reached, remainder, 0.0)
+            remainder = remainder - torch.where(running, h, 0.0)
+            feature = feature + weight[:, :1] * x[:, 0]
+            active = running
+        return HaltingOutput(self.norm(feature), ponder, torch.stack(counts, 1), torch.stack(halting))
+
+    def forward_compact(self, video: Tensor) -> HaltingOutput:
+        """Halting with halted tokens removed: packed token-wise layers, per-sample attention."""
+        x = self.glimpse(video)
+        b, n, c = x.shape
+        joint = self.joint_blocks
+        tokens = x.reshape(b * n, c)  # packed active tokens, sample by sample, class token first
+        owner = torch.arange(b, device=x.device).repeat_interleave(n)
+        is_cls = torch.zeros(b * n, dtype=torch.bool, device=x.device)
+        is_cls[::n] = True
+        cum = x.new_zeros(b * n)
+        remainder = x.new_ones(b * n)
+        feature = x.new_zeros(b, c)
+        counts = []
+        for i, block in enumerate(joint):
+            lengths = torch.bincount(owner, minlength=b)
+            counts.append(lengths)
+            tokens = packed_block(block, tokens, lengths)
+            h = self.halting_score(tokens, last=i == len(joint) - 1)
+            cum = cum + h
+            reached = cum >= 1.0 - self.halt_eps
+            weight = torch.where(reached, remainder, h)
+            cls_rows = is_cls.nonzero().squeeze(1)
+            feature = feature.index_add(0, owner[cls_rows], weight[cls_rows, None] * tokens[cls_rows])
+            remainder = remainder - torch.where(reached, 0.0, h)
+            keep = ~reached
+            tokens, owner, is_cls, cum, remainder = (
+                tokens[keep],
+                owner[keep],
+                is_cls[keep],
+                cum[keep],
+                remainder[keep],
+            )
+            if tokens.shape[0] == 0:
+                counts += [torch.zeros_like(lengths)] * (len(joint) - 1 - i)
+                break
+        return HaltingOutput(self.norm(feature), x.new_zeros(0), torch.stack(counts, 1), x.new_zeros(0))
+
+    def macs(self, active: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """Multiply-accumulates per sample from the joint layers' active token counts ``active`` (B, L).
+
+        Counts the matrix products (patch embedding, projections, attention, MLPs) as fvcore does; ``grid`` is
+        the (frames, h, w) token grid of the input.
+        """
+        t, h, w = grid
+        p, c = h * w, self.embed_dim
+        hidden = self.blocks[0].mlp.fc1.out_features
+        patch = self.patch_embed.proj
+        total = t * p * c * patch.in_channels * math.prod(patch.kernel_size)
+        n = 1 + t * p  # tokens entering each divided block
+        for block in self.blocks[: self.glimpser_blocks]:
+            total += t * p * 5 * c * c + 2 * p * t * t * c  # temporal qkv + proj + temporal_fc, attention
+            total += t * (1 + p) * 4 * c * c + 2 * t * (1 + p) ** 2 * c  # spatial attention per frame
+            n = 1 + t * block.kept_per_frame(p)
+            total += n * 2 * c * hidden  # the MLP sees only the kept tokens
+        a = active.double()
+        joint = (a * (4 * c * c + 2 * c * hidden) + 2 * a * a * c).sum(1)
+        return joint + total
+
+    def forward(self, video: Tensor) -> Tensor:
+        """(B, 3, T, H, W) -> (B, C) class feature: masked halting in training, token removal otherwise."""
+        return (self.forward_masked(video) if self.training else self.forward_compact(video)).feature
+
+
+def packed_block(block: Block, tokens: Tensor, lengths: Tensor) -> Tensor:
+    """Run a joint block on the packed tokens (M, C) of several samples (``lengths`` tokens each).
+
+    Norms, projections and the MLP see all M tokens at once; attention runs within each sample.
+    """
+    attn = block.attn
+    qkv = F.linear(block.norm1(tokens), attn.qkv.weight, attn._qkv_bias())
+    outs = []
+    for part in qkv.split(lengths.tolist()):
+        if part.shape[0] == 0:
+            continue
+        q, k, v = rearrange(part, "n (three h d) -> three 1 h n d", three=3, h=attn.num_heads)
+        outs.append(rearrange(F.scaled_dot_product_attention(q, k, v), "1 h n d -> n (h d)"))
+    tokens = tokens + attn.proj(torch.cat(outs))
+    return tokens + block.mlp(block.norm2(tokens))
