@@ -80,6 +80,7 @@ class VideoDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
         decode_threads: int = 1,
+        worker_start: Literal["forkserver", "spawn", "fork"] = "forkserver",
         bad_video: BadVideoPolicy = "error",
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.5, 0.5, 0.5),
@@ -92,6 +93,7 @@ class VideoDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.prefetch_factor = prefetch_factor
         self.decode_threads = decode_threads
+        self.worker_start = worker_start
         self.bad_video = bad_video
         self.mean = mean
         self.std = std
@@ -119,6 +121,9 @@ class VideoDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
             collate_fn=self.collate_fn,
+            # Workers forked from a trainer that already ran threaded kernels (OpenMP, decoder threads, CUDA)
+            # can deadlock; a fork server starts them from a clean process instead.
+            multiprocessing_context=self.worker_start if workers > 0 else None,
         )
 
     @property
@@ -153,6 +158,7 @@ class VideoDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         self.record_skips(batch.get("skipped", []))
-        if "video" in batch and batch["video"].dtype == torch.uint8:
-            batch["video"] = normalize(batch["video"], self.mean, self.std)
+        for key in ("video", "static"):
+            if key in batch and batch[key].dtype == torch.uint8:
+                batch[key] = normalize(batch[key], self.mean, self.std)
         return batch

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from datamodules import synthetic
 from datamodules.base import BadVideoPolicy, VideoDataModule, load_guarded, open_checked
-from datamodules.kinetics_list import VideoRecord, read_class_names, read_video_list
+from datamodules.kinetics_list import AnnotationError, VideoRecord, read_class_names, read_video_list
 from datamodules.sampling import random_clip, uniform_clips
 from datamodules.transforms import EvalClipTransform, TrainClipTransform
 
@@ -26,7 +26,8 @@ class ClipClassificationDataset(Dataset):
 
     Training samples: ``video`` uint8 (3, T, H, W). Evaluation samples: ``video`` uint8 (views, 3, T, H, W) with
     views = clips x crops. ``label`` is the class index, or a multi-hot float vector when ``multilabel``; ``index``
-    identifies the sample (evaluation under DDP de-duplicates by it).
+    identifies the sample (evaluation under DDP de-duplicates by it). With ``static_clips`` a training sample also
+    carries ``static``: one of its frames repeated T times and augmented independently (HaltingVT's motion loss).
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class ClipClassificationDataset(Dataset):
         min_video_frames: int = 1,
         bad_video: BadVideoPolicy = "error",
         decode_threads: int = 1,
+        static_clips: bool = False,
     ):
         self.records = list(records)
         self.num_classes = num_classes
@@ -54,6 +56,7 @@ class ClipClassificationDataset(Dataset):
         self.min_video_frames = min_video_frames
         self.bad_video = bad_video
         self.decode_threads = decode_threads
+        self.static_clips = static_clips
 
     def __len__(self) -> int:
         return len(self.records)
@@ -68,17 +71,23 @@ class ClipClassificationDataset(Dataset):
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         video = open_checked(record.path, self.min_video_frames, self.decode_threads)
+        sample = {"label": self.target(record), "index": index}
         if self.train:
             # Torch's generator is the one Lightning seeds per worker; numpy only draws from it.
             rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
-            clip = self.transform(
-                video.get_frames(random_clip(video.num_frames, self.num_frames, self.frame_interval, rng))
+            frames = video.get_frames(
+                random_clip(video.num_frames, self.num_frames, self.frame_interval, rng)
             )
+            sample["video"] = self.transform(frames)
+            if self.static_clips:
+                # One of the clip's frames repeated over time, augmented on its own: same label, no motion.
+                still = frames[int(rng.integers(len(frames)))]
+                sample["static"] = self.transform(still.expand(len(frames), *still.shape))
         else:
             idx = uniform_clips(video.num_frames, self.num_frames, self.frame_interval, self.num_clips)
             frames = video.get_frames(idx.reshape(-1)).unflatten(0, idx.shape)  # (clips, T, H, W, 3)
-            clip = torch.cat([self.transform(f) for f in frames])  # (clips * crops, 3, T, H, W)
-        return {"video": clip, "label": self.target(record), "index": index}
+            sample["video"] = torch.cat([self.transform(f) for f in frames])  # (clips * crops, 3, T, H, W)
+        return sample
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return load_guarded(lambda: self.load(index), self.bad_video, index)
@@ -87,7 +96,8 @@ class ClipClassificationDataset(Dataset):
 class VideoClassificationDataModule(VideoDataModule):
     """Kinetics-style classification lists (Kinetics, Mini-Kinetics, ActivityNet as multi-label, synthetic).
 
-    ``synthetic=True`` writes the embedded synthetic motion dataset to ``root`` on first use (rank 0 only), and
+    ``download_hint`` is added to the error raised when a list file is missing (what to download, where to put
+    it). ``synthetic=True`` writes the embedded synthetic motion dataset to ``root`` on first use (rank 0 only), and
     again whenever ``synthetic_videos_per_class`` or ``synthetic_seed`` change.
     Remaining arguments (batch size, workers, ``bad_video`` policy, normalisation) are those of
     ``VideoDataModule``.
@@ -117,6 +127,8 @@ class VideoClassificationDataModule(VideoDataModule):
         synthetic: bool = False,
         synthetic_videos_per_class: int = 40,
         synthetic_seed: int = 0,
+        static_clips: bool = False,
+        download_hint: str | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -138,6 +150,8 @@ class VideoClassificationDataModule(VideoDataModule):
         self.test_num_crops = test_num_crops
         self.min_video_frames = min_video_frames or num_frames
         self.synthetic = synthetic
+        self.static_clips = static_clips
+        self.download_hint = download_hint
         self.synthetic_config = {"videos_per_class": synthetic_videos_per_class, "seed": synthetic_seed}
 
     def prepare_data(self) -> None:
@@ -176,8 +190,14 @@ class VideoClassificationDataModule(VideoDataModule):
             )
         else:
             transform = EvalClipTransform(self.crop_size, self.test_short_side, self.test_num_crops)
+        try:
+            records = read_video_list(self.root / self.lists[stage], self.root, self.num_classes)
+        except AnnotationError as err:
+            if self.download_hint and not (self.root / self.lists[stage]).is_file():
+                raise AnnotationError(f"{err}\n{self.download_hint}") from None
+            raise
         return ClipClassificationDataset(
-            read_video_list(self.root / self.lists[stage], self.root, self.num_classes),
+            records,
             num_classes=self.num_classes,
             num_frames=self.num_frames,
             frame_interval=self.frame_interval,
@@ -188,4 +208,5 @@ class VideoClassificationDataModule(VideoDataModule):
             min_video_frames=self.min_video_frames,
             bad_video=self.bad_video,
             decode_threads=self.decode_threads,
+            static_clips=self.static_clips and train,
         )

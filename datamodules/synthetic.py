@@ -8,9 +8,10 @@ exercised end to end:
 * ``temporal`` (ActivityNet-1.3 / OpenTAD JSON): untrimmed clips with labelled action segments.
 
 Everything is a pure function of ``seed`` (and the size arguments): each video draws from its own
-``np.random.default_rng([seed, kind, ...])`` stream, so annotation files are byte-identical, videos are
-byte-identical on the same FFmpeg/libx264 build (decoded frames identical), and changing one video's
-parameters never shifts another's.
+``np.random.default_rng([seed, kind, ...])`` stream, so annotation files are byte-identical, rendered frames
+are identical (the encoded files nearly always too: libx264 was seen to differ about once in a hundred runs),
+and changing one video's parameters never
+shifts another's.
 
 Run as ``python -m datamodules.synthetic --out DIR [--kind classification|spatiotemporal|temporal|all]``.
 """
@@ -106,8 +107,8 @@ def write_video(
     """Encode ``frames`` (T, H, W, 3) uint8 RGB as an H.264 (yuv420p) mp4 at ``fps``.
 
     The file is written under a ``.part`` name and renamed at the end, so a crash never leaves a truncated
-    ``.mp4`` behind. B-frames are disabled and one encoder thread is used: the output is then a pure function
-    of the input (byte-identical reruns) and every decoder reports exactly T frames. Widths in
+    ``.mp4`` behind. B-frames are disabled and one encoder thread is used, so every decoder reports exactly T
+    frames and reruns are byte-identical in all but rare cases. Widths in
     ``DECORD_UNSAFE_WIDTHS`` encode fine but trigger a warning because decord cannot read them.
     """
     import av  # deferred: importing this module must stay cheap and side-effect free

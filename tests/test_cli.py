@@ -11,7 +11,10 @@ import yaml
 from lightning_modules.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "sweeps" not in p.parts)
+RECIPES = sorted(
+    p for p in (REPO / "recipes").rglob("*.yaml") if not {"sweeps", "haltingvt_variants"} & set(p.parts)
+)
+VARIANTS = sorted((REPO / "recipes" / "haltingvt_variants").glob("*.yaml"))
 SWEEPS = sorted((REPO / "recipes" / "sweeps").glob("*.yaml"))
 QUICKSTART = REPO / "recipes" / "quickstart" / "synthetic_dense_vit.yaml"
 
@@ -27,6 +30,25 @@ def print_config(args: list[str], capsys) -> dict:
 def test_every_recipe_parses(recipe, capsys):
     config = print_config(["fit", "--config", str(recipe)], capsys)
     assert config["model"]["class_path"] and config["data"]["class_path"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda p: p.stem)
+def test_haltingvt_variants_stack_on_the_base_recipe(variant, capsys):
+    config = print_config(
+        ["fit", "--config", str(REPO / "recipes" / "haltingvt_minik.yaml"), "--config", str(variant)], capsys
+    )
+    backbone = config["model"]["init_args"]["backbone"]["init_args"]
+    _, g, b = variant.stem.split("_")  # minik_gXX_bYY
+    assert backbone["glimpse_ratio"] == int(g[1:]) / 10 and backbone["halt_center"] == float(b[1:])
+    assert backbone["size"] == "small" and config["data"]["init_args"]["frame_interval"] == 32
+
+
+def test_missing_dataset_says_what_to_download(tmp_path):
+    with pytest.raises(Exception, match=r"(?s)mini_kinetics_train.txt not found.*AR-Net"):
+        main(["fit", "--config", str(REPO / "recipes" / "haltingvt_minik.yaml"), f"--data.init_args.root={tmp_path}",
+              "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
+              "--trainer.precision=32-true", "--model.init_args.pretrained=null", "--trainer.logger=false",
+              "--trainer.callbacks=[]", "--data.init_args.num_workers=0"])  # fmt: skip
 
 
 def test_unknown_key_is_an_error(tmp_path, capsys):

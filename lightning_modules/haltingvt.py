@@ -1,0 +1,118 @@
+"""HaltingVT task: classification with token halting, ponder loss, optional distribution prior and motion loss."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_modules.classification import VideoClassifier
+from models.haltingvt import HaltingOutput, HaltingViT
+
+
+def depth_prior(layers: int, mean: float, std: float) -> Tensor:
+    """Target halting distribution over the joint layers: a Gaussian over depth, normalised to sum to 1."""
+    depth = torch.arange(layers, dtype=torch.float64)
+    target = torch.exp(-0.5 * ((depth - mean) / std) ** 2)
+    return (target / target.sum()).float()
+
+
+class HaltingVTClassifier(VideoClassifier):
+    """HaltingVT on a ``HaltingViT`` backbone.
+
+    Training objective: cross-entropy on the real clips (and on their static twins when the data module pairs
+    them) + ``ponder_weight`` x mean ponder cost + ``prior_weight`` x KL(prior || halting distribution) +
+    ``motion_weight`` x cross-entropy of the 2-way motion head (real 1 vs static 0). Evaluation removes halted
+    tokens and logs the mean GFLOPs (multiply-accumulates) per view beside top-1/top-5.
+    """
+
+    def __init__(
+        self,
+        backbone: HaltingViT,
+        num_classes: int,
+        pretrained: str | None = None,
+        ponder_weight: float = 5e-4,
+        prior_weight: float = 0.0,
+        prior_mean: float = 6.0,
+        prior_std: float = 1.0,
+        motion_weight: float = 1.0,
+        head_dropout: float = 0.0,
+        label_smoothing: float = 0.0,
+        multilabel: bool = False,
+        top_k: tuple[int, ...] = (1, 5),
+        lr: float = 1e-5,
+        weight_decay: float = 1e-5,
+        optimizer: Literal["adamw", "adam"] = "adam",
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 5.0,
+        warmup_start_factor: float = 0.1,
+        min_lr_ratio: float = 0.0,
+    ):
+        super().__init__(
+            backbone, num_classes, pretrained, head_dropout, label_smoothing, multilabel, top_k, lr, weight_decay,
+            optimizer, betas, warmup_epochs, warmup_start_factor, min_lr_ratio,
+        )  # fmt: skip
+        self.ponder_weight = ponder_weight
+        self.prior_weight = prior_weight
+        self.motion_weight = motion_weight
+        self.motion_head = nn.Linear(backbone.embed_dim, 2)
+        self.register_buffer(
+            "prior", depth_prior(len(backbone.joint_blocks), prior_mean, prior_std), persistent=False
+        )
+        self._macs: dict[str, list[Tensor]] = {"val": [], "test": []}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        if batch["batch_size"] == 0:
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        video, label = batch["video"], batch["label"]
+        paired = "static" in batch and self.motion_weight > 0
+        if paired:
+            video = torch.cat([video, batch["static"]])
+            label = torch.cat([label, label])
+        out: HaltingOutput = self.backbone.forward_masked(video)
+        logits = self.head(out.feature)
+        n = batch["batch_size"]
+        loss_cls = self.loss(logits, label)
+        loss_ponder = out.ponder.mean()
+        loss = loss_cls + self.ponder_weight * loss_ponder
+        self.log_dict({"train/loss_cls": loss_cls, "train/ponder": loss_ponder}, batch_size=n)
+        if self.prior_weight > 0:
+            q = (out.halting / out.halting.sum()).clamp_min(1e-8)
+            loss_prior = F.kl_div(q.log(), self.prior, reduction="sum")  # KL(prior || q)
+            loss = loss + self.prior_weight * loss_prior
+            self.log("train/prior_kl", loss_prior, batch_size=n)
+        if paired:
+            motion_target = torch.cat([torch.ones(n), torch.zeros(n)]).long().to(self.device)
+            loss_motion = F.cross_entropy(self.motion_head(out.feature), motion_target)
+            loss = loss + self.motion_weight * loss_motion
+            self.log("train/loss_motion", loss_motion, batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/active_last", out.active[:, -1].float().mean(), batch_size=n)
+        return loss
+
+    def video_scores(self, video: Tensor, stage: str | None = None) -> Tensor:
+        b, v = video.shape[:2]
+        clips = video.flatten(0, 1)
+        out: HaltingOutput = self.backbone.forward_compact(clips)
+        logits = self.head(out.feature).unflatten(0, (b, v))
+        if stage is not None:
+            macs = self.backbone.macs(out.active, self.backbone.token_grid(clips.shape))
+            macs = macs + self.backbone.embed_dim * self.num_classes
+            self._macs[stage].append(macs.unflatten(0, (b, v)).sum(1).float())  # per video: all its views
+        probs = logits.sigmoid() if self.multilabel else logits.softmax(-1)
+        return probs.mean(1)
+
+    def _eval_step(self, batch: dict[str, Any], metric, prefix: str) -> None:
+        if batch["batch_size"] == 0:
+            return
+        scores = self.video_scores(batch["video"], prefix)
+        metric.update(scores, batch["label"], batch["index"])
+
+    def _log_scores(self, metric, prefix: str) -> None:
+        if self._macs[prefix]:
+            gflops = torch.cat(self._macs[prefix]).mean() / 1e9
+            self.log(f"{prefix}/gflops", gflops, sync_dist=True)
+            self._macs[prefix].clear()
+        super()._log_scores(metric, prefix)

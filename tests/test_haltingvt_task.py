@@ -1,0 +1,81 @@
+"""HaltingVT task: static-clip pairing, the loss terms, GFLOPs logging, and training through the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from datamodules.classification import VideoClassificationDataModule
+from lightning_modules.cli import main
+from lightning_modules.haltingvt import HaltingVTClassifier, depth_prior
+from models.haltingvt import HaltingViT
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_task(**kwargs) -> HaltingVTClassifier:
+    torch.manual_seed(0)
+    backbone = HaltingViT(
+        size=None, embed_dim=32, depth=4, num_heads=2, img_size=64, num_frames=4, glimpse_ratio=0.5
+    )
+    return HaltingVTClassifier(backbone, 8, **kwargs)
+
+
+def test_depth_prior_is_a_normalised_gaussian():
+    prior = depth_prior(10, mean=6.0, std=1.0)
+    assert torch.isclose(prior.sum(), torch.tensor(1.0)) and prior.argmax() == 6
+    assert torch.isclose(prior[5], prior[7]) and prior[5] / prior[6] == torch.exp(torch.tensor(-0.5))
+
+
+def test_static_clips_repeat_one_frame(synthetic_classification):
+    dm = VideoClassificationDataModule(
+        root=str(synthetic_classification), num_frames=4, frame_interval=4, crop_size=64, train_short_side=(80, 80),
+        flip=False, randaugment_ops=0, batch_size=4, num_workers=0, static_clips=True,
+    )  # fmt: skip
+    batch = next(iter(dm.train_dataloader()))
+    static, video = batch["static"], batch["video"]
+    assert static.shape == video.shape == (4, 3, 4, 64, 64)
+    assert (static == static[:, :, :1]).all()  # no motion: every frame equals the first
+    assert not (video == video[:, :, :1]).all()  # the real clip moves (or rotates)
+
+
+def test_training_loss_has_all_terms_and_gradients():
+    task = tiny_task(prior_weight=1e-3, motion_weight=1.0)
+    video = torch.randn(2, 3, 4, 64, 64)
+    batch = {
+        "video": video,
+        "static": video[:, :, :1].expand_as(video),
+        "label": torch.tensor([1, 2]),
+        "batch_size": 2,
+    }
+    logged = {}
+    task.log = lambda name, value, **kw: logged.__setitem__(name, float(value))  # type: ignore[method-assign]
+    task.log_dict = lambda d, **kw: logged.update({k: float(v) for k, v in d.items()})  # type: ignore[method-assign]
+    task.train()
+    loss = task.training_step(batch, 0)
+    loss.backward()
+    assert {"train/loss_cls", "train/ponder", "train/prior_kl", "train/loss_motion"} <= set(logged)
+    expected = logged["train/loss_cls"] + 5e-4 * logged["train/ponder"] + 1e-3 * logged["train/prior_kl"]
+    assert abs(loss.item() - expected - logged["train/loss_motion"]) < 1e-5
+    assert (
+        task.motion_head.weight.grad is not None
+        and task.backbone.blocks[0].temporal_fc.weight.grad is not None
+    )
+
+
+def test_fit_and_validate_through_cli_logs_gflops(tmp_path, synthetic_classification):
+    recipe = REPO / "recipes" / "quickstart" / "synthetic_haltingvt.yaml"
+    args = [
+        "--config", str(recipe), f"--data.init_args.root={synthetic_classification}",
+        "--data.init_args.synthetic=false", "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=2", "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1",
+    ]  # fmt: skip
+    cli = main(["fit", *args])
+    metrics = cli.trainer.callback_metrics
+    assert {"val/top1", "val/gflops", "train/ponder"} <= set(metrics)
+    backbone = cli.model.backbone
+    dense = backbone.macs(torch.full((1, len(backbone.joint_blocks)), 1 + 8 * 8), (8, 4, 4)).item() / 1e9
+    assert 0 < metrics["val/gflops"] <= dense + 1e-6  # halting never costs more than no halting
