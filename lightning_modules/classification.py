@@ -58,9 +58,7 @@ class VideoClassifier(VideoTask):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if batch["batch_size"] == 0:
-            # Every clip was a skipped bad video. A zero loss that touches every parameter keeps this rank in
-            # the DDP gradient all-reduce (returning None would leave the other ranks waiting).
-            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            return self.empty_batch_loss()
         logits = self(batch["video"])
         loss = self.loss(logits, batch["label"])
         n = batch["batch_size"]
@@ -68,6 +66,12 @@ class VideoClassifier(VideoTask):
         if not self.multilabel:
             self.log("train/top1", (logits.argmax(-1) == batch["label"]).float().mean(), batch_size=n)
         return loss
+
+    def empty_batch_loss(self) -> Tensor:
+        """Loss of a batch whose clips were all skipped bad videos: zero, but touching every parameter, so this
+        rank still takes part in the DDP gradient all-reduce (returning None would leave the other ranks waiting).
+        """
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     def video_scores(self, video: Tensor) -> Tensor:
         """(B, views, 3, T, H, W) -> (B, num_classes) view-averaged probabilities."""

@@ -65,7 +65,7 @@ class HaltingVTClassifier(VideoClassifier):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if batch["batch_size"] == 0:
-            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            return self.empty_batch_loss()
         video, label = batch["video"], batch["label"]
         paired = "static" in batch and self.motion_weight > 0
         if paired:
