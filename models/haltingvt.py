@@ -92,6 +92,7 @@ class HaltingOutput:
     ``feature`` (B, C) normalised class feature; ``ponder`` (B, N) per-token ponder cost rho (layers run +
     remainder); ``active`` (B, L) number of tokens each joint layer processed per sample; ``halting`` (L,) mean
     halting score per joint layer over the batch's tokens that were active there (for the distribution prior).
+    The inference path (``forward_compact``) leaves ``ponder`` and ``halting`` empty: they only feed losses.
     """
 
     feature: Tensor
