@@ -73,17 +73,21 @@ class VideoClassifier(VideoTask):
         """
         return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
-    def video_scores(self, video: Tensor) -> Tensor:
+    def clip_logits(self, clips: Tensor, stage: str | None) -> Tensor:
+        """(N, 3, T, H, W) -> (N, num_classes) at evaluation; ``stage`` ("val"/"test") lets a task keep stats."""
+        return self(clips)
+
+    def video_scores(self, video: Tensor, stage: str | None = None) -> Tensor:
         """(B, views, 3, T, H, W) -> (B, num_classes) view-averaged probabilities."""
         b, v = video.shape[:2]
-        logits = self(video.flatten(0, 1)).unflatten(0, (b, v))
+        logits = self.clip_logits(video.flatten(0, 1), stage).unflatten(0, (b, v))
         probs = logits.sigmoid() if self.multilabel else logits.softmax(-1)
         return probs.mean(1)
 
     def _eval_step(self, batch: dict[str, Any], metric: VideoClassificationScores, prefix: str) -> None:
         if batch["batch_size"] == 0:
             return
-        scores = self.video_scores(batch["video"])
+        scores = self.video_scores(batch["video"], prefix)
         metric.update(scores, batch["label"], batch["index"])
         if not self.multilabel:
             nll = F.nll_loss(scores.clamp_min(1e-8).log(), batch["label"])

@@ -25,7 +25,7 @@ class HaltingVTClassifier(VideoClassifier):
     Training objective: cross-entropy on the real clips (and on their static twins when the data module pairs
     them) + ``ponder_weight`` x mean ponder cost + ``prior_weight`` x KL(prior || halting distribution) +
     ``motion_weight`` x cross-entropy of the 2-way motion head (real 1 vs static 0). Evaluation removes halted
-    tokens and logs the mean GFLOPs (multiply-accumulates) per view beside top-1/top-5.
+    tokens and logs the mean GFLOPs (multiply-accumulates) per clip beside top-1/top-5.
     """
 
     def __init__(
@@ -92,27 +92,17 @@ class HaltingVTClassifier(VideoClassifier):
         self.log("train/active_last", out.active[:, -1].float().mean(), batch_size=n)
         return loss
 
-    def video_scores(self, video: Tensor, stage: str | None = None) -> Tensor:
-        b, v = video.shape[:2]
-        clips = video.flatten(0, 1)
+    def clip_logits(self, clips: Tensor, stage: str | None) -> Tensor:
         out: HaltingOutput = self.backbone.forward_compact(clips)
-        logits = self.head(out.feature).unflatten(0, (b, v))
         if stage is not None:
             macs = self.backbone.macs(out.active, self.backbone.token_grid(clips.shape))
-            macs = macs + self.backbone.embed_dim * self.num_classes
-            self._macs[stage].append(macs.unflatten(0, (b, v)).sum(1).float())  # per video: all its views
-        probs = logits.sigmoid() if self.multilabel else logits.softmax(-1)
-        return probs.mean(1)
-
-    def _eval_step(self, batch: dict[str, Any], metric, prefix: str) -> None:
-        if batch["batch_size"] == 0:
-            return
-        scores = self.video_scores(batch["video"], prefix)
-        metric.update(scores, batch["label"], batch["index"])
+            self._macs[stage].append(macs + self.backbone.embed_dim * self.num_classes)
+        return self.head(out.feature)
 
     def _log_scores(self, metric, prefix: str) -> None:
         if self._macs[prefix]:
-            gflops = torch.cat(self._macs[prefix]).mean() / 1e9
+            # Mean per clip; a video evaluated with several views costs views x this.
+            gflops = torch.cat(self._macs[prefix]).float().mean() / 1e9
             self.log(f"{prefix}/gflops", gflops, sync_dist=True)
             self._macs[prefix].clear()
         super()._log_scores(metric, prefix)

@@ -152,19 +152,19 @@ def _from_hf_videomae(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def detect_format(sd: dict[str, Tensor]) -> str:
-    keys = sd.keys()
-    if any(".attention.attention.query." in k for k in keys):
-        return "huggingface-videomae"
-    stripped = _strip_prefixes(dict(sd))
-    if any(k.endswith("attn.q_bias") for k in stripped):
-        return "videomae"
-    if "cls_token" in stripped and any(k.startswith("blocks.0.attn.qkv") for k in stripped):
-        return "timm-vit"
-    if any(k.startswith("blocks.0.") for k in stripped):
-        return "vit"
+def to_backbone_keys(raw: dict[str, Tensor]) -> tuple[str, dict[str, Tensor]]:
+    """Recognise a checkpoint's layout and rename its keys to ours; returns (format name, state dict)."""
+    if any(".attention.attention.query." in k for k in raw):
+        return "huggingface-videomae", _from_hf_videomae(raw)
+    sd = _strip_prefixes(raw)
+    if any(k.endswith("attn.q_bias") for k in sd):
+        return "videomae", sd
+    if "cls_token" in sd and any(k.startswith("blocks.0.attn.qkv") for k in sd):
+        return "timm-vit", sd
+    if any(k.startswith("blocks.0.") for k in sd):
+        return "vit", sd
     raise CheckpointError(
-        "unrecognised checkpoint layout (first keys: " + ", ".join(list(keys)[:5]) + "); expected VideoMAE, "
+        "unrecognised checkpoint layout (first keys: " + ", ".join(list(raw)[:5]) + "); expected VideoMAE, "
         "Hugging Face VideoMAE or timm ViT/DeiT weights"
     )
 
@@ -202,9 +202,7 @@ def load_pretrained(model: nn.Module, path: str | Path, *, allow_missing: bool =
     Keys of heads and MAE decoders are ignored. Missing keys are allowed by default (a DeiT checkpoint has no
     time embedding) and listed in the report; any shape mismatch raises ``CheckpointError``.
     """
-    raw = read_state_dict(path)
-    fmt = detect_format(raw)
-    sd = _from_hf_videomae(raw) if fmt == "huggingface-videomae" else _strip_prefixes(raw)
+    fmt, sd = to_backbone_keys(read_state_dict(path))
     sd = adapt_to_model(sd, model)
     target = model.state_dict()
     report = LoadReport(str(path), fmt)

@@ -87,10 +87,12 @@ def test_eval_transform_against_torchvision():
     assert [c.shape[-1] for c in three_crops(resized.transpose(-1, -2), 64)] == [64, 64, 64]
 
 
-def test_normalize():
-    video = torch.tensor([0, 127, 255], dtype=torch.uint8).view(1, 3, 1, 1, 1).expand(1, 3, 1, 1, 1)
-    out = normalize(video.reshape(3, 1, 1, 1).expand(3, 1, 1, 1), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    assert torch.allclose(out.flatten(), torch.tensor([-1.0, 127 / 127.5 - 1, 1.0]))
+def test_normalize_per_channel_on_batched_clips():
+    video = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1, 1).expand(2, 3, 4, 2, 2)
+    out = normalize(video, mean=(0.0, 0.2, 0.5), std=(1.0, 0.5, 0.25))
+    # (x / 255 - mean) / std by hand: channel 0: 0; channel 1: (0.2 - 0.2) / 0.5; channel 2: (1 - 0.5) / 0.25
+    expected = torch.tensor([0.0, 0.0, 2.0]).view(1, 3, 1, 1, 1).expand(2, 3, 4, 2, 2)
+    assert out.dtype == torch.float32 and torch.allclose(out, expected, atol=1e-6)
 
 
 @pytest.fixture
