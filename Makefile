@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_RECIPE ?= recipes/quickstart/synthetic_dense_vit.yaml
 
 .PHONY: venv demo test bench data clean-runs
 
@@ -15,7 +14,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	WANDB_SILENT=true $(BIN)/python -m lightning_modules fit --config $(DEMO_RECIPE)
+	WANDB_SILENT=true $(BIN)/python -m lightning_modules.demo
 
 test: $(STAMP)
 	WANDB_MODE=offline WANDB_SILENT=true $(BIN)/python -m pytest

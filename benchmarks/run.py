@@ -2,7 +2,9 @@
 
 - backbone: forward throughput of ``VideoMAEViT`` vs transformers' ``VideoMAEModel`` (same config and weights);
 - data: clips/s delivered by the training data loader (2 workers, full training transforms) vs raw decord
-  decoding of the same clips in one process.
+  decoding of the same clips in one process;
+- haltingvt: inference speedup of HaltingVT with halted tokens removed over the dense inflated DeiT-S, as a
+  fraction of the FLOPs ratio of the same inputs (1.0 = every saved FLOP turned into saved time).
 
 Ratios, not absolute times, are the result: both sides of a ratio run interleaved on the same machine.
 """
@@ -114,6 +116,63 @@ def bench_data(clips: int, batch: int, workers: int) -> dict:
     }
 
 
+def calibrate_halting(model, video: torch.Tensor, target_gmacs: float, steps: int = 12) -> float:
+    """Bisect ``halt_center`` so that the mean cost of ``video`` is ``target_gmacs``: random weights halt
+    arbitrarily, this gives them the token-count spread of a trained model at that budget."""
+    lo, hi = -20.0, 20.0
+    grid = model.token_grid(video.shape)
+    for _ in range(steps):
+        model.halt_center = (lo + hi) / 2
+        gmacs = model.macs(model.forward_compact(video).active, grid).mean().item() / 1e9
+        lo, hi = (model.halt_center, hi) if gmacs < target_gmacs else (lo, model.halt_center)
+    return gmacs
+
+
+def bench_haltingvt(batch: int, frames: int, image: int, target_gmacs: float, repeats: int) -> dict:
+    from models.flops import count_macs
+    from models.haltingvt import HaltingViT
+    from models.vit import InflatedViT
+
+    torch.manual_seed(0)
+    dense = InflatedViT(size="small", num_frames=frames, img_size=image).eval()
+    halting = HaltingViT(size="small", num_frames=frames, img_size=image, glimpse_ratio=0.5).eval()
+    video = torch.randn(batch, 3, frames, image, image)
+    with torch.inference_mode():
+        gmacs = calibrate_halting(halting, video, target_gmacs)
+        out = halting.forward_compact(video)
+        per_sample = halting.macs(out.active, halting.token_grid(video.shape)) / 1e9
+        dense_gmacs = count_macs(dense, video[:1]) / 1e9
+        t = interleaved(
+            {
+                "dense": lambda: dense(video),
+                "removal": lambda: halting.forward_compact(video),
+                "masked": lambda: halting.forward_masked(
+                    video
+                ),  # halting without removal, as the official code
+            },
+            repeats,
+        )
+    flops_ratio = dense_gmacs / gmacs
+    speedup = t["dense"] / t["removal"]
+    return {
+        "what": (
+            f"HaltingVT G05 inference vs dense DeiT-S, {frames}x{image}x{image}, batch {batch}: speedup "
+            f"{speedup:.2f}x for a FLOPs ratio of {flops_ratio:.2f}x (ratio = speedup / FLOPs ratio)"
+        ),
+        "ours_clips_per_s": batch / t["removal"],
+        "reference_clips_per_s": batch / t["dense"],
+        "ratio": speedup / flops_ratio,
+        "target": 0.8,
+        "speedup": speedup,
+        "flops_ratio": flops_ratio,
+        "dense_gmacs": dense_gmacs,
+        "halting_gmacs": gmacs,
+        "halting_gmacs_min_max": [per_sample.min().item(), per_sample.max().item()],
+        "tokens_per_joint_layer": out.active.float().mean(0).tolist(),
+        "masked_no_removal_speedup": t["dense"] / t["masked"],
+    }
+
+
 def _stack(samples):
     return torch.stack([s["video"] for s in samples])
 
@@ -123,10 +182,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="runs/bench.json")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--clips", type=int, default=64)
+    parser.add_argument(
+        "--halting-gmacs", type=float, default=24.2, help="HaltingVT budget (the paper's G05/Beta10: 24.2)"
+    )
     args = parser.parse_args(argv)
     results = {
         "backbone": bench_backbone("small", 16, 224, 2, args.repeats),
         "data": bench_data(args.clips, 8, 2),
+        "haltingvt": bench_haltingvt(8, 8, 224, args.halting_gmacs, max(3, args.repeats // 2)),
     }
     print(f"{'benchmark':<10} {'ours/s':>9} {'ref/s':>9} {'ratio':>7} {'target':>7}  what")
     for name, r in results.items():

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from datamodules import synthetic
+from datamodules.activitynet import class_names_of, load_database, read_activitynet
 from datamodules.base import BadVideoPolicy, VideoDataModule, load_guarded, open_checked
 from datamodules.kinetics_list import AnnotationError, VideoRecord, read_class_names, read_video_list
 from datamodules.sampling import random_clip, uniform_clips
@@ -62,11 +63,12 @@ class ClipClassificationDataset(Dataset):
         return len(self.records)
 
     def target(self, record: VideoRecord) -> Tensor:
+        """Class index (-1 for an unlabelled video to predict on) or multi-hot vector."""
         if self.multilabel:
             hot = torch.zeros(self.num_classes)
             hot[list(record.labels)] = 1.0
             return hot
-        return torch.tensor(record.labels[0])
+        return torch.tensor(record.labels[0] if record.labels else -1)
 
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
@@ -94,8 +96,14 @@ class ClipClassificationDataset(Dataset):
 
 
 class VideoClassificationDataModule(VideoDataModule):
-    """Kinetics-style classification lists (Kinetics, Mini-Kinetics, ActivityNet as multi-label, synthetic).
+    """Kinetics-style classification lists (Kinetics, Mini-Kinetics, synthetic) or an ActivityNet JSON.
 
+    A ``*_list`` ending in ``.json`` is read as ActivityNet annotations (``datamodules.activitynet``): training
+    uses the ``train_subset`` entries, evaluation the ``eval_subset`` ones, videos are found under ``video_dir``,
+    targets are multi-label (set ``multilabel: true``), and classes come from the JSON unless ``classes_file``
+    exists. Videos the JSON lists but ``video_dir`` lacks are an error under ``bad_video: error``; under
+    ``skip`` they are dropped, counted and logged once. ``predict_videos`` (paths, relative to ``root`` or
+    absolute) are unlabelled videos for ``predict``, instead of ``predict_list``.
     ``download_hint`` is added to the error raised when a list file is missing (what to download, where to put
     it). ``synthetic=True`` writes the embedded synthetic motion dataset to ``root`` on first use (rank 0 only), and
     again whenever ``synthetic_videos_per_class`` or ``synthetic_seed`` change.
@@ -129,12 +137,17 @@ class VideoClassificationDataModule(VideoDataModule):
         synthetic_seed: int = 0,
         static_clips: bool = False,
         download_hint: str | None = None,
+        predict_videos: list[str] | None = None,
+        video_dir: str = "videos",
+        train_subset: str = "training",
+        eval_subset: str = "validation",
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
         self.root = Path(root)
         self.lists = {"train": train_list, "val": val_list, "test": test_list or val_list}
         self.lists["predict"] = predict_list or self.lists["test"]
+        self.predict_videos = predict_videos
         self.classes_file = classes_file
         self._num_classes = num_classes
         self.multilabel = multilabel
@@ -152,6 +165,13 @@ class VideoClassificationDataModule(VideoDataModule):
         self.synthetic = synthetic
         self.static_clips = static_clips
         self.download_hint = download_hint
+        self.video_dir = self.root / video_dir
+        self.subsets = {
+            "train": train_subset,
+            "val": eval_subset,
+            "test": eval_subset,
+            "predict": eval_subset,
+        }
         self.synthetic_config = {"videos_per_class": synthetic_videos_per_class, "seed": synthetic_seed}
 
     def prepare_data(self) -> None:
@@ -159,10 +179,15 @@ class VideoClassificationDataModule(VideoDataModule):
             log.info("writing the synthetic classification set to %s", self.root)
             synthetic.generate_classification(self.root, **self.synthetic_config)
 
+    def is_json(self, stage: str) -> bool:
+        return str(self.lists[stage]).endswith(".json")
+
     @property
     def class_names(self) -> list[str] | None:
         if self.classes_file and (self.root / self.classes_file).is_file():
             return read_class_names(self.root / self.classes_file)
+        if self.is_json("train"):
+            return class_names_of(load_database(self.root / self.lists["train"]))
         return None
 
     @property
@@ -191,7 +216,12 @@ class VideoClassificationDataModule(VideoDataModule):
         else:
             transform = EvalClipTransform(self.crop_size, self.test_short_side, self.test_num_crops)
         try:
-            records = read_video_list(self.root / self.lists[stage], self.root, self.num_classes)
+            if stage == "predict" and self.predict_videos:
+                records = [VideoRecord(str(self.root / p), ()) for p in self.predict_videos]
+            elif self.is_json(stage):
+                records = self.activitynet_records(stage)
+            else:
+                records = read_video_list(self.root / self.lists[stage], self.root, self.num_classes)
         except AnnotationError as err:
             if self.download_hint and not (self.root / self.lists[stage]).is_file():
                 raise AnnotationError(f"{err}\n{self.download_hint}") from None
@@ -210,3 +240,20 @@ class VideoClassificationDataModule(VideoDataModule):
             decode_threads=self.decode_threads,
             static_clips=self.static_clips and train,
         )
+
+    def activitynet_records(self, stage: str) -> list[VideoRecord]:
+        json_file, subset = self.root / self.lists[stage], self.subsets[stage]
+        split = read_activitynet(json_file, self.video_dir, subset, self.class_names)
+        if split.missing:
+            message = (
+                f"{len(split.missing)} of {len(split.missing) + len(split.records)} '{subset}' videos of "
+                f"{json_file} are not in {self.video_dir} (first: {', '.join(split.missing[:5])})"
+            )
+            if self.bad_video == "error" or not split.records:
+                raise AnnotationError(
+                    f"{message}. Download them, or set data.init_args.bad_video: skip to use the videos present"
+                )
+            log.warning("%s; skipped under bad_video: skip", message)
+            self.skip_counts["missing"] += len(split.missing)
+            self.skipped_files.update(split.missing)
+        return split.records

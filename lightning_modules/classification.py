@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.base import VideoTask
 from lightning_modules.metrics import VideoClassificationScores
+from models.flops import count_macs
 
 
 class VideoClassifier(VideoTask):
     """Any backbone that maps (B, 3, T, H, W) to a (B, D) clip feature, with a linear classifier on top.
 
-    Evaluation averages the softmax (sigmoid for multi-label) scores of all views of a video (clips x crops).
+    Evaluation averages the softmax (sigmoid for multi-label) scores of all views of a video (clips x crops) and
+    logs the mean GFLOPs (multiply-accumulates) per clip; a dense model's cost is counted once per clip shape.
     """
 
     def __init__(
@@ -46,6 +49,8 @@ class VideoClassifier(VideoTask):
         self.label_smoothing = label_smoothing
         self.val_scores = VideoClassificationScores(num_classes, top_k, multilabel)
         self.test_scores = VideoClassificationScores(num_classes, top_k, multilabel)
+        self._macs: dict[str, list[Tensor]] = {"val": [], "test": []}
+        self._dense_macs: dict[tuple[int, ...], int] = {}
 
     def forward(self, video: Tensor) -> Tensor:
         """(B, 3, T, H, W) -> (B, num_classes) logits."""
@@ -74,8 +79,19 @@ class VideoClassifier(VideoTask):
         return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     def clip_logits(self, clips: Tensor, stage: str | None) -> Tensor:
-        """(N, 3, T, H, W) -> (N, num_classes) at evaluation; ``stage`` ("val"/"test") lets a task keep stats."""
+        """(N, 3, T, H, W) -> (N, num_classes) at evaluation; with ``stage`` ("val"/"test") the clips' cost is
+        recorded through ``record_macs``."""
+        if stage is not None:
+            shape = tuple(clips.shape[1:])
+            if shape not in self._dense_macs:
+                self._dense_macs[shape] = count_macs(self, clips[:1])
+            self.record_macs(stage, torch.full((len(clips),), self._dense_macs[shape], device=clips.device))
         return self(clips)
+
+    def record_macs(self, stage: str, macs: Tensor) -> None:
+        """Multiply-accumulates of each evaluated clip (N,), averaged into ``<stage>/gflops`` at epoch end."""
+        if stage in self._macs:
+            self._macs[stage].append(macs.detach().double())
 
     def video_scores(self, video: Tensor, stage: str | None = None) -> Tensor:
         """(B, views, 3, T, H, W) -> (B, num_classes) view-averaged probabilities."""
@@ -100,6 +116,11 @@ class VideoClassifier(VideoTask):
         self._eval_step(batch, self.test_scores, "test")
 
     def _log_scores(self, metric: VideoClassificationScores, prefix: str) -> None:
+        if self._macs[prefix]:
+            # Mean per clip; a video evaluated with several views costs views x this.
+            gflops = torch.cat(self._macs[prefix]).mean().float() / 1e9
+            self.log(f"{prefix}/gflops", gflops, sync_dist=True)
+            self._macs[prefix].clear()
         if not metric.update_called:
             return
         for name, value in metric.compute().items():

@@ -12,8 +12,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 class VideoCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The number of classes travels from the data to the model, never re-read by the model.
+        # The number of classes and single- vs multi-label targets travel from the data to the model.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.multilabel", "model.init_args.multilabel", apply_on="instantiate")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> VideoCLI:

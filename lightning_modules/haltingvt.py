@@ -24,8 +24,10 @@ class HaltingVTClassifier(VideoClassifier):
 
     Training objective: cross-entropy on the real clips (and on their static twins when the data module pairs
     them) + ``ponder_weight`` x mean ponder cost + ``prior_weight`` x KL(prior || halting distribution) +
-    ``motion_weight`` x cross-entropy of the 2-way motion head (real 1 vs static 0). Evaluation removes halted
-    tokens and logs the mean GFLOPs (multiply-accumulates) per clip beside top-1/top-5.
+    ``motion_weight`` x cross-entropy of the 2-way motion head (real 1 vs static 0). Static clips carry the real
+    clip's label, and their classification loss counts ``static_label_weight`` times a real clip's (1, the
+    official mean over both; 0 where a class cannot be told from one frame, e.g. left vs right motion).
+    Evaluation removes halted tokens and logs the mean GFLOPs (multiply-accumulates) per clip beside top-1/top-5.
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class HaltingVTClassifier(VideoClassifier):
         prior_mean: float = 6.0,
         prior_std: float = 1.0,
         motion_weight: float = 1.0,
+        static_label_weight: float = 1.0,
         head_dropout: float = 0.0,
         label_smoothing: float = 0.0,
         multilabel: bool = False,
@@ -57,11 +60,11 @@ class HaltingVTClassifier(VideoClassifier):
         self.ponder_weight = ponder_weight
         self.prior_weight = prior_weight
         self.motion_weight = motion_weight
+        self.static_label_weight = static_label_weight
         self.motion_head = nn.Linear(backbone.embed_dim, 2)
         self.register_buffer(
             "prior", depth_prior(len(backbone.joint_blocks), prior_mean, prior_std), persistent=False
         )
-        self._macs: dict[str, list[Tensor]] = {"val": [], "test": []}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if batch["batch_size"] == 0:
@@ -74,7 +77,12 @@ class HaltingVTClassifier(VideoClassifier):
         out: HaltingOutput = self.backbone.forward_masked(video)
         logits = self.head(out.feature)
         n = batch["batch_size"]
-        loss_cls = self.loss(logits, label)
+        if paired:
+            # The official loss is the mean over real and static clips (static_label_weight 1).
+            w = self.static_label_weight
+            loss_cls = (self.loss(logits[:n], label[:n]) + w * self.loss(logits[n:], label[n:])) / (1 + w)
+        else:
+            loss_cls = self.loss(logits, label)
         loss_ponder = out.ponder.mean()
         loss = loss_cls + self.ponder_weight * loss_ponder
         self.log_dict({"train/loss_cls": loss_cls, "train/ponder": loss_ponder}, batch_size=n)
@@ -96,13 +104,5 @@ class HaltingVTClassifier(VideoClassifier):
         out: HaltingOutput = self.backbone.forward_compact(clips)
         if stage is not None:
             macs = self.backbone.macs(out.active, self.backbone.token_grid(clips.shape))
-            self._macs[stage].append(macs + self.backbone.embed_dim * self.num_classes)
+            self.record_macs(stage, macs + self.backbone.embed_dim * self.num_classes)
         return self.head(out.feature)
-
-    def _log_scores(self, metric, prefix: str) -> None:
-        if self._macs[prefix]:
-            # Mean per clip; a video evaluated with several views costs views x this.
-            gflops = torch.cat(self._macs[prefix]).float().mean() / 1e9
-            self.log(f"{prefix}/gflops", gflops, sync_dist=True)
-            self._macs[prefix].clear()
-        super()._log_scores(metric, prefix)

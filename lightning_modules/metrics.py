@@ -22,7 +22,8 @@ def first_occurrences(ids: Tensor) -> Tensor:
 
 
 class VideoClassificationScores(Metric):
-    """Top-k accuracy (micro, i.e. over samples) or multi-label mAP over de-duplicated per-video scores.
+    """Top-k accuracy (micro, i.e. over samples) over de-duplicated per-video scores; for multi-label targets
+    mAP (macro over classes) and top-k hit rate (a true label among the k best scores), as ActivityNet reports.
 
     ``update(scores, targets, ids)``: ``scores`` (B, C) class scores already averaged over views; ``targets`` class
     indices (B,) or multi-hot (B, C) when ``multilabel``; ``ids`` (B,) sample ids.
@@ -57,6 +58,9 @@ class VideoClassificationScores(Metric):
         out = {"num_samples": torch.tensor(float(len(ids)), device=scores.device)}
         if self.multilabel:
             out["mAP"] = multilabel_average_precision(scores, targets.long(), num_labels=self.num_classes)
+            for k in self.top_k:
+                best = scores.topk(k, dim=1).indices
+                out[f"top{k}"] = targets.gather(1, best).gt(0).any(1).float().mean()
         else:
             for k in self.top_k:
                 out[f"top{k}"] = multiclass_accuracy(

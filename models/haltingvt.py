@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +65,13 @@ class DividedBlock(nn.Module):
     def kept_per_frame(self, patches: int) -> int:
         return patches if self.keep_ratio >= 1.0 else math.ceil(self.keep_ratio * patches)
 
-    def forward(self, x: Tensor, frames: int) -> Tensor:
-        """(B, 1 + T*P, C) time-major tokens -> (B, 1 + T*P', C) with P' the kept patches per frame."""
+    def forward(
+        self, x: Tensor, frames: int, return_kept: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        """(B, 1 + T*P, C) time-major tokens -> (B, 1 + T*P', C) with P' the kept patches per frame.
+
+        ``return_kept`` also returns the kept patch indices (B, T, P'), ascending, or None when nothing is dropped.
+        """
         cls, patches = x[:, :1], rearrange(x[:, 1:], "b (t p) c -> (b p) t c", t=frames)
         y, _ = self.temporal_attn(self.temporal_norm1(patches))
         patches = patches + self.drop_path(self.temporal_fc(y))
@@ -73,6 +79,7 @@ class DividedBlock(nn.Module):
         patches = rearrange(patches, "(b p) t c -> (b t) p c", b=b)
         per_frame = torch.cat([cls.repeat_interleave(frames, dim=0), patches], dim=1)  # (B*T, 1+P, C)
         select = self.keep_ratio < 1.0
+        keep = None
         y, attn = self.attn(self.norm1(per_frame), need_weights=select)
         cls = cls + self.drop_path(rearrange(y[:, 0], "(b t) c -> b t c", t=frames).mean(1, keepdim=True))
         patches = patches + self.drop_path(y[:, 1:])
@@ -82,7 +89,10 @@ class DividedBlock(nn.Module):
             keep = score.topk(k, dim=1).indices.sort(dim=1).values
             patches = patches.gather(1, keep[..., None].expand(-1, -1, patches.shape[-1]))
         x = torch.cat([cls, rearrange(patches, "(b t) p c -> b (t p) c", b=b)], dim=1)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        if return_kept:
+            return x, None if keep is None else keep.view(b, frames, -1)
+        return x
 
 
 @dataclass
@@ -91,14 +101,30 @@ class HaltingOutput:
 
     ``feature`` (B, C) normalised class feature; ``ponder`` (B, N) per-token ponder cost rho (layers run +
     remainder); ``active`` (B, L) number of tokens each joint layer processed per sample; ``halting`` (L,) mean
-    halting score per joint layer over the batch's tokens that were active there (for the distribution prior).
-    The inference path (``forward_compact``) leaves ``ponder`` and ``halting`` empty: they only feed losses.
+    halting score per joint layer over the batch's tokens that were active there (for the distribution prior);
+    ``depth`` (B, N) how many joint layers each token ran through (token order: class token, then time-major
+    kept patches). The inference path (``forward_compact``) leaves ``ponder``, ``halting`` and ``depth`` empty:
+    they only feed losses and pictures.
     """
 
     feature: Tensor
     ponder: Tensor
     active: Tensor
     halting: Tensor
+    depth: Tensor
+
+
+@dataclass
+class HaltingMap:
+    """Which tokens of each frame survive where: ``kept`` (B, T, P') patch indices (row-major in the h x w grid)
+    the Glimpser kept, ``depth`` (B, T, P') joint layers each kept patch ran through, ``grid`` (T, h, w),
+    ``layers`` the number of joint layers. A patch is active at joint layer l while ``depth > l``.
+    """
+
+    kept: Tensor
+    depth: Tensor
+    grid: tuple[int, int, int]
+    layers: int
 
 
 class HaltingViT(InflatedViT):
@@ -127,10 +153,12 @@ class HaltingViT(InflatedViT):
         halt_scale: float = 10.0,
         halt_center: float = 10.0,
         halt_eps: float = 0.01,
+        tubelet_size: int = 1,
+        pos_init: Literal["trunc_normal", "sinusoid"] = "trunc_normal",
     ):
         super().__init__(
             size, embed_dim, depth, num_heads, img_size, num_frames, patch_size, in_chans,
-            mlp_ratio, qkv_bias, drop_path_rate, norm_eps,
+            mlp_ratio, qkv_bias, drop_path_rate, norm_eps, tubelet_size, pos_init,
         )  # fmt: skip
         if not 0 < glimpse_ratio <= 1:
             raise ValueError(f"glimpse_ratio must be in (0, 1], got {glimpse_ratio}")
@@ -155,13 +183,17 @@ class HaltingViT(InflatedViT):
     def joint_blocks(self) -> list[Block]:
         return list(self.blocks[self.glimpser_blocks :])
 
-    def glimpse(self, video: Tensor) -> Tensor:
-        """Embedding and the Glimpser: (B, 3, T, H, W) -> (B, 1 + T*P', C)."""
-        frames = self.token_grid(video.shape)[0]
+    def glimpse(self, video: Tensor, return_kept: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Embedding and the Glimpser: (B, 3, T, H, W) -> (B, 1 + T*P', C); with ``return_kept`` also the kept
+        patch indices (B, T, P')."""
+        frames, h, w = self.token_grid(video.shape)
         x = self.embed(video)
+        kept = torch.arange(h * w, device=x.device).expand(x.shape[0], frames, -1)
         for block in self.blocks[: self.glimpser_blocks]:
-            x = block(x, frames)
-        return x
+            x, keep = block(x, frames, return_kept=True)
+            if keep is not None:
+                kept = kept.gather(2, keep)
+        return (x, kept) if return_kept else x
 
     def halting_score(self, x: Tensor, last: bool) -> Tensor:
         if last:
@@ -170,7 +202,10 @@ class HaltingViT(InflatedViT):
 
     def forward_masked(self, video: Tensor) -> HaltingOutput:
         """Halting with every token kept in place: halted tokens are frozen and masked out as keys."""
-        x = self.glimpse(video)
+        return self.halt_masked(self.glimpse(video))
+
+    def halt_masked(self, x: Tensor) -> HaltingOutput:
+        """The joint blocks of ``forward_masked`` on Glimpser output ``x`` (B, N, C)."""
         b, n, _ = x.shape
         joint = self.joint_blocks
         cum = x.new_zeros(b, n)
@@ -179,8 +214,10 @@ class HaltingViT(InflatedViT):
         active = torch.ones(b, n, dtype=torch.bool, device=x.device)
         feature = x.new_zeros(b, x.shape[-1])
         counts, halting = [], []
+        depth = torch.zeros(b, n, dtype=torch.long, device=x.device)
         for i, block in enumerate(joint):
             counts.append(active.sum(1))
+            depth += active
             # A sample with no active token left attends to all (its rows are discarded) rather than to none.
             keys = active | ~active.any(1, keepdim=True)
             y = block(x, attn_mask=keys[:, None, None, :])
@@ -195,7 +232,7 @@ class HaltingViT(InflatedViT):
             remainder = remainder - torch.where(running, h, 0.0)
             feature = feature + weight[:, :1] * x[:, 0]
             active = running
-        return HaltingOutput(self.norm(feature), ponder, torch.stack(counts, 1), torch.stack(halting))
+        return HaltingOutput(self.norm(feature), ponder, torch.stack(counts, 1), torch.stack(halting), depth)
 
     def forward_compact(self, video: Tensor) -> HaltingOutput:
         """Halting with halted tokens removed: packed token-wise layers, per-sample attention."""
@@ -232,7 +269,17 @@ class HaltingViT(InflatedViT):
             if tokens.shape[0] == 0:
                 counts += [torch.zeros_like(lengths)] * (len(joint) - 1 - i)
                 break
-        return HaltingOutput(self.norm(feature), x.new_zeros(0), torch.stack(counts, 1), x.new_zeros(0))
+        empty = x.new_zeros(0)
+        return HaltingOutput(self.norm(feature), empty, torch.stack(counts, 1), empty, empty)
+
+    @torch.no_grad()
+    def halting_map(self, video: Tensor) -> tuple[HaltingMap, HaltingOutput]:
+        """Where each patch token of ``video`` (B, 3, T, H, W) stops: for pictures (the paper's Fig. 4)."""
+        x, kept = self.glimpse(video, return_kept=True)
+        out = self.halt_masked(x)
+        frames, h, w = self.token_grid(video.shape)
+        depth = out.depth[:, 1:].view(kept.shape)
+        return HaltingMap(kept, depth, (frames, h, w), len(self.joint_blocks)), out
 
     def macs(self, active: Tensor, grid: tuple[int, int, int]) -> Tensor:
         """Multiply-accumulates per sample from the joint layers' active token counts ``active`` (B, L).

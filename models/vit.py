@@ -158,6 +158,9 @@ class InflatedViT(_JointViT):
     """DeiT inflated to video: per-frame 2D patches, class token, spatial positions + learnable time embedding.
 
     ``img_size`` and ``num_frames`` fix the sizes of the learned tables; other inputs resample them.
+    ``tubelet_size`` > 1 embeds that many frames per token (DeiT's kernel is spread over them on load) and the
+    time embedding then runs over tubelets. ``pos_init`` chooses the initial position/time tables when training
+    from scratch: DeiT's small random positions and zero time, or fixed-frequency sinusoids (still learned).
     """
 
     def __init__(
@@ -174,18 +177,30 @@ class InflatedViT(_JointViT):
         qkv_bias: QKVBias = "qkv",
         drop_path_rate: float = 0.1,
         norm_eps: float = 1e-6,
+        tubelet_size: int = 1,
+        pos_init: Literal["trunc_normal", "sinusoid"] = "trunc_normal",
     ):
         super().__init__(
-            size, embed_dim, depth, num_heads, img_size, num_frames, patch_size, 1, in_chans,
+            size, embed_dim, depth, num_heads, img_size, num_frames, patch_size, tubelet_size, in_chans,
             mlp_ratio, qkv_bias, drop_path_rate, norm_eps,
         )  # fmt: skip
-        _, h, w = self.pretrain_grid
+        t, h, w = self.pretrain_grid
         self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + h * w, self.embed_dim))  # DeiT's, incl. class token
-        self.time_embed = nn.Parameter(torch.zeros(1, num_frames, self.embed_dim))
+        self.time_embed = nn.Parameter(torch.zeros(1, t, self.embed_dim))
         self.norm = nn.LayerNorm(self.embed_dim, eps=norm_eps)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if pos_init == "sinusoid":
+            # Spatial index in the first half of the channels, time in the second: order is visible from the
+            # first step (the DeiT initialisation leaves time at zero, fine for fine-tuning, slow from scratch).
+            half = self.embed_dim // 2
+            with torch.no_grad():
+                self.pos_embed[0, 1:, :half] = sinusoid_table(h * w, half)
+                self.time_embed[0, :, half:] = sinusoid_table(t, self.embed_dim - half)
+        elif pos_init == "trunc_normal":
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            raise ValueError(f"pos_init must be 'trunc_normal' or 'sinusoid', got {pos_init!r}")
         self.apply(trunc_normal_init)
 
     def position_embedding(self, grid: tuple[int, int, int]) -> tuple[Tensor, Tensor]:

@@ -113,6 +113,10 @@ def test_fit_then_resume_then_validate(tmp_path, synthetic_classification):
     metrics = validated.trainer.callback_metrics
     assert {"val/top1", "val/top5", "val/num_samples"} <= set(metrics)
     assert metrics["val/num_samples"] == 8  # limit_val_batches=2 x batch 4, each video counted once
+    # Dense cost by hand for the quickstart ViT (dim 128, depth 4, MLP 512, 4x4x4 tubelets of 2x16x16, 8 classes).
+    n, c, hidden, depth = 64, 128, 512, 4
+    macs = n * c * 3 * 2 * 16 * 16 + depth * (n * (4 * c * c + 2 * c * hidden) + 2 * n * n * c) + c * 8
+    assert abs(float(metrics["val/gflops"]) - macs / 1e9) < 1e-6
 
 
 def test_wandb_offline_runs_get_their_own_directories(tmp_path, synthetic_classification, monkeypatch):

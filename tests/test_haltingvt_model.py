@@ -91,3 +91,36 @@ def test_deit_small_8x224_budget_without_halting(ratio, gmacs):
     tokens = 1 + 8 * math.ceil(ratio * 196)
     macs = model.macs(torch.full((1, len(model.joint_blocks)), tokens), (8, 14, 14)).item()
     assert macs / 1e9 == pytest.approx(gmacs, abs=0.05)
+
+
+def test_halting_map_matches_removal_counts_and_class_attention_selection():
+    """The picture's data: kept patches are the per-frame top-k of the class token's attention in the selecting
+    block (read from a hook on that block's attention), and the active patches per layer match what token removal
+    actually processed."""
+    model = tiny(glimpse_ratio=0.5, halt_scale=10.0, halt_center=-2.0)
+    video = torch.randn(3, 3, 4, 64, 64)
+    seen = {}
+
+    def grab(module, args, kwargs, output):
+        seen["attn"] = output[1]
+
+    handle = model.blocks[1].attn.register_forward_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        hmap, _ = model.halting_map(video)
+    handle.remove()
+    t, h, w = hmap.grid
+    k = math.ceil(0.5 * h * w)
+    cls_attention = seen["attn"][:, :, 0, 1:].mean(1).view(3, t, h * w)
+    for b in range(3):
+        for f in range(t):
+            top = set(cls_attention[b, f].topk(k).indices.tolist())
+            assert set(hmap.kept[b, f].tolist()) == top
+    assert (hmap.kept.diff(dim=2) > 0).all()  # ascending positions
+    with torch.no_grad():
+        compact = model.forward_compact(video)
+    for layer in range(hmap.layers):
+        patches = (hmap.depth > layer).flatten(1).sum(1)
+        cls_alive = compact.active[:, layer] - patches
+        assert ((cls_alive == 0) | (cls_alive == 1)).all()
+        assert torch.equal(patches + cls_alive, compact.active[:, layer])
+    assert (hmap.depth >= 1).all() and (hmap.depth <= hmap.layers).all()

@@ -9,6 +9,7 @@ import torch
 from datamodules.classification import VideoClassificationDataModule
 from lightning_modules.cli import main
 from lightning_modules.haltingvt import HaltingVTClassifier, depth_prior
+from lightning_modules.visualise import plot_accuracy_vs_gflops, read_run_result
 from models.haltingvt import HaltingViT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,5 +78,27 @@ def test_fit_and_validate_through_cli_logs_gflops(tmp_path, synthetic_classifica
     metrics = cli.trainer.callback_metrics
     assert {"val/top1", "val/gflops", "train/ponder"} <= set(metrics)
     backbone = cli.model.backbone
-    dense = backbone.macs(torch.full((1, len(backbone.joint_blocks)), 1 + 8 * 8), (8, 4, 4)).item() / 1e9
-    assert 0 < metrics["val/gflops"] <= dense + 1e-6  # halting never costs more than no halting
+    tokens = torch.full((1, len(backbone.joint_blocks)), 1 + 8 * 8)  # nothing halted before the last layer
+    dense = (backbone.macs(tokens, (8, 4, 4)).item() + backbone.embed_dim * cli.model.num_classes) / 1e9
+    assert 0 < metrics["val/gflops"] <= dense * (1 + 1e-6)  # halting never costs more than no halting
+
+    # The validation results as the trade-off plot reads them back from the CSV log.
+    result = read_run_result(tmp_path)
+    assert (
+        result.accuracy == float(metrics["val/top1"])
+        and abs(result.gflops - float(metrics["val/gflops"])) < 1e-6
+    )
+    png = plot_accuracy_vs_gflops([result], tmp_path / "tradeoff.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Halting maps of two given (unlabelled) videos through predict.
+    (ckpt,) = tmp_path.rglob("last.ckpt")
+    videos = ["videos/left_0001.mp4", "videos/rotate_0000.mp4"]
+    predict_args = [a for a in args if "limit_" not in a and "max_epochs" not in a]
+    main([
+        "predict", *predict_args, f"--ckpt_path={ckpt}", f"--data.init_args.predict_videos={videos}",
+        "--trainer.callbacks+=lightning_modules.visualise.HaltingMapWriter",
+        f"--trainer.callbacks.out_dir={tmp_path / 'maps'}",
+    ])  # fmt: skip
+    pictures = sorted(p.name for p in (tmp_path / "maps").glob("*.png"))
+    assert pictures == ["left_0001_halting.png", "rotate_0000_halting.png"]

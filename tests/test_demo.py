@@ -1,0 +1,33 @@
+"""The demo end to end on a tiny data set: both recipes fit, the report compares them, pictures are written."""
+
+from __future__ import annotations
+
+import json
+
+from lightning_modules.demo import RunResult, main, report, verdict
+
+
+def test_verdict_applies_both_targets():
+    dense = RunResult("dense", 0.9775, 0.0671)
+    assert verdict(dense, RunResult("h", 0.9600, 0.0400))["met"]  # -1.75 points at 59.6%
+    assert not verdict(dense, RunResult("h", 0.9550, 0.0300))["met"]  # -2.25 points
+    assert not verdict(dense, RunResult("h", 0.9800, 0.0410))["met"]  # 61.1% of the GFLOPs
+    assert "NOT met" in report(dense, RunResult("h", 0.5, 0.05))
+
+
+def test_demo_runs_both_recipes_and_draws(tmp_path, synthetic_classification):
+    overrides = [
+        f"--data.init_args.root={synthetic_classification}", "--data.init_args.synthetic=false",
+        "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=2", "--trainer.check_val_every_n_epoch=1",
+    ]  # fmt: skip
+    summary = main(["--out", str(tmp_path / "demo"), "--max-epochs", "1", "--maps", "3", "--", *overrides])
+    saved = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert saved == summary
+    assert 0 < summary["haltingvt"]["gflops"] and 0 < summary["dense"]["gflops"]
+    assert summary["gflops_fraction"] == summary["haltingvt"]["gflops"] / summary["dense"]["gflops"]
+    assert (tmp_path / "demo" / "accuracy_vs_gflops.png").stat().st_size > 0
+    maps = sorted(p.name for p in (tmp_path / "demo" / "halting_maps").glob("*.png"))
+    assert len(maps) == 3 and len({m.split("_")[0] for m in maps}) == 3  # three different classes
