@@ -41,6 +41,10 @@ def test_haltingvt_variants_stack_on_the_base_recipe(variant, capsys):
     _, g, b = variant.stem.split("_")  # minik_gXX_bYY
     assert backbone["glimpse_ratio"] == int(g[1:]) / 10 and backbone["halt_center"] == float(b[1:])
     assert backbone["size"] == "small" and config["data"]["init_args"]["frame_interval"] == 32
+    # Each variant logs under its own directory, so their results can be told apart and plotted together.
+    root = config["trainer"]["default_root_dir"]
+    assert root.endswith(variant.stem)
+    assert all(lg["init_args"]["save_dir"].startswith(root) for lg in config["trainer"]["logger"])
 
 
 def test_missing_dataset_says_what_to_download(tmp_path):

@@ -26,13 +26,16 @@ def tiny(**kwargs) -> HaltingViT:
     return model
 
 
-def test_glimpser_without_selection_on_one_frame_is_deit(tmp_path):
-    """One frame, no selection, halting only at the last block: the model is DeiT-S, whatever the weights."""
+@pytest.mark.parametrize("tubelet", [1, 2])
+def test_glimpser_without_selection_on_one_frame_is_deit(tmp_path, tubelet):
+    """One frame (or one 2-frame tubelet of a still image), no selection, halting only at the last block: the
+    model is DeiT-S, whatever the weights."""
     deit = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
     torch.save(deit.state_dict(), tmp_path / "deit_s.pth")
     model = HaltingViT(
-        size="small", num_frames=1, glimpse_ratio=1.0, halt_center=1e4, drop_path_rate=0.0
-    ).eval()
+        size="small", num_frames=tubelet, glimpse_ratio=1.0, halt_center=1e4, drop_path_rate=0.0,
+        tubelet_size=tubelet,
+    ).eval()  # fmt: skip
     report = load_pretrained(model, tmp_path / "deit_s.pth")
     assert sorted(report.missing) == ["blocks.0.temporal_fc.bias", "blocks.0.temporal_fc.weight",
                                       "blocks.1.temporal_fc.bias", "blocks.1.temporal_fc.weight", "time_embed"]  # fmt: skip
@@ -40,8 +43,9 @@ def test_glimpser_without_selection_on_one_frame_is_deit(tmp_path):
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         expected = deit.forward_features(images)[:, 0]
-        masked = model.forward_masked(images[:, :, None]).feature
-        compact = model.forward_compact(images[:, :, None]).feature
+        clip = images[:, :, None].expand(-1, -1, tubelet, -1, -1)
+        masked = model.forward_masked(clip).feature
+        compact = model.forward_compact(clip).feature
     assert (masked - expected).abs().max() <= 1e-4
     assert (compact - expected).abs().max() <= 1e-4
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -74,12 +75,18 @@ def test_fit_and_validate_through_cli_logs_gflops(tmp_path, synthetic_classifica
         f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=2", "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1",
     ]  # fmt: skip
-    cli = main(["fit", *args])
+    motion = [
+        "--model.init_args.motion_weight=1.0", "--model.init_args.static_label_weight=0",
+        "--data.init_args.static_clips=true", "--trainer.log_every_n_steps=1",
+    ]  # fmt: skip
+    cli = main(["fit", *args, *motion])
     metrics = cli.trainer.callback_metrics
-    assert {"val/top1", "val/gflops", "train/ponder"} <= set(metrics)
+    assert {"val/top1", "val/gflops", "train/ponder", "train/loss_motion"} <= set(metrics)
     backbone = cli.model.backbone
-    tokens = torch.full((1, len(backbone.joint_blocks)), 1 + 8 * 8)  # nothing halted before the last layer
-    dense = (backbone.macs(tokens, (8, 4, 4)).item() + backbone.embed_dim * cli.model.num_classes) / 1e9
+    t, h, w = backbone.token_grid((8, 64, 64))
+    kept = 1 + t * math.ceil(backbone.glimpse_ratio * h * w)
+    tokens = torch.full((1, len(backbone.joint_blocks)), kept)  # nothing halted before the last layer
+    dense = (backbone.macs(tokens, (t, h, w)).item() + backbone.embed_dim * cli.model.num_classes) / 1e9
     assert 0 < metrics["val/gflops"] <= dense * (1 + 1e-6)  # halting never costs more than no halting
 
     # The validation results as the trade-off plot reads them back from the CSV log.
