@@ -7,6 +7,8 @@
   with ``e0`` channel 0 of its block output; a token stops once its cumulative score reaches ``1 - halt_eps``
   (always at the last block). The class feature is the halting-weighted sum of the class token's outputs.
 
+"Frame" means token time step: with ``tubelet_size`` 2 (the from-scratch quickstart) it is a 2-frame tubelet.
+
 Two forward paths compute the same function:
 
 - ``forward_masked`` (training): all tokens stay in the tensor; halted tokens are neither updated nor attended to.

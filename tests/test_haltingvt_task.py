@@ -101,11 +101,15 @@ def test_fit_and_validate_through_cli_logs_gflops(tmp_path, synthetic_classifica
     # Halting maps of two given (unlabelled) videos through predict.
     (ckpt,) = tmp_path.rglob("last.ckpt")
     videos = ["videos/left_0001.mp4", "videos/rotate_0000.mp4"]
-    predict_args = [a for a in args if "limit_" not in a and "max_epochs" not in a]
+    predict_args = [a for a in args if not any(k in a for k in ("limit_", "max_epochs", "logger"))]
     main([
         "predict", *predict_args, f"--ckpt_path={ckpt}", f"--data.init_args.predict_videos={videos}",
+        "--trainer.logger=lightning_modules.loggers.AutoWandbLogger",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'wandb'}",
         "--trainer.callbacks+=lightning_modules.visualise.HaltingMapWriter",
         f"--trainer.callbacks.out_dir={tmp_path / 'maps'}",
     ])  # fmt: skip
     pictures = sorted(p.name for p in (tmp_path / "maps").glob("*.png"))
     assert pictures == ["left_0001_halting.png", "rotate_0000_halting.png"]
+    logged = list((tmp_path / "wandb").rglob("media/images/predict/halting_map*.png"))
+    assert len(logged) == 2  # the same pictures, in the (offline) W&B run
