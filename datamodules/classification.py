@@ -148,6 +148,8 @@ class VideoClassificationDataModule(VideoDataModule):
         self.lists = {"train": train_list, "val": val_list, "test": test_list or val_list}
         self.lists["predict"] = predict_list or self.lists["test"]
         self.predict_videos = predict_videos
+        self._class_names: list[str] | None = None
+        self._missing_counted: set[str] = set()
         self.classes_file = classes_file
         self._num_classes = num_classes
         self.multilabel = multilabel
@@ -184,11 +186,12 @@ class VideoClassificationDataModule(VideoDataModule):
 
     @property
     def class_names(self) -> list[str] | None:
-        if self.classes_file and (self.root / self.classes_file).is_file():
-            return read_class_names(self.root / self.classes_file)
-        if self.is_json("train"):
-            return class_names_of(load_database(self.root / self.lists["train"]))
-        return None
+        if self._class_names is None:
+            if self.classes_file and (self.root / self.classes_file).is_file():
+                self._class_names = read_class_names(self.root / self.classes_file)
+            elif self.is_json("train"):
+                self._class_names = class_names_of(load_database(self.root / self.lists["train"]))
+        return self._class_names
 
     @property
     def num_classes(self) -> int:
@@ -254,6 +257,17 @@ class VideoClassificationDataModule(VideoDataModule):
                     f"{message}. Download them, or set data.init_args.bad_video: skip to use the videos present"
                 )
             log.warning("%s; skipped under bad_video: skip", message)
-            self.skip_counts["missing"] += len(split.missing)
-            self.skipped_files.update(split.missing)
+            # Counted once per subset (val and test share one) and on one rank: the report sums over ranks.
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            if subset not in self._missing_counted and rank == 0:
+                self._missing_counted.add(subset)
+                self.skip_counts["missing"] += len(split.missing)
+                self.skipped_files.update(split.missing)
+        several = sum(len(r.labels) > 1 for r in split.records)
+        if several and not self.multilabel:
+            log.warning(
+                "%d '%s' videos of %s have several labels; with multilabel: false only the first (by class "
+                "index) is used. Set data.init_args.multilabel: true for multi-label targets and mAP",
+                several, subset, json_file,
+            )  # fmt: skip
         return split.records

@@ -116,11 +116,15 @@ class VideoClassifier(VideoTask):
         self._eval_step(batch, self.test_scores, "test")
 
     def _log_scores(self, metric: VideoClassificationScores, prefix: str) -> None:
-        if self._macs[prefix]:
-            # Mean per clip; a video evaluated with several views costs views x this.
-            gflops = torch.cat(self._macs[prefix]).mean().float() / 1e9
-            self.log(f"{prefix}/gflops", gflops, sync_dist=True)
-            self._macs[prefix].clear()
+        # Every rank takes part in the sum, even one whose batches were all skipped; a video evaluated with
+        # several views costs views x the per-clip figure.
+        macs = torch.cat(self._macs[prefix]) if self._macs[prefix] else torch.zeros(0, dtype=torch.float64)
+        self._macs[prefix].clear()
+        total = torch.stack([macs.sum(), macs.new_tensor(float(len(macs)))]).to(self.device)
+        if self._trainer is not None:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        if total[1] > 0:
+            self.log(f"{prefix}/gflops", (total[0] / total[1] / 1e9).float(), rank_zero_only=False)
         if not metric.update_called:
             return
         for name, value in metric.compute().items():
@@ -134,4 +138,6 @@ class VideoClassifier(VideoTask):
         self._log_scores(self.test_scores, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        if batch["batch_size"] == 0:  # every video of the batch was skipped as bad
+            return {"index": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0, self.num_classes)}
         return {"index": batch["index"], "scores": self.video_scores(batch["video"])}

@@ -23,7 +23,8 @@ def first_occurrences(ids: Tensor) -> Tensor:
 
 class VideoClassificationScores(Metric):
     """Top-k accuracy (micro, i.e. over samples) over de-duplicated per-video scores; for multi-label targets
-    mAP (macro over classes) and top-k hit rate (a true label among the k best scores), as ActivityNet reports.
+    mAP (mean over the classes that have a positive sample, as the ActivityNet evaluation) and top-k hit rate (a
+    true label among the k best scores).
 
     ``update(scores, targets, ids)``: ``scores`` (B, C) class scores already averaged over views; ``targets`` class
     indices (B,) or multi-hot (B, C) when ``multilabel``; ``ids`` (B,) sample ids.
@@ -57,7 +58,12 @@ class VideoClassificationScores(Metric):
         ids, scores, targets = self._gathered()
         out = {"num_samples": torch.tensor(float(len(ids)), device=scores.device)}
         if self.multilabel:
-            out["mAP"] = multilabel_average_precision(scores, targets.long(), num_labels=self.num_classes)
+            per_class = multilabel_average_precision(
+                scores, targets.long(), num_labels=self.num_classes, average=None
+            )
+            # A class without a positive sample has no AP (torchmetrics would count it as 0).
+            present = targets.sum(0) > 0
+            out["mAP"] = per_class[present].mean() if present.any() else scores.new_tensor(float("nan"))
             for k in self.top_k:
                 best = scores.topk(k, dim=1).indices
                 out[f"top{k}"] = targets.gather(1, best).gt(0).any(1).float().mean()

@@ -96,7 +96,9 @@ class HaltingMapWriter(L.Callback):
     """During ``predict``, writes one halting-map PNG per video (first view) to ``out_dir`` (default:
     ``<default_root_dir>/halting_maps``) and logs the images to W&B when a W&B logger is attached.
 
-    ``max_videos`` caps how many pictures are written (None: all).
+    ``max_videos`` caps how many pictures are written (None: all), per rank. Under DDP each rank draws the
+    videos it predicts; only rank 0's pictures reach W&B (Lightning logs from rank 0), all of them reach
+    ``out_dir``.
     """
 
     def __init__(self, out_dir: str | None = None, max_videos: int | None = 16, log_to_wandb: bool = True):
@@ -142,7 +144,9 @@ class HaltingMapWriter(L.Callback):
                 frames, hmap.kept[i], hmap.depth[i], hmap.grid, hmap.layers, first, caption, step
             )
             path = out_dir / f"{stem}_halting.png"
-            fig.savefig(path, dpi=100)
+            partial = path.with_suffix(f".{trainer.global_rank}.tmp.png")
+            fig.savefig(partial, dpi=100)
+            partial.replace(path)  # whole files only, even when DDP padding gives two ranks the same video
             plt.close(fig)
             new.append(path)
             captions.append(caption)

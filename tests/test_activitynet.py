@@ -123,6 +123,12 @@ def test_missing_videos_error_or_counted_skip(temporal_set, tmp_path):
     dm = anet_module(root, bad_video="skip")
     assert len(dm.dataset("train")) == 3
     assert dm.skip_counts["missing"] == 1 and "1 x missing" in dm.skip_summary()
+    # val and test read the same subset: a missing validation video is counted once.
+    database = json.loads((root / "annotations.json").read_text())["database"]
+    val_id = next(k for k, e in database.items() if e["subset"] == "validation")
+    (root / "videos" / f"{val_id}.mp4").unlink()
+    assert len(dm.dataset("val")) == len(dm.dataset("test")) == 1
+    assert dm.skip_counts["missing"] == 2
 
 
 def average_precision(scores: list[float], positives: list[bool]) -> float:
@@ -141,15 +147,17 @@ def test_multilabel_map_and_hit_at_k_against_direct_computation():
     n, c = 40, 6
     scores = torch.rand(n, c, generator=g)
     targets = (torch.rand(n, c, generator=g) < 0.25).float()
-    targets[torch.arange(c), torch.arange(c)] = 1.0  # every class has a positive
+    targets[torch.arange(c), torch.arange(c)] = 1.0  # every class has a positive ...
     targets[c:, 0] = torch.where(targets[c:].sum(1) == 0, 1.0, targets[c:, 0])  # every video has a label
+    targets[:, c - 1] = 0.0  # ... but the last, which is left out of the mean
     metric = VideoClassificationScores(c, (1, 3), multilabel=True)
     metric.update(scores[:25], targets[:25], torch.arange(25))
     metric.update(scores[20:], targets[20:], torch.arange(20, n))  # 20..24 seen twice: counted once
     out = metric.compute()
-    expected_map = (
-        sum(average_precision(scores[:, k].tolist(), targets[:, k].bool().tolist()) for k in range(c)) / c
-    )
+    present = range(c - 1)
+    expected_map = sum(
+        average_precision(scores[:, k].tolist(), targets[:, k].bool().tolist()) for k in present
+    ) / len(present)
     assert out["num_samples"] == n
     assert out["mAP"].item() == pytest.approx(expected_map, abs=1e-6)
     for k in (1, 3):

@@ -66,6 +66,22 @@ def test_training_loss_has_all_terms_and_gradients():
     )
 
 
+def test_static_label_weight_weighs_the_static_clips_classification():
+    task = tiny_task(motion_weight=1.0, static_label_weight=0.25).eval()  # eval: no drop-path noise
+    video = torch.randn(2, 3, 4, 64, 64)
+    static = video[:, :, :1].expand_as(video)
+    label = torch.tensor([3, 5])
+    logged = {}
+    task.log = lambda name, value, **kw: None  # type: ignore[method-assign]
+    task.log_dict = lambda d, **kw: logged.update({k: float(v) for k, v in d.items()})  # type: ignore[method-assign]
+    with torch.no_grad():
+        task.training_step({"video": video, "static": static, "label": label, "batch_size": 2}, 0)
+        logits = task.head(task.backbone.forward_masked(torch.cat([video, static])).feature)
+        real = torch.nn.functional.cross_entropy(logits[:2], label)
+        still = torch.nn.functional.cross_entropy(logits[2:], label)
+    assert abs(logged["train/loss_cls"] - (real + 0.25 * still).item() / 1.25) < 1e-5
+
+
 def test_fit_and_validate_through_cli_logs_gflops(tmp_path, synthetic_classification):
     recipe = REPO / "recipes" / "quickstart" / "synthetic_haltingvt.yaml"
     args = [
