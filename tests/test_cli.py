@@ -47,9 +47,16 @@ def test_haltingvt_variants_stack_on_the_base_recipe(variant, capsys):
     assert all(lg["init_args"]["save_dir"].startswith(root) for lg in config["trainer"]["logger"])
 
 
-def test_missing_dataset_says_what_to_download(tmp_path):
-    with pytest.raises(Exception, match=r"(?s)mini_kinetics_train.txt not found.*AR-Net"):
-        main(["fit", "--config", str(REPO / "recipes" / "haltingvt_minik.yaml"), f"--data.init_args.root={tmp_path}",
+@pytest.mark.parametrize(
+    "recipe,message",
+    [
+        ("haltingvt_minik.yaml", r"(?s)mini_kinetics_train.txt not found.*AR-Net"),
+        ("haltingvt_anet.yaml", r"activity_net.v1-3.min.json not found: download .* from the ActivityNet"),
+    ],
+)
+def test_missing_dataset_says_what_to_download(tmp_path, recipe, message):
+    with pytest.raises(Exception, match=message):
+        main(["fit", "--config", str(REPO / "recipes" / recipe), f"--data.init_args.root={tmp_path}",
               "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
               "--trainer.precision=32-true", "--model.init_args.pretrained=null", "--trainer.logger=false",
               "--trainer.callbacks=[]", "--data.init_args.num_workers=0"])  # fmt: skip
