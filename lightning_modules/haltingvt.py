@@ -61,7 +61,8 @@ class HaltingVTClassifier(VideoClassifier):
         self.prior_weight = prior_weight
         self.motion_weight = motion_weight
         self.static_label_weight = static_label_weight
-        self.motion_head = nn.Linear(backbone.embed_dim, 2)
+        # Only built when used: under DDP every parameter must take part in the loss.
+        self.motion_head = nn.Linear(backbone.embed_dim, 2) if motion_weight > 0 else None
         self.register_buffer(
             "prior", depth_prior(len(backbone.joint_blocks), prior_mean, prior_std), persistent=False
         )
@@ -70,7 +71,12 @@ class HaltingVTClassifier(VideoClassifier):
         if batch["batch_size"] == 0:
             return self.empty_batch_loss()
         video, label = batch["video"], batch["label"]
-        paired = "static" in batch and self.motion_weight > 0
+        paired = self.motion_head is not None
+        if paired and "static" not in batch:
+            raise ValueError(
+                "motion_weight > 0 needs static clips: set data.init_args.static_clips: true (or "
+                "model.init_args.motion_weight: 0 to train without the motion loss)"
+            )
         if paired:
             video = torch.cat([video, batch["static"]])
             label = torch.cat([label, label])

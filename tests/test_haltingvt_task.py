@@ -129,3 +129,22 @@ def test_fit_and_validate_through_cli_logs_gflops(tmp_path, synthetic_classifica
     assert pictures == ["left_0001_halting.png", "rotate_0000_halting.png"]
     logged = list((tmp_path / "wandb").rglob("media/images/predict/halting_map*.png"))
     assert len(logged) == 2  # the same pictures, in the (offline) W&B run
+
+
+def test_two_process_ddp_fit_without_the_motion_loss(tmp_path, synthetic_classification):
+    """DDP needs every parameter in the loss: with the motion loss off there is no motion head to leave unused;
+    evaluation counts each video once and sums GFLOPs over both ranks."""
+    recipe = REPO / "recipes" / "quickstart" / "synthetic_haltingvt.yaml"
+    args = [
+        "--config", str(recipe), f"--data.init_args.root={synthetic_classification}",
+        "--data.init_args.synthetic=false", "--data.init_args.num_workers=0", "--data.init_args.batch_size=2",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_train_batches=2",
+        "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.accelerator=cpu",
+        "--trainer.devices=2", "--trainer.strategy=ddp_spawn",
+    ]  # fmt: skip
+    cli = main(["fit", *args])
+    metrics = cli.trainer.callback_metrics
+    assert cli.model.motion_head is None
+    assert metrics["val/num_samples"] == 8  # the 8 validation videos, each once, though split over 2 ranks
+    assert float(metrics["val/gflops"]) > 0
