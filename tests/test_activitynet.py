@@ -15,6 +15,7 @@ from datamodules.kinetics_list import AnnotationError
 from datamodules.synthetic import TEMPORAL_ACTIONS, generate_temporal
 from lightning_modules.cli import main
 from lightning_modules.metrics import VideoClassificationScores
+from tests.quick import quick_overrides
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "haltingvt_anet.yaml"
 
@@ -179,14 +180,13 @@ def test_anet_recipe_links_multilabel_and_fits_on_synthetic_json(tmp_path, tempo
     (tmp_path / "tiny.yaml").write_text(TINY_BACKBONE)
     args = [
         "--config", str(RECIPE), "--config", str(tmp_path / "tiny.yaml"),
-        f"--data.init_args.root={temporal_set}", "--data.init_args.train_list=annotations.json",
-        "--data.init_args.val_list=annotations.json", "--data.init_args.num_workers=0",
-        "--data.init_args.batch_size=2", "--data.init_args.num_frames=4", "--data.init_args.frame_interval=4",
+        *quick_overrides(tmp_path, temporal_set, batch_size=2), "--data.init_args.train_list=annotations.json",
+        "--data.init_args.val_list=annotations.json", "--data.init_args.num_frames=4",
+        "--data.init_args.frame_interval=4",
         "--data.init_args.crop_size=32", "--data.init_args.train_short_side=[32,40]",
         "--data.init_args.test_short_side=32", "--data.init_args.randaugment_ops=0",
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true",
-        "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.max_epochs=1",
     ]  # fmt: skip
     cli = main(["fit", *args])
     assert cli.model.multilabel and cli.model.num_classes == cli.datamodule.num_classes

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from lightning_modules.cli import main
+from tests.quick import quick_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(
@@ -96,11 +97,7 @@ def test_sweep_parameters_are_cli_keys(sweep, capsys):
 
 def quick_args(root: Path, data_root: Path, *extra: str) -> list[str]:
     return [
-        "--config", str(QUICKSTART),
-        f"--data.init_args.root={data_root}", "--data.init_args.synthetic=false",
-        "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
-        f"--trainer.default_root_dir={root}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.init_args.save_dir={root}",
+        "--config", str(QUICKSTART), *quick_overrides(root, data_root),
         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "--trainer.check_val_every_n_epoch=1",
         *extra,
     ]  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from lightning_modules.demo import RunResult, main, report, verdict
+from tests.quick import quick_overrides
 
 
 def test_verdict_applies_both_targets():
@@ -17,10 +18,7 @@ def test_verdict_applies_both_targets():
 
 def test_demo_runs_both_recipes_and_draws(tmp_path, synthetic_classification):
     overrides = [
-        f"--data.init_args.root={synthetic_classification}", "--data.init_args.synthetic=false",
-        "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
-        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_train_batches=2",
+        *quick_overrides(tmp_path, synthetic_classification), "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=2", "--trainer.check_val_every_n_epoch=1",
     ]  # fmt: skip
     summary = main(["--out", str(tmp_path / "demo"), "--max-epochs", "1", "--maps", "3", "--", *overrides])

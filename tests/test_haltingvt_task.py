@@ -12,6 +12,7 @@ from lightning_modules.cli import main
 from lightning_modules.haltingvt import HaltingVTClassifier, depth_prior
 from lightning_modules.visualise import plot_accuracy_vs_gflops, read_run_result
 from models.haltingvt import HaltingViT
+from tests.quick import quick_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,11 +86,8 @@ def test_static_label_weight_weighs_the_static_clips_classification():
 def test_fit_and_validate_through_cli_logs_gflops(tmp_path, synthetic_classification):
     recipe = REPO / "recipes" / "quickstart" / "synthetic_haltingvt.yaml"
     args = [
-        "--config", str(recipe), f"--data.init_args.root={synthetic_classification}",
-        "--data.init_args.synthetic=false", "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
-        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=2", "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1",
+        "--config", str(recipe), *quick_overrides(tmp_path, synthetic_classification),
+        "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1",
     ]  # fmt: skip
     motion = [
         "--model.init_args.motion_weight=1.0", "--model.init_args.static_label_weight=0",
@@ -136,10 +134,8 @@ def test_two_process_ddp_fit_without_the_motion_loss(tmp_path, synthetic_classif
     evaluation counts each video once and sums GFLOPs over both ranks."""
     recipe = REPO / "recipes" / "quickstart" / "synthetic_haltingvt.yaml"
     args = [
-        "--config", str(recipe), f"--data.init_args.root={synthetic_classification}",
-        "--data.init_args.synthetic=false", "--data.init_args.num_workers=0", "--data.init_args.batch_size=2",
-        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_train_batches=2",
+        "--config", str(recipe), *quick_overrides(tmp_path, synthetic_classification, batch_size=2),
+        "--trainer.limit_train_batches=2",
         "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.accelerator=cpu",
         "--trainer.devices=2", "--trainer.strategy=ddp_spawn",
     ]  # fmt: skip
