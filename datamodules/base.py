@@ -7,18 +7,32 @@ Bad input policy (``bad_video``):
 - ``"skip"``: the sample is dropped from its batch, and the skip is logged once per file and counted by reason;
   ``skip_summary()`` gives the counts (a callback reports them at the end of every epoch). Evaluation metrics are
   then computed over the remaining samples, and the number left out is reported beside them.
+
+Skips found while reading (``record_skips``) are kept per stage ("train", "val", "test", "predict", "sanity")
+and per epoch, keyed by sample index, so a DDP rank's padding repeats count once; ``skip_counts`` holds what a
+data module dropped once at setup (e.g. listed videos that do not exist).
+
+Training order and augmentation are a pure function of (seed, epoch, sample index): ``SeededSampler`` hands
+each training sample a ``SampleKey`` and ``seeded`` draws the sample's randomness from it, so a run resumed
+from a checkpoint sees the batches the uninterrupted run would have seen, whatever the number of workers.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+import os
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from datamodules.transforms import normalize
 from datamodules.video_io import Video, VideoDecodeError, open_video
@@ -42,6 +56,56 @@ def open_checked(path: str, min_frames: int, num_threads: int = 1) -> Video:
     return video
 
 
+class SampleKey(NamedTuple):
+    """What ``SeededSampler`` yields for a training sample: its index and the epoch's seed."""
+
+    index: int
+    epoch: int
+    seed: int
+
+
+class SeededSampler(DistributedSampler):
+    """Shuffled training order, split over DDP ranks, fixed by (seed, epoch); yields ``SampleKey``s.
+
+    Lightning calls ``set_epoch`` every epoch and leaves a ``DistributedSampler`` in place under DDP.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        distributed = dist.is_available() and dist.is_initialized()
+        super().__init__(
+            dataset,
+            num_replicas=dist.get_world_size() if distributed else 1,
+            rank=dist.get_rank() if distributed else 0,
+            shuffle=True,
+            seed=seed,
+        )
+
+    def __iter__(self) -> Iterator[SampleKey]:  # type: ignore[override]
+        for index in super().__iter__():
+            yield SampleKey(int(index), self.epoch, self.seed)
+
+
+def split_key(key: int | SampleKey) -> tuple[int, int | None]:
+    """A dataset key -> (sample index, seed of this sample in this epoch, or None for unseeded keys)."""
+    if isinstance(key, tuple):
+        index, epoch, seed = key
+        state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint32)
+        return int(index), (int(state[0]) << 31) ^ int(state[1])
+    return int(key), None
+
+
+@contextmanager
+def seeded(seed: int | None):
+    """Seed torch's generator for one sample (its numpy draws derive from torch), restoring the caller's state
+    afterwards so a loader without workers does not disturb the training process's own random stream."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def load_guarded(load: Callable[[], dict[str, Any]], policy: BadVideoPolicy, index: int) -> dict[str, Any]:
     """Run a sample's ``load`` under the bad-input policy: raise with the fix, or return a skip marker."""
     try:
@@ -52,16 +116,37 @@ def load_guarded(load: Callable[[], dict[str, Any]], policy: BadVideoPolicy, ind
                 f"{err}. Fix or remove the file from the annotation list, or set data.init_args.bad_video=skip "
                 "to skip such videos (they are counted and reported)."
             ) from err
-        return {"skipped": (err.path, err.kind, err.reason), "index": index}
+        return {"skipped": (err.path, err.kind, err.reason, index), "index": index}
 
 
 def collate_clips(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Default collation of the good samples; skipped ones travel as a list of (path, kind, reason)."""
+    """Default collation of the good samples; skipped ones travel as a list of (path, kind, reason, index)."""
     good = [s for s in samples if "skipped" not in s]
     batch: dict[str, Any] = default_collate(good) if good else {}
     batch["skipped"] = [s["skipped"] for s in samples if "skipped" in s]
     batch["batch_size"] = len(good)
     return batch
+
+
+class _ExitWithTrainer:
+    """Loader worker start-up: end the worker as soon as the training process is gone, even when it was SIGKILLed
+    (workers are children of the fork server, which does not stop them)."""
+
+    def __init__(self, trainer_pid: int):
+        self.trainer_pid = trainer_pid
+
+    def __call__(self, worker_id: int) -> None:
+        threading.Thread(target=self._watch, daemon=True, name="trainer-watch").start()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(self.trainer_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:
+                pass
 
 
 class VideoDataModule(L.LightningDataModule):
@@ -99,6 +184,8 @@ class VideoDataModule(L.LightningDataModule):
         self.std = std
         self.skip_counts: Counter[str] = Counter()
         self.skipped_files: set[str] = set()
+        self._epoch_skips: dict[str, dict[int, tuple[str, str]]] = defaultdict(dict)
+        self._epoch_samples: Counter[str] = Counter()
         self._datasets: dict[str, Dataset] = {}
 
     def build_dataset(self, stage: str) -> Dataset:
@@ -111,11 +198,14 @@ class VideoDataModule(L.LightningDataModule):
 
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:
         workers = self.num_workers
+        dataset = self.dataset(stage)
+        sampler = SeededSampler(dataset, int(os.environ.get("PL_GLOBAL_SEED", 0))) if shuffle else None
         return DataLoader(
-            self.dataset(stage),
+            dataset,
             batch_size=self.batch_size if stage == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=stage == "train",
+            worker_init_fn=_ExitWithTrainer(os.getpid()) if workers > 0 else None,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
@@ -142,22 +232,51 @@ class VideoDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", shuffle=False)
 
-    def record_skips(self, skipped: Sequence[tuple[str, str, str]]) -> None:
-        for path, kind, reason in skipped:
-            self.skip_counts[kind] += 1
+    def current_stage(self) -> str:
+        """"train", "val", "test", "predict" or "sanity" (Lightning's validation sanity check)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.stage is None:
+            return "train"
+        if trainer.sanity_checking:
+            return "sanity"
+        return {"validate": "val"}.get(trainer.state.stage.value, trainer.state.stage.value)
+
+    def record_skips(self, skipped: Sequence[tuple[str, str, str, int]], stage: str = "train") -> None:
+        for path, kind, reason, index in skipped:
+            self._epoch_skips[stage][int(index)] = (path, kind)
             if path not in self.skipped_files:
                 self.skipped_files.add(path)
                 log.warning("skipped bad video %s: %s", path, reason)
 
-    def skip_summary(self) -> str:
-        if not self.skip_counts:
+    def start_epoch(self, stage: str) -> None:
+        """Forget the skips and sample count of the previous epoch of ``stage``."""
+        self._epoch_skips.pop(stage, None)
+        self._epoch_samples.pop(stage, None)
+
+    def epoch_skips(self, stage: str) -> dict[int, tuple[str, str]]:
+        """This rank's skipped samples of the current epoch of ``stage``: index -> (path, kind)."""
+        return dict(self._epoch_skips.get(stage, {}))
+
+    def epoch_samples(self, stage: str) -> int:
+        """Good samples this rank has delivered in the current epoch of ``stage``."""
+        return self._epoch_samples[stage]
+
+    def skip_summary(self, skips: dict[int, tuple[str, str]] | None = None) -> str:
+        """Counts by reason: of ``skips`` (index -> (path, kind)), else of everything recorded so far."""
+        if skips is None:
+            counts = self.skip_counts + Counter(kind for st in self._epoch_skips.values() for _, kind in st.values())
+            files = len(self.skipped_files)
+        else:
+            counts, files = Counter(kind for _, kind in skips.values()), len({p for p, _ in skips.values()})
+        if not counts:
             return "no video skipped"
-        total = sum(self.skip_counts.values())
-        reasons = "; ".join(f"{n} x {r}" for r, n in self.skip_counts.most_common())
-        return f"{total} samples skipped ({len(self.skipped_files)} distinct files): {reasons}"
+        reasons = "; ".join(f"{n} x {r}" for r, n in counts.most_common())
+        return f"{sum(counts.values())} samples skipped ({files} distinct files): {reasons}"
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        self.record_skips(batch.get("skipped", []))
+        stage = self.current_stage()
+        self.record_skips(batch.get("skipped", []), stage)
+        self._epoch_samples[stage] += int(batch.get("batch_size", 0))
         for key in ("video", "static"):
             if key in batch and batch[key].dtype == torch.uint8:
                 batch[key] = normalize(batch[key], self.mean, self.std)

@@ -14,7 +14,15 @@ from torch.utils.data import Dataset
 
 from datamodules import synthetic
 from datamodules.activitynet import class_names_of, load_database, read_activitynet
-from datamodules.base import BadVideoPolicy, VideoDataModule, load_guarded, open_checked
+from datamodules.base import (
+    BadVideoPolicy,
+    SampleKey,
+    VideoDataModule,
+    load_guarded,
+    open_checked,
+    seeded,
+    split_key,
+)
 from datamodules.kinetics_list import AnnotationError, VideoRecord, read_class_names, read_video_list
 from datamodules.sampling import random_clip, uniform_clips
 from datamodules.transforms import EvalClipTransform, TrainClipTransform
@@ -91,8 +99,10 @@ class ClipClassificationDataset(Dataset):
             sample["video"] = torch.cat([self.transform(f) for f in frames])  # (clips * crops, 3, T, H, W)
         return sample
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return load_guarded(lambda: self.load(index), self.bad_video, index)
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        index, seed = split_key(key)
+        with seeded(seed):
+            return load_guarded(lambda: self.load(index), self.bad_video, index)
 
 
 class VideoClassificationDataModule(VideoDataModule):
@@ -198,6 +208,8 @@ class VideoClassificationDataModule(VideoDataModule):
         if self._num_classes is None:
             if self.synthetic and self.classes_file == "classes.txt":
                 return len(synthetic.CLASSIFICATION_CLASSES)
+            if not self.root.is_dir():
+                raise FileNotFoundError(self.missing_root_message())
             names = self.class_names
             if names is None:
                 raise ValueError(
@@ -225,7 +237,10 @@ class VideoClassificationDataModule(VideoDataModule):
                 records = self.activitynet_records(stage)
             else:
                 records = read_video_list(self.root / self.lists[stage], self.root, self.num_classes)
+                records = self.existing(records, self.root / self.lists[stage], stage)
         except AnnotationError as err:
+            if not self.root.is_dir():
+                raise AnnotationError(self.missing_root_message()) from None
             if self.download_hint and not (self.root / self.lists[stage]).is_file():
                 raise AnnotationError(f"{err}\n{self.download_hint}") from None
             raise
@@ -243,6 +258,36 @@ class VideoClassificationDataModule(VideoDataModule):
             decode_threads=self.decode_threads,
             static_clips=self.static_clips and train,
         )
+
+    def missing_root_message(self) -> str:
+        hint = f"\n{self.download_hint}" if self.download_hint else ""
+        return (
+            f"data root {self.root} does not exist: set data.init_args.root to the folder holding the videos and "
+            f"the lists{hint}"
+        )
+
+    def existing(self, records: list[VideoRecord], list_file: Path, stage: str) -> list[VideoRecord]:
+        """Check at setup that every listed video exists: under ``error`` one error naming the missing files,
+        under ``skip`` they are dropped, counted once (on rank 0; the report sums over ranks) and logged."""
+        missing = [r.path for r in records if not Path(r.path).is_file()]
+        if not missing:
+            return records
+        message = (
+            f"{len(missing)} of {len(records)} videos listed in {list_file} do not exist "
+            f"(first: {', '.join(missing[:3])})"
+        )
+        if self.bad_video == "error" or len(missing) == len(records):
+            raise AnnotationError(
+                f"{message}. Fix the paths in the list or data.init_args.root, or set data.init_args.bad_video: "
+                "skip to use the videos present"
+            )
+        log.warning("%s; skipped under bad_video: skip", message)
+        if str(list_file) not in self._missing_counted and (self.trainer is None or self.trainer.global_rank == 0):
+            self._missing_counted.add(str(list_file))
+            self.skip_counts["missing"] += len(missing)
+            self.skipped_files.update(missing)
+        gone = set(missing)
+        return [r for r in records if r.path not in gone]
 
     def activitynet_records(self, stage: str) -> list[VideoRecord]:
         json_file, subset = self.root / self.lists[stage], self.subsets[stage]

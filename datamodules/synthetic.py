@@ -68,6 +68,8 @@ KINDS: tuple[str, ...] = ("classification", "spatiotemporal", "temporal")
 DECORD_UNSAFE_WIDTHS: frozenset[int] = frozenset({8, 12, 16, 24, 48, 72})
 
 MARKER_NAME = ".complete"
+#: Present while the generator writes a folder (so an interrupted write may be resumed over).
+WRITING_NAME = ".writing"
 # Bumped whenever the rendered content changes, so stale datasets are regenerated rather than reused.
 FORMAT_VERSION = 2
 
@@ -164,7 +166,16 @@ def _lines(rows: list[str]) -> str:
 
 
 def _begin(root: Path) -> None:
+    """Claim ``root`` for writing: refused when it holds anything this generator did not write."""
     root.mkdir(parents=True, exist_ok=True)
+    ours = (root / MARKER_NAME).exists() or (root / WRITING_NAME).exists()
+    if not ours and any(root.iterdir()):
+        raise FileExistsError(
+            f"{root} holds files the synthetic data generator did not write; refusing to write synthetic videos "
+            "over them. Point data.init_args.root at an empty folder (or one written by the generator), or set "
+            "data.init_args.synthetic: false to use the data that is there"
+        )
+    (root / WRITING_NAME).touch()
     # Removing the marker first means an interrupted regeneration is reported as incomplete.
     (root / MARKER_NAME).unlink(missing_ok=True)
 
@@ -172,6 +183,7 @@ def _begin(root: Path) -> None:
 def _finish(root: Path, kind: str, params: dict[str, Any]) -> None:
     record = {"kind": kind, "format_version": FORMAT_VERSION, **params}
     _write_text_atomic(root / MARKER_NAME, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    (root / WRITING_NAME).unlink(missing_ok=True)
 
 
 def is_complete(root: str | Path, kind: str | None = "classification", **expected: Any) -> bool:

@@ -7,6 +7,7 @@ counted skip according to their ``bad_video`` policy.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class Video:
     def __init__(self, path: str | Path, num_threads: int = 1):
         import decord
 
+        decord.logging.set_level(decord.logging.QUIET)  # reasons are reported once per file by the data module
         self.path = Path(path)
         if not self.path.is_file():
             raise VideoDecodeError(path, "missing", "file not found")
@@ -93,8 +95,24 @@ class Video:
         return self.get_frames(self.frame_indices_at(times))
 
 
+#: Files this process already found unusable, by (path, size, mtime): not reopened (the decoder's own
+#: complaint would be printed again on every access), the same error is raised at once.
+_KNOWN_BAD: dict[tuple[str, int, int], VideoDecodeError] = {}
+
+
 def open_video(path: str | Path, num_threads: int = 1) -> Video:
-    return Video(path, num_threads)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return Video(path, num_threads)  # raises "missing"
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _KNOWN_BAD:
+        raise _KNOWN_BAD[key]
+    try:
+        return Video(path, num_threads)
+    except VideoDecodeError as err:
+        _KNOWN_BAD[key] = err
+        raise
 
 
 def _first_line(err: Exception) -> str:

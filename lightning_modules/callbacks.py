@@ -5,29 +5,78 @@ from __future__ import annotations
 import time
 
 import lightning as L
-import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
+
+from datamodules.base import BadVideoError
 
 
 class BadVideoReport(L.Callback):
-    """Logs, at the end of every epoch, how many samples the data module skipped as bad videos and why."""
+    """Counts, per stage and epoch, the samples skipped as bad videos: each skipped sample once over all DDP ranks
+    (padding repeats included once), logged as ``<stage>/skipped_videos`` with the reasons printed; the sanity
+    check is counted apart and not logged. When every sample of a split was skipped the run stops with an error
+    saying so, instead of failing later on a metric that was never computed."""
+
+    _SPLIT = {"train": "training", "val": "validation", "test": "test", "predict": "predict"}
+
+    @staticmethod
+    def _eval_stage(trainer: L.Trainer) -> str:
+        return "sanity" if trainer.sanity_checking else "val"
+
+    def _start(self, trainer: L.Trainer, stage: str) -> None:
+        if hasattr(trainer.datamodule, "start_epoch"):
+            trainer.datamodule.start_epoch(stage)
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "skip_counts"):
+        if dm is None or not hasattr(dm, "epoch_skips"):
             return
-        total = torch.tensor(float(sum(dm.skip_counts.values())), device=pl_module.device)
-        total = trainer.strategy.reduce(total, reduce_op="sum")
-        pl_module.log(f"{stage}/skipped_videos", total, rank_zero_only=True)
-        if total > 0:
-            rank_zero_info(f"[{stage}] bad input policy '{dm.bad_video}': {dm.skip_summary()} (this rank)")
+        skips, samples = dm.epoch_skips(stage), dm.epoch_samples(stage)
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            gathered: list = [None] * trainer.world_size
+            dist.all_gather_object(gathered, (skips, samples))
+            skips = {i: s for rank_skips, _ in gathered for i, s in rank_skips.items()}
+            samples = sum(n for _, n in gathered)
+        if stage in ("train", "val", "test"):
+            pl_module.log(f"{stage}/skipped_videos", float(len(skips)), rank_zero_only=True)
+        if skips:
+            rank_zero_info(f"[{stage}] bad input policy '{dm.bad_video}': {dm.skip_summary(skips)}")
+        if skips and samples == 0 and stage != "sanity":
+            files = sorted({path for path, _ in skips.values()})
+            raise BadVideoError(
+                f"every {self._SPLIT[stage]} video was skipped as bad ({dm.skip_summary(skips)}; first: "
+                f"{', '.join(files[:3])}): nothing is left to {'train on' if stage == 'train' else 'evaluate'}. "
+                "Fix or replace the files, or point the data module at the right folder and lists"
+            )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        if getattr(dm, "skip_counts", None):
+            rank_zero_info(f"dropped at setup under bad_video '{dm.bad_video}': {dict(dm.skip_counts)}")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, "train")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(trainer, pl_module, "train")
 
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, self._eval_stage(trainer))
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._report(trainer, pl_module, "val")
+        self._report(trainer, pl_module, self._eval_stage(trainer))
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, "test")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, pl_module, "test")
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(trainer, "predict")
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, pl_module, "predict")
 
 
 class FitSummary(L.Callback):

@@ -104,10 +104,7 @@ class VideoClassifier(VideoTask):
         if batch["batch_size"] == 0:
             return
         scores = self.video_scores(batch["video"], prefix)
-        metric.update(scores, batch["label"], batch["index"])
-        if not self.multilabel:
-            nll = F.nll_loss(scores.clamp_min(1e-8).log(), batch["label"])
-            self.log(f"{prefix}/loss", nll, batch_size=batch["batch_size"], sync_dist=True)
+        metric.update(scores, batch["label"], batch["index"])  # also gives <prefix>/loss, each video once
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.val_scores, "val")

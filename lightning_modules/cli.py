@@ -2,12 +2,57 @@
 
 ``LightningCLI`` in subclass mode: the recipe names the task (``model.class_path``) and the data module
 (``data.class_path``); ``--print_config`` shows every knob; several ``--config`` files stack, the last winning.
+
+Each run gets one directory, ``<trainer.default_root_dir>/<run id>/`` (see ``lightning_modules.runs``): the
+CLI points the loggers, the checkpoints, Lightning's HPC checkpoints and the saved config there, and ``fit``
+resumes from the run's newest checkpoint when the run id already exists (``--resume auto``, the default).
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
 import lightning as L
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lightning_modules.runs import (
+    RUN_ID_ENV,
+    SIGTERM_EXIT,
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    RunCSVLogger,
+    RunDirectory,
+    RunState,
+    resolve_run_id,
+)
+
+
+def _class_of(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _as_list(value: Any) -> list:
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Saves the whole recipe as run (model, data, trainer) to the run directory and into the W&B run config."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger):
+                lg.experiment.config.update(self.config.as_dict(), allow_val_change=True)
 
 
 class VideoCLI(LightningCLI):
@@ -15,16 +60,92 @@ class VideoCLI(LightningCLI):
         # The number of classes and single- vs multi-label targets travel from the data to the model.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.multilabel", "model.init_args.multilabel", apply_on="instantiate")
+        parser.add_argument(
+            "--run_id", type=Optional[str], default=None,
+            help="Run directory name under trainer.default_root_dir; default: the SLURM job id, else a new time "
+            "stamp. Re-running fit with an existing run id resumes it.",
+        )  # fmt: skip
+        parser.add_argument(
+            "--resume", type=Literal["auto", "never"], default="auto",
+            help="fit with an existing run id: 'auto' continues from its newest checkpoint (last.ckpt or an HPC "
+            "checkpoint); 'never' refuses to reuse the directory.",
+        )  # fmt: skip
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        root = cfg.trainer.default_root_dir
+        if root is None:
+            configs = cfg.get("config") or []
+            root = f"runs/{Path(str(configs[-1])).stem}" if configs else "runs/default"
+        self.run = RunDirectory(Path(root), resolve_run_id(cfg.run_id))
+        cfg.run_id = self.run.run_id
+        os.environ[RUN_ID_ENV] = self.run.run_id  # DDP ranks started by this process inherit it
+        cfg.trainer.default_root_dir = str(self.run.path)
+        self._place_loggers(cfg)
+        self._place_checkpoints(cfg)
+        if self.subcommand != "fit":
+            # A validate/test/predict run sharing a fit's run id keeps the fit's config.yaml.
+            self.save_config_kwargs["config_filename"] = f"config_{self.subcommand}.yaml"
+            return
+        if cfg.ckpt_path is None:
+            previous = self.run.resume_checkpoint()
+            if previous is not None and cfg.resume == "never":
+                raise FileExistsError(
+                    f"run directory {self.run.path} already holds {previous}: pass --resume auto to continue it, "
+                    "or a new --run_id"
+                )
+            if previous is not None:
+                cfg.ckpt_path = str(previous)
+                rank_zero_info(f"resuming run {self.run.run_id} from {previous}")
+        if cfg.trainer.enable_checkpointing is not False:
+            self.trainer_defaults["callbacks"] = [LastCheckpoint(self.run.checkpoints), RunState(self.run.checkpoints)]
+
+    def _place_loggers(self, cfg: Namespace) -> None:
+        loggers = _as_list(cfg.trainer.logger)
+        for i, lg in enumerate(loggers):
+            cls = _class_of(lg.class_path)
+            if issubclass(cls, CSVLogger) and not issubclass(cls, RunCSVLogger):
+                loggers[i] = lg = Namespace(class_path=f"{RunCSVLogger.__module__}.RunCSVLogger", init_args=Namespace())
+                cls = RunCSVLogger
+            if issubclass(cls, (RunCSVLogger, WandbLogger)):
+                lg.init_args.save_dir = str(self.run.path)
+            if issubclass(cls, WandbLogger):
+                lg.init_args.id = self.run.run_id
+        if loggers:
+            cfg.trainer.logger = loggers if isinstance(cfg.trainer.logger, list) else loggers[0]
+
+    def _place_checkpoints(self, cfg: Namespace) -> None:
+        for cb in _as_list(cfg.trainer.callbacks):
+            if issubclass(_class_of(cb.class_path), ModelCheckpoint):
+                if cb.init_args.get("dirpath") is None:
+                    cb.init_args.dirpath = str(self.run.checkpoints)
+                if self.subcommand == "fit" and cb.init_args.get("save_last"):
+                    cb.init_args.save_last = False  # LastCheckpoint writes last.ckpt every epoch instead
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def main(args: list[str] | None = None, run: bool = True) -> VideoCLI:
-    return VideoCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,  # each task owns its optimiser and schedule, as typed arguments
-        args=args,
-        run=run,
-    )
+    launching = RUN_ID_ENV not in os.environ  # the process that starts DDP ranks, not one of them
+    try:
+        return VideoCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=RunConfigCallback,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,  # each task owns its optimiser and schedule, as typed arguments
+            args=args,
+            run=run,
+        )
+    except SIGTERMException:
+        # Lightning ends a SIGTERM-stopped fit with status 0; the checkpoint is saved, report the interruption.
+        raise SystemExit(SIGTERM_EXIT) from None
+    finally:
+        if launching:
+            os.environ.pop(RUN_ID_ENV, None)

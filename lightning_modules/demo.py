@@ -34,7 +34,7 @@ def fit(recipe: Path, name: str, extra: Sequence[str]) -> tuple[RunResult, str, 
         raise RuntimeError(
             f"{recipe.name}: fit ended without validation figures; check max_epochs / val settings"
         )
-    last = cli.trainer.checkpoint_callback.last_model_path if cli.trainer.checkpoint_callback else ""
+    last = next((c.last_model_path for c in cli.trainer.checkpoint_callbacks if c.last_model_path), "")
     result = RunResult(name, float(metrics["val/top1"]), float(metrics["val/gflops"]))
     return result, last, Path(cli.datamodule.root)
 

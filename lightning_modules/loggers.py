@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import netrc
 import os
-import time
-from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
+
+from lightning_modules.runs import resolve_run_id
 
 
 def wandb_key_configured() -> bool:
@@ -21,20 +21,13 @@ def wandb_key_configured() -> bool:
         return False
 
 
-def run_id() -> str:
-    """Stable across a SLURM requeue (the job id), unique otherwise."""
-    if "SLURM_JOB_ID" in os.environ:
-        array = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return os.environ["SLURM_JOB_ID"] + (f"_{array}" if array else "")
-    return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
-
-
 class AutoWandbLogger(WandbLogger):
-    """``WandbLogger`` that goes offline when no API key is configured and writes each run to its own directory.
+    """``WandbLogger`` that goes offline when no API key is configured and is off under ``WANDB_MODE=disabled``.
 
-    ``offline=None`` decides by the presence of a key (``WANDB_MODE`` still wins); the run directory is
-    ``save_dir/<run id>``, the id being the SLURM job id when there is one, so a requeued job resumes the same run.
-    Offline runs upload later with ``wandb sync <save_dir>/<run id>/wandb/offline-run-*``.
+    ``offline=None`` decides by the presence of a key (``WANDB_MODE`` still wins). The CLI sets ``save_dir`` to
+    the run directory and ``id`` to the run id (the SLURM job id on a cluster), so a resumed or requeued run
+    continues the same W&B run; its files go to ``<save_dir>/wandb`` (``wandb sync <save_dir>/wandb/offline-run-*``
+    uploads an offline run later).
     """
 
     def __init__(
@@ -46,14 +39,17 @@ class AutoWandbLogger(WandbLogger):
         log_model: bool = False,
         group: str | None = None,
         tags: list[str] | None = None,
+        id: str | None = None,
         **kwargs: Any,
     ):
-        rid = kwargs.pop("id", None) or run_id()
-        run_dir = Path(save_dir) / rid
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if offline is None:
+        os.makedirs(save_dir, exist_ok=True)
+        if os.environ.get("WANDB_MODE") == "disabled":
+            # Lightning turns offline=True into WANDB_MODE=dryrun, which would write an offline run anyway.
+            offline = False
+            kwargs["mode"] = "disabled"
+        elif offline is None:
             offline = not wandb_key_configured()
         super().__init__(
-            name=name, save_dir=str(run_dir), project=project, offline=offline, log_model=log_model, id=rid,
-            group=group, tags=tags, resume="allow", **kwargs,
+            name=name, save_dir=save_dir, project=project, offline=offline, log_model=log_model,
+            id=id or resolve_run_id(None), group=group, tags=tags, resume="allow", **kwargs,
         )  # fmt: skip

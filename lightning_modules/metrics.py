@@ -22,7 +22,8 @@ def first_occurrences(ids: Tensor) -> Tensor:
 
 
 class VideoClassificationScores(Metric):
-    """Top-k accuracy (micro, i.e. over samples) over de-duplicated per-video scores; for multi-label targets
+    """Top-k accuracy (micro, i.e. over samples) and the loss (NLL of the scores, which are probabilities) over
+    de-duplicated per-video scores; for multi-label targets
     mAP (mean over the classes that have a positive sample, as the ActivityNet evaluation) and top-k hit rate (a
     true label among the k best scores).
 
@@ -72,4 +73,6 @@ class VideoClassificationScores(Metric):
                 out[f"top{k}"] = multiclass_accuracy(
                     scores, targets.long(), num_classes=self.num_classes, top_k=k, average="micro"
                 )
+            # Negative log-likelihood of the view-averaged probabilities, over the same de-duplicated samples.
+            out["loss"] = -scores.gather(1, targets.long()[:, None]).clamp_min(1e-8).log().mean()
         return out

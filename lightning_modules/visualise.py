@@ -176,18 +176,24 @@ class RunResult:
 def read_run_result(
     run: str | Path, accuracy_key: str = "val/top1", gflops_key: str = "val/gflops"
 ) -> RunResult:
-    """The last validation row of a run's CSV log (``metrics.csv``, newest version under ``run``) that has both
-    keys. ``run`` is a metrics.csv file or a directory containing one."""
+    """The last row with both keys of a run's CSV log. ``run`` is a ``metrics.csv`` file, a run directory
+    (``runs/<recipe>/<run id>``) or a recipe directory holding several runs, of which the newest that has such a
+    row is taken (a later ``test`` run, whose log has no validation rows, is passed over). The point is named
+    ``<recipe>/<run id>``, the two folders above the CSV file."""
     run = Path(run)
     files = [run] if run.is_file() else sorted(run.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     if not files:
         raise FileNotFoundError(f"no metrics.csv under {run}: run with a CSVLogger (every recipe has one)")
-    with files[-1].open() as f:
-        rows = [r for r in csv.DictReader(f) if r.get(accuracy_key) and r.get(gflops_key)]
-    if not rows:
-        raise ValueError(f"{files[-1]} has no row with both {accuracy_key} and {gflops_key}: validate first")
-    name = run.parent.name if run.is_file() else run.name
-    return RunResult(name, float(rows[-1][accuracy_key]), float(rows[-1][gflops_key]))
+    for csv_file in reversed(files):
+        with csv_file.open() as f:
+            rows = [r for r in csv.DictReader(f) if r.get(accuracy_key) and r.get(gflops_key)]
+        if rows:
+            name = f"{csv_file.parent.parent.name}/{csv_file.parent.name}"
+            return RunResult(name, float(rows[-1][accuracy_key]), float(rows[-1][gflops_key]))
+    raise ValueError(
+        f"no metrics.csv under {run} has a row with both {accuracy_key} and {gflops_key} "
+        f"({len(files)} looked at): run validate (or fit) with this run's recipe first"
+    )
 
 
 def plot_accuracy_vs_gflops(

@@ -11,6 +11,6 @@ def quick_overrides(run_dir: Path, data_root: Path, batch_size: int = 4) -> list
     return [
         f"--data.init_args.root={data_root}", "--data.init_args.synthetic=false",
         "--data.init_args.num_workers=0", f"--data.init_args.batch_size={batch_size}",
-        f"--trainer.default_root_dir={run_dir}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.default_root_dir={run_dir}", "--trainer.logger=lightning_modules.runs.RunCSVLogger",
         f"--trainer.logger.init_args.save_dir={run_dir}",
     ]  # fmt: skip

@@ -108,7 +108,7 @@ def test_fit_then_resume_then_validate(tmp_path, synthetic_classification):
     assert cli.trainer.current_epoch == 1 and cli.trainer.global_step == 2
     (last,) = tmp_path.rglob("last.ckpt")
     state = torch.load(last, map_location="cpu", weights_only=False)
-    assert state["epoch"] == 0 and state["global_step"] == 2
+    assert state["global_step"] == 2
     resumed = main(
         [
             "fit",
@@ -127,31 +127,12 @@ def test_fit_then_resume_then_validate(tmp_path, synthetic_classification):
     assert abs(float(metrics["val/gflops"]) - macs / 1e9) < 1e-6
 
 
-def test_wandb_offline_runs_get_their_own_directories(tmp_path, synthetic_classification, monkeypatch):
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no key configured
-    logger = [
-        "--trainer.logger=lightning_modules.loggers.AutoWandbLogger",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'wandb'}",
-    ]
-    for _ in range(2):
-        args = quick_args(tmp_path, synthetic_classification, "--trainer.max_epochs=1")
-        args = [a for a in args if not a.startswith("--trainer.logger")] + logger
-        cli = main(["fit", *args])
-        assert cli.trainer.logger.experiment.settings.mode in (
-            "offline",
-            "dryrun",
-        )  # dryrun: offline, internally
-        cli.trainer.logger.experiment.finish()
-    runs = sorted((tmp_path / "wandb").iterdir())
-    assert len(runs) == 2  # two runs, two directories: config.yaml and wandb files never clash
-    for run in runs:
-        assert list(run.rglob("offline-run-*")), f"no offline W&B files in {run}"
-        assert (run / "config.yaml").is_file() or list(run.rglob("config.yaml"))
-
-
 def test_cli_errors_name_the_missing_list(tmp_path):
     with pytest.raises(Exception, match=r"not found.*one video per line"):
-        main(["fit", *quick_args(tmp_path, tmp_path / "nowhere", "--trainer.max_epochs=1"),
+        main(["fit", *quick_args(tmp_path, tmp_path, "--trainer.max_epochs=1"),
               "--data.init_args.num_classes=8"])  # fmt: skip
+
+
+def test_missing_data_root_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data root .*nowhere does not exist: set data.init_args.root"):
+        main(["fit", *quick_args(tmp_path, tmp_path / "nowhere", "--trainer.max_epochs=1")])

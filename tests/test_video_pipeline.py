@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +153,7 @@ def test_bad_video_skip_policy_counts_and_keeps_good_samples(bad_videos):
     batch = collate_clips([ds[i] for i in range(len(ds))])
     assert batch["batch_size"] == 2 and batch["video"].shape == (2, 3, 8, 32, 32)
     assert batch["index"].tolist() == [0, 6]
-    assert sorted(kind for _, kind, _ in batch["skipped"]) == [
+    assert sorted(kind for _, kind, _, _ in batch["skipped"]) == [
         "corrupt",
         "corrupt",
         "empty",
@@ -162,8 +163,15 @@ def test_bad_video_skip_policy_counts_and_keeps_good_samples(bad_videos):
     dm = VideoClassificationDataModule(root=".", num_classes=2, bad_video="skip")
     out = dm.on_after_batch_transfer(batch, 0)
     assert out["video"].dtype == torch.float32
-    assert dm.skip_counts == {"corrupt": 2, "empty": 1, "missing": 1, "too_short": 1}
-    assert "5 samples skipped (5 distinct files)" in dm.skip_summary()
+    skips = dm.epoch_skips("train")  # no trainer: recorded as training skips
+    assert sorted(skips) == [1, 2, 3, 4, 5]
+    assert Counter(kind for _, kind in skips.values()) == {"corrupt": 2, "empty": 1, "missing": 1, "too_short": 1}
+    assert "5 samples skipped (5 distinct files)" in dm.skip_summary(skips)
+    # The same samples again (a DDP padding repeat, or a later batch of the epoch) are not counted twice.
+    dm.on_after_batch_transfer(collate_clips([ds[i] for i in range(len(ds))]), 0)
+    assert len(dm.epoch_skips("train")) == 5 and dm.epoch_samples("train") == 4
+    dm.start_epoch("train")
+    assert dm.epoch_skips("train") == {} and dm.epoch_samples("train") == 0
 
 
 def test_all_bad_batch_is_empty_not_a_crash(bad_videos):

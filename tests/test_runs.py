@@ -1,0 +1,257 @@
+"""Runs that survive: run directories, fresh last.ckpt, resume after SIGKILL and SIGTERM, workers that die with
+their trainer, W&B off when disabled, per-stage skip counts, and clear errors for unusable data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from datamodules.classification import VideoClassificationDataModule
+from datamodules.kinetics_list import AnnotationError
+from lightning_modules.cli import main
+from lightning_modules.runs import SIGTERM_EXIT
+from lightning_modules.visualise import read_run_result
+from tests.quick import quick_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart" / "synthetic_dense_vit.yaml"
+#: 3 epochs of 3 optimiser steps, validation every epoch on 2 batches.
+SHORT = [
+    "--trainer.max_epochs=3", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
+    "--trainer.check_val_every_n_epoch=1", "--trainer.log_every_n_steps=1",
+]  # fmt: skip
+
+
+def args(run_root: Path, data: Path, *extra: str) -> list[str]:
+    return ["--config", str(QUICKSTART), *quick_overrides(run_root, data), *SHORT, *extra]
+
+
+def fit_subprocess(run_root: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``python -m lightning_modules fit`` in its own process; its output goes to a file, not a pipe, so processes
+    it leaves behind cannot keep the call waiting."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
+    env.pop("EVT_RUN_ID", None)
+    log_file = run_root / "fit.log"
+    with log_file.open("w") as out:
+        done = subprocess.run(
+            [sys.executable, "-m", "lightning_modules", "fit", *args(run_root, data, *extra)],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600,
+        )  # fmt: skip
+    done.stderr = log_file.read_text()
+    return done
+
+
+def ckpt_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def best_record(cli) -> tuple[float, str, dict[str, float]]:
+    ckpt = cli.trainer.checkpoint_callback
+    return (
+        float(ckpt.best_model_score),
+        Path(ckpt.best_model_path).name,
+        {Path(k).name: float(v) for k, v in ckpt.best_k_models.items()},
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, synthetic_classification):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    cli = main(["fit", *args(root, synthetic_classification, "--run_id=ref")])
+    return cli.trainer.global_step, best_record(cli)
+
+
+def test_run_directory_layout(tmp_path, synthetic_classification):
+    cli = main(["fit", *args(tmp_path, synthetic_classification, "--run_id=one", "--trainer.max_epochs=1")])
+    run = tmp_path / "one"
+    assert cli.trainer.default_root_dir == str(run)
+    assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in names and any(n.startswith("epoch000") for n in names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one"]  # nothing written beside the run directory
+
+
+def test_last_checkpoint_is_written_every_epoch_whatever_the_validation(tmp_path, synthetic_classification):
+    main(["fit", *args(tmp_path, synthetic_classification, "--run_id=r", "--trainer.check_val_every_n_epoch=5",
+                       "--trainer.max_epochs=2")])  # fmt: skip
+    # No validation ran (every 5 epochs), yet last.ckpt holds the end of the second epoch.
+    assert ckpt_state(tmp_path / "r" / "checkpoints" / "last.ckpt")["global_step"] == 6
+
+
+def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(
+    tmp_path, synthetic_classification, uninterrupted
+):
+    killed = fit_subprocess(tmp_path, synthetic_classification, "--run_id=k",
+                            "--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.step=5")  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    last = tmp_path / "k" / "checkpoints" / "last.ckpt"
+    assert ckpt_state(last)["global_step"] == 3  # killed in the second epoch: the first epoch's end is kept
+    resumed = main(["fit", *args(tmp_path, synthetic_classification, "--run_id=k")])
+    steps, record = uninterrupted
+    assert resumed.trainer.global_step == steps == 9
+    assert best_record(resumed) == record  # same scores, same files: the first part's best is remembered
+    with (tmp_path / "k" / "metrics.csv").open() as f:
+        val_steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("val/top1")]
+    assert val_steps == [2, 5, 8]  # one validation row per epoch: the lost part's rows were dropped
+
+
+def test_sigterm_saves_and_exits_nonzero_then_resumes(tmp_path, synthetic_classification, uninterrupted):
+    stopped = fit_subprocess(tmp_path, synthetic_classification, "--run_id=t",
+                             "--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.step=4",
+                             "--trainer.callbacks.sig=SIGTERM")  # fmt: skip
+    assert stopped.returncode == SIGTERM_EXIT, stopped.stderr[-2000:]
+    saved = ckpt_state(tmp_path / "t" / "checkpoints" / "last.ckpt")["global_step"]
+    assert 4 <= saved <= 5  # saved mid-epoch, where it stopped
+    resumed = main(["fit", *args(tmp_path, synthetic_classification, "--run_id=t")])
+    assert resumed.trainer.global_step == uninterrupted[0]
+
+
+def test_loader_workers_die_with_a_killed_trainer(tmp_path, synthetic_classification):
+    pids_file = tmp_path / "children.json"
+    killed = fit_subprocess(tmp_path, synthetic_classification, "--run_id=w", "--data.init_args.num_workers=2",
+                            "--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.step=2",
+                            f"--trainer.callbacks.pids_file={pids_file}")  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    children = json.loads(pids_file.read_text())
+    assert len(children) >= 2  # the fork server and the workers (and the resource tracker)
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 15
+    while any(alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [p for p in children if alive(p)], "processes left behind by a SIGKILLed trainer"
+
+
+def test_wandb_disabled_writes_nothing(tmp_path, synthetic_classification, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cli = main(["fit", *args(tmp_path, synthetic_classification, "--run_id=d", "--trainer.max_epochs=1",
+                             "--trainer.logger+=lightning_modules.loggers.AutoWandbLogger")])  # fmt: skip
+    # W&B fixes its mode for the whole process: end this session so later tests can run offline.
+    cli.trainer.loggers[-1].experiment.finish()
+    wandb.teardown()
+    assert not list(tmp_path.rglob("wandb")) and not list(tmp_path.rglob("*.wandb"))
+
+
+def wandb_records(log_file: Path) -> list:
+    """The protobuf records of an offline W&B run file: a LevelDB-style log of 32 KiB blocks, each record
+    split into chunks with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending, records = log_file.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block  # the rest of a block too short for a header is padding
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def test_wandb_offline_run_holds_the_whole_recipe_and_metrics(tmp_path, synthetic_classification, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cli = main(["fit", *args(tmp_path, synthetic_classification, "--run_id=w1", "--trainer.max_epochs=1",
+                             "--trainer.logger+=lightning_modules.loggers.AutoWandbLogger")])  # fmt: skip
+    cli.trainer.loggers[-1].experiment.finish()
+    (log_file,) = (tmp_path / "w1" / "wandb").glob("offline-run-*/run-w1.wandb")
+    config, history = {}, set()
+    for record in wandb_records(log_file):
+        if record.HasField("config"):
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+        if record.HasField("history"):
+            history.update(item.key or "/".join(item.nested_key) for item in record.history.item)
+    assert {"model", "data", "trainer"} <= set(config)  # the whole recipe, not only the task's arguments
+    assert config["model"]["init_args"]["backbone"]["init_args"]["embed_dim"] == 128
+    assert config["trainer"]["default_root_dir"] == str(tmp_path / "w1") and config["run_id"] == "w1"
+    assert {"val/top1", "val/gflops", "train/loss"} <= history
+
+
+def write_list_with_bad_videos(root: Path, data: Path, name: str, good: int, bad: int) -> None:
+    lines = (data / "val.txt").read_text().splitlines()[:good]
+    for i in range(bad):
+        (root / f"bad_{name}_{i}.mp4").write_bytes(b"\0" * 4096)  # exists, but holds no video
+        lines.append(f"{root / f'bad_{name}_{i}.mp4'} 0")
+    (root / f"{name}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_skip_counts_per_stage_and_epoch(tmp_path, synthetic_classification):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for stage in ("train", "val"):
+        write_list_with_bad_videos(lists, synthetic_classification, stage, good=5, bad=3)
+    cli = main(["fit", *args(tmp_path, synthetic_classification, "--run_id=s", "--trainer.max_epochs=2",
+                             "--trainer.limit_train_batches=null", "--trainer.limit_val_batches=null",
+                             "--data.init_args.bad_video=skip", f"--data.init_args.train_list={lists / 'train.txt'}",
+                             f"--data.init_args.val_list={lists / 'val.txt'}")])  # fmt: skip
+    with (tmp_path / "s" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    train = [float(r["train/skipped_videos"]) for r in rows if r.get("train/skipped_videos")]
+    val = [float(r["val/skipped_videos"]) for r in rows if r.get("val/skipped_videos")]
+    # 8 videos per list, batch 4, drop_last: the 3 bad ones all fall in training batches, each epoch anew.
+    assert train == [3.0, 3.0] and val == [3.0, 3.0]  # per epoch, not cumulative; the sanity check apart
+    assert cli.trainer.callback_metrics["val/num_samples"] == 5
+
+
+def test_every_video_skipped_says_so(tmp_path, synthetic_classification):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    write_list_with_bad_videos(lists, synthetic_classification, "val", good=0, bad=2)
+    with pytest.raises(Exception, match=r"every validation video was skipped as bad \(2 samples skipped"):
+        main(["fit", *args(tmp_path, synthetic_classification, "--run_id=a", "--trainer.max_epochs=1",
+                           "--data.init_args.bad_video=skip", f"--data.init_args.val_list={lists / 'val.txt'}",
+                           "--trainer.num_sanity_val_steps=0")])  # fmt: skip
+
+
+def test_missing_listed_videos_are_found_at_setup(tmp_path, synthetic_classification):
+    listed = (synthetic_classification / "val.txt").read_text().splitlines()
+    (tmp_path / "val.txt").write_text("\n".join(listed + ["gone/a.mp4 1", "gone/b.mp4 2"]) + "\n")
+    common = dict(root=str(synthetic_classification), val_list=str(tmp_path / "val.txt"), num_workers=0)
+    with pytest.raises(AnnotationError, match=r"2 of 10 videos listed in .*val.txt do not exist \(first: .*gone/a"):
+        VideoClassificationDataModule(**common).build_dataset("val")
+    dm = VideoClassificationDataModule(**common, bad_video="skip")
+    assert len(dm.build_dataset("val")) == 8 and dm.skip_counts["missing"] == 2
+
+
+def test_synthetic_data_never_written_over_foreign_files(tmp_path):
+    (tmp_path / "my_videos").mkdir()
+    precious = tmp_path / "my_videos" / "train.txt"
+    precious.write_text("real data\n")
+    dm = VideoClassificationDataModule(root=str(tmp_path / "my_videos"), synthetic=True, num_workers=0)
+    with pytest.raises(FileExistsError, match="did not write; refusing"):
+        dm.prepare_data()
+    assert precious.read_text() == "real data\n" and sorted(p.name for p in precious.parent.iterdir()) == ["train.txt"]
+
+
+def test_accuracy_plot_reads_the_validation_run_not_the_newest_file(tmp_path):
+    fit_dir, test_dir = tmp_path / "recipe" / "fit1", tmp_path / "recipe" / "test2"
+    for d, header, row in ((fit_dir, "step,val/gflops,val/top1", "9,0.5,0.75"), (test_dir, "step,test/top1", "0,0.7")):
+        d.mkdir(parents=True)
+        (d / "metrics.csv").write_text(f"{header}\n{row}\n")
+    os.utime(fit_dir / "metrics.csv", (time.time() - 60, time.time() - 60))  # the test run is newer
+    result = read_run_result(tmp_path / "recipe")
+    assert (result.name, result.accuracy, result.gflops) == ("recipe/fit1", 0.75, 0.5)
+    assert read_run_result(fit_dir / "metrics.csv").name == "recipe/fit1"
