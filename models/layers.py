@@ -90,7 +90,11 @@ class Attention(nn.Module):
         self, x: Tensor, attn_mask: Tensor | None = None, need_weights: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """``x`` (B, N, C); ``attn_mask`` boolean, broadcastable to (B, heads, N, N), True where attention is allowed."""
-        qkv = F.linear(x, self.qkv.weight, self._qkv_bias())
+        # Through the module, not its weight, so that a wrapper on qkv (LoRA) takes part; VideoMAE's separate
+        # q/v biases are added afterwards.
+        qkv = self.qkv(x)
+        if self.q_bias is not None:
+            qkv = qkv + self._qkv_bias()
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         drop = self.attn_drop if self.training else 0.0
         if not need_weights:

@@ -1,0 +1,727 @@
+"""Temporal action detection data: THUMOS14 and ActivityNet-1.3 videos as fixed-length windows of frames.
+
+Annotations are ActivityNet / OpenTAD-style JSON (``{"database": {id: {"subset", "duration", "annotations":
+[{"label", "segment": [start_s, end_s]}]}}}``; ``frame`` and ``fps`` may be present and are not needed: frame
+rate and count come from the decoder) plus an optional class list (one label per line, line number = class id;
+without it the classes are the JSON's labels sorted by name).
+
+Two ways to make windows (``mode``), as AdaTAD in OpenTAD:
+
+- ``"sliding_window"`` (THUMOS14): a frame every ``frame_stride`` native frames. Training takes one random
+  crop of ``window_size`` sampled frames per video and epoch (``random_truncation``); evaluation covers the
+  whole video with windows ``window_overlap`` apart, the last one aligned to the end
+  (``sliding_window_starts``). A window longer than what is left of the video repeats its last frame, and
+  ``valid`` marks the real frames.
+- ``"resize"`` (ActivityNet-1.3): the whole video resampled uniformly to ``window_size`` frames, one window.
+
+Segments are in steps of the window: step ``k`` is at ``window_start + k * seconds_per_step`` seconds, so a
+window's segments lie in ``[0, window_size]``. In sliding-window mode frame ``k`` of the window is shown at
+exactly that time; in resize mode it is the frame shown in the middle of step ``k``, as in OpenTAD.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import RandomResizedCrop
+
+from datamodules import synthetic
+from datamodules.activitynet import VIDEO_EXTENSIONS, class_names_of, load_database
+from datamodules.base import (
+    BadVideoError,
+    BadVideoPolicy,
+    SampleKey,
+    VideoDataModule,
+    load_guarded,
+    open_checked,
+    seeded,
+    split_key,
+)
+from datamodules.kinetics_list import AnnotationError, read_class_names
+from datamodules.transforms import EvalClipTransform, to_tchw
+from datamodules.video_io import Video, VideoDecodeError, open_video
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Sampled frames decoded and transformed at a time, so a 768-frame window is never held at full resolution
+#: (a 768 x 4-frame THUMOS window at 320x180: about 0.3 GB peak with 32, 0.5 GB with 96).
+DECODE_CHUNK = 32
+#: OpenTAD's number of random crops tried before settling for one without a complete enough action.
+MAX_TRUNCATION_TRIALS = 200
+#: Fix proposed for every skippable problem.
+SKIP_FIX = "or set data.init_args.bad_video: skip to leave them out (they are counted and reported)"
+
+
+@dataclass(frozen=True, eq=False)
+class TemporalVideo:
+    """One video of a subset: its file, duration and action segments (seconds) with class indices."""
+
+    video_id: str
+    video_index: int  # position in the JSON database (``TemporalDetectionDataModule.video_ids``)
+    path: str
+    duration: float
+    segments: np.ndarray  # (n, 2) float64 seconds
+    labels: np.ndarray  # (n,) int64
+    num_frames: int | None = None  # set once the video has been opened
+
+
+def sliding_window_starts(num_steps: int, window_size: int, overlap: float) -> list[int]:
+    """First step of each window covering ``num_steps`` sampled frames.
+
+    Windows are ``int(window_size * (1 - overlap))`` steps apart (OpenTAD's window stride) and the last one
+    ends at the last frame; a video of at most one window gives the single window 0. No window is repeated.
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"window_overlap must be in [0, 1), got {overlap}")
+    stride = max(int(window_size * (1.0 - overlap)), 1)
+    last = max(num_steps - window_size, 0)
+    starts = list(range(0, last + 1, stride))
+    if starts[-1] != last:
+        starts.append(last)
+    return starts
+
+
+def crop_segments(segments: np.ndarray, start: float, length: float) -> tuple[np.ndarray, np.ndarray]:
+    """Segments (n, 2) clipped to ``[start, start + length]`` and shifted to it; the fraction of each kept."""
+    left = np.maximum(segments[:, 0], start)
+    right = np.minimum(segments[:, 1], start + length)
+    kept = np.clip(right - left, 0.0, None) / np.maximum(segments[:, 1] - segments[:, 0], 1e-6)
+    return np.stack([left, right], axis=1) - start, kept
+
+
+def random_truncation(
+    num_steps: int,
+    window_size: int,
+    segments: np.ndarray,
+    trunc_thresh: float,
+    crop_ratio: tuple[float, float] | None,
+    rng: np.random.Generator,
+) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """OpenTAD's training crop of ``num_steps`` sampled frames: ``(start, length, segments, keep)``.
+
+    A sequence longer than the window is cropped to ``window_size`` at a random start, redrawn (up to 200
+    times) until at least one segment keeps ``trunc_thresh`` of its length; one of at most a window is cropped
+    to a random ``crop_ratio`` of its length (not at all without ``crop_ratio``). Segments keeping at least
+    ``trunc_thresh`` are kept (all overlapping ones when nothing is cropped), clipped to the crop and shifted
+    to its start; ``keep`` marks them among the input segments.
+    """
+    length = min(num_steps, window_size)
+    if num_steps <= window_size and crop_ratio is not None:
+        lo = max(round(crop_ratio[0] * num_steps), 1)
+        length = int(rng.integers(lo, max(min(round(crop_ratio[1] * num_steps), num_steps), lo) + 1))
+    if length == num_steps:
+        cropped, kept = crop_segments(segments, 0, length)
+        keep = kept > 0
+        return 0, length, cropped[keep], keep
+    for _ in range(MAX_TRUNCATION_TRIALS):
+        start = int(rng.integers(0, num_steps - length + 1))
+        cropped, kept = crop_segments(segments, start, length)
+        keep = kept >= trunc_thresh
+        if keep.any():
+            break
+    return start, length, cropped[keep], keep
+
+
+class TemporalTrainTransform:
+    """AdaTAD's training augmentation, identical for every frame of a window, applied chunk by chunk.
+
+    Short side to ``short_side``, a random resized crop (area and aspect ranges of mmaction's
+    RandomResizedCrop) scaled to ``crop_size`` squared, horizontal flip, RandAugment (``randaugment_ops`` ops
+    at magnitude ``randaugment_magnitude`` of 10, as mmaction's ImgAug "default") and colour jitter
+    (brightness, contrast, saturation, hue). ``plan`` draws one window's parameters; the crop is mapped back
+    to the decoded frame, so each frame is interpolated once.
+    """
+
+    def __init__(
+        self,
+        crop_size: int = 160,
+        short_side: int = 182,
+        area_range: tuple[float, float] = (0.08, 1.0),
+        aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
+        flip: bool = True,
+        randaugment_ops: int = 2,
+        randaugment_magnitude: int = 9,
+        color_jitter: tuple[float, float, float, float] | None = (0.5, 0.5, 0.5, 0.1),
+    ):
+        self.crop_size = crop_size
+        self.short_side = short_side
+        self.area_range = list(area_range)
+        self.aspect_ratio_range = list(aspect_ratio_range)
+        self.flip = flip
+        self.randaugment = (
+            T.RandAugment(randaugment_ops, randaugment_magnitude, num_magnitude_bins=11)
+            if randaugment_ops > 0
+            else None
+        )
+        self.color_jitter = T.ColorJitter(*color_jitter) if color_jitter else None
+
+    def plan(self, height: int, width: int) -> tuple[int, int, int, int, bool, int]:
+        """(top, left, height, width) of the crop in the decoded frame, flip, and the photometric seed."""
+        scale = self.short_side / min(height, width)
+        resized = torch.empty(1, round(height * scale), round(width * scale))
+        top, left, h, w = RandomResizedCrop.get_params(resized, self.area_range, self.aspect_ratio_range)
+        top, left = min(int(top / scale), height - 1), min(int(left / scale), width - 1)
+        h, w = min(max(round(h / scale), 1), height - top), min(max(round(w / scale), 1), width - left)
+        flip = self.flip and bool(torch.rand(()) < 0.5)
+        return top, left, h, w, flip, int(torch.randint(0, 2**62, ()))
+
+    def __call__(self, frames: Tensor, plan: tuple[int, int, int, int, bool, int]) -> Tensor:
+        """(T, H, W, 3) uint8 -> (3, T, crop, crop) uint8."""
+        top, left, h, w, flip, seed = plan
+        clip = TF.resized_crop(to_tchw(frames), top, left, h, w, [self.crop_size] * 2, antialias=True)
+        if flip:
+            clip = clip.flip(-1)
+        if self.randaugment is not None or self.color_jitter is not None:
+            # The same seed for every chunk of a window makes RandAugment and the jitter draw the same ops.
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed(seed)
+                if self.randaugment is not None:
+                    clip = self.randaugment(clip)
+                if self.color_jitter is not None:
+                    clip = self.color_jitter(clip)
+        return clip.permute(1, 0, 2, 3).contiguous()
+
+
+class TemporalEvalTransform:
+    """Short side to ``short_side``, centre crop ``crop_size`` squared: (T, H, W, 3) -> (3, T, crop, crop)."""
+
+    def __init__(self, crop_size: int = 160, short_side: int = 160):
+        self.clip_transform = EvalClipTransform(crop_size, short_side, num_crops=1)
+
+    def plan(self, height: int, width: int) -> None:
+        return None
+
+    def __call__(self, frames: Tensor, plan: None = None) -> Tensor:
+        return self.clip_transform(frames)[0]
+
+
+class TemporalWindowDataset(Dataset):
+    """Windows of annotated videos: a random crop per video in training, the planned ``windows`` otherwise.
+
+    ``windows`` are ``(video position, first step)`` pairs (the step is ignored in training and resize mode).
+    Samples: ``video`` uint8 (3, window_size, crop, crop), ``segments`` float32 (n, 2) in window steps,
+    ``labels`` int64 (n,), ``valid`` bool (window_size,) true on real frames, ``index`` (the window),
+    ``video_index``, ``window_start`` and ``duration`` (seconds), ``seconds_per_step``.
+    """
+
+    def __init__(
+        self,
+        videos: Sequence[TemporalVideo],
+        windows: Sequence[tuple[int, int]],
+        transform: TemporalTrainTransform | TemporalEvalTransform,
+        mode: Literal["sliding_window", "resize"] = "sliding_window",
+        window_size: int = 768,
+        frame_stride: int = 4,
+        train: bool = False,
+        trunc_thresh: float = 0.75,
+        crop_ratio: tuple[float, float] | None = (0.9, 1.0),
+        window_ioa_thresh: float = 0.75,
+        class_agnostic: bool = False,
+        bad_video: BadVideoPolicy = "error",
+        decode_threads: int = 1,
+    ):
+        self.videos = list(videos)
+        self.windows = list(windows)
+        self.transform = transform
+        self.mode = mode
+        self.window_size = window_size
+        self.frame_stride = frame_stride
+        self.train = train
+        self.trunc_thresh = trunc_thresh
+        self.crop_ratio = crop_ratio
+        self.window_ioa_thresh = window_ioa_thresh
+        self.class_agnostic = class_agnostic
+        self.bad_video = bad_video
+        self.decode_threads = decode_threads
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        index, seed = split_key(key)
+        with seeded(seed):
+            return load_guarded(lambda: self.load(index), self.bad_video, index)
+
+    def load(self, index: int) -> dict[str, Any]:
+        position, first_step = self.windows[index]
+        record = self.videos[position]
+        video = open_checked(record.path, 1, self.decode_threads)
+        if self.mode == "resize":
+            steps = self.window_size
+            seconds_per_step = record.duration / steps
+            # The frame shown in the middle of each step of the decoded video.
+            frames = video.frame_indices_at((np.arange(steps) + 0.5) * video.duration / steps)
+            segments, keep = crop_segments(record.segments / seconds_per_step, 0, steps)
+            keep = keep > 0
+            segments, window_start = segments[keep], 0.0
+        else:
+            num_steps = math.ceil(video.num_frames / self.frame_stride)
+            seconds_per_step = self.frame_stride / video.fps
+            in_steps = record.segments / seconds_per_step
+            if self.train:
+                rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
+                first_step, steps, segments, keep = random_truncation(
+                    num_steps, self.window_size, in_steps, self.trunc_thresh, self.crop_ratio, rng
+                )
+            else:
+                steps = max(min(self.window_size, num_steps - first_step), 1)
+                segments, kept = crop_segments(in_steps, first_step, steps)
+                keep = kept > self.window_ioa_thresh
+                segments = segments[keep]
+            frames = (first_step + np.arange(steps)) * self.frame_stride
+            window_start = first_step * seconds_per_step
+        labels = np.zeros(int(keep.sum())) if self.class_agnostic else record.labels[keep]
+        return {
+            "video": self.decode(video, frames),
+            "segments": torch.as_tensor(segments, dtype=torch.float32).reshape(-1, 2),
+            "labels": torch.as_tensor(labels, dtype=torch.long),
+            "valid": torch.arange(self.window_size) < len(frames),
+            "index": index,
+            "video_index": record.video_index,
+            "window_start": float(window_start),
+            "seconds_per_step": float(seconds_per_step),
+            "duration": float(record.duration),
+        }
+
+    def decode(self, video: Video, frames: np.ndarray) -> Tensor:
+        """The frames, transformed, padded with the last one to ``window_size``: (3, T, crop, crop)."""
+        plan = None
+        chunks = []
+        for i in range(0, len(frames), DECODE_CHUNK):
+            decoded = video.get_frames(frames[i : i + DECODE_CHUNK])
+            if plan is None:
+                plan = self.transform.plan(*decoded.shape[1:3])
+            chunks.append(self.transform(decoded, plan))
+        clip = torch.cat(chunks, dim=1)
+        pad = self.window_size - clip.shape[1]
+        if pad > 0:
+            clip = torch.cat([clip, clip[:, -1:].expand(-1, pad, -1, -1)], dim=1)
+        return clip
+
+
+def collate_windows(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack videos and masks, keep segments and labels as per-sample lists; skips as in ``collate_clips``."""
+    good = [s for s in samples if "skipped" not in s]
+    batch: dict[str, Any] = {}
+    if good:
+        batch["video"] = torch.stack([s["video"] for s in good])
+        batch["valid"] = torch.stack([s["valid"] for s in good])
+        batch["segments"] = [s["segments"] for s in good]
+        batch["labels"] = [s["labels"] for s in good]
+        for key in ("index", "video_index"):
+            batch[key] = torch.tensor([s[key] for s in good], dtype=torch.long)
+        for key in ("window_start", "seconds_per_step", "duration"):
+            batch[key] = torch.tensor([s[key] for s in good], dtype=torch.float64)
+    batch["skipped"] = [s["skipped"] for s in samples if "skipped" in s]
+    batch["batch_size"] = len(good)
+    return batch
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A bad input found at setup: kind (what skips are counted by), video, reason, and the file left out."""
+
+    kind: str
+    video_id: str
+    reason: str
+    file: str | None = None  # set when the whole video is left out, not one of its segments
+
+
+_FIXES = {
+    "missing": "download it (as <id>.<ext> or v_<id>.<ext>) into the video folder, {skip}",
+    "unknown_label": "add the label to the class list, or leave classes_file unset to take the classes "
+    "from the JSON, {skip}",
+    "segment_past_end": "fix the segment or the video's duration, raise data.init_args.end_tolerance, {skip}",
+    "empty_segment": "fix the segment (start must be before end), {skip}",
+}
+
+
+class TemporalDetectionDataModule(VideoDataModule):
+    """THUMOS14 / ActivityNet-1.3 temporal detection windows from OpenTAD-style JSON (see the module doc).
+
+    Files: ``root/annotation_file``, ``root/classes_file`` (optional) and the videos in ``root/video_dir`` as
+    ``<id>.<ext>`` or ``v_<id>.<ext>`` (``video_ext``, or any common container when unset). Training reads the
+    ``train_subset`` entries (OpenTAD's THUMOS JSON calls the 200 validation videos "training"), evaluation
+    the ``eval_subset`` ones. Defaults are AdaTAD's THUMOS14 setting; for ActivityNet-1.3 set
+    ``mode: resize``, ``min_segment_fraction: 0.01`` and ``class_agnostic: true`` (AdaTAD fuses an external
+    video classifier's classes).
+
+    Checks, at setup, before any worker starts: a missing video, an unknown label, a segment with start >= end
+    and one outside the video (by more than ``end_tolerance`` seconds) stop the run with the file, the video
+    and the fix under ``bad_video: error``; under ``skip`` the video (if missing) or the segment is left out,
+    counted by kind in ``skip_counts`` and logged once. Labels in ``ignore_labels`` (THUMOS's "Ambiguous") are
+    dropped silently, as OpenTAD does, and duplicates are kept once (as the ActivityNet evaluation does).
+    Training leaves out videos with no segment left (after ``min_segment_fraction``, OpenTAD's ``filter_gt``).
+    In sliding-window mode the evaluation videos are opened at setup to plan their windows.
+
+    ``synthetic=True`` writes the synthetic temporal set (``datamodules.synthetic.generate_temporal``) to
+    ``root`` on first use, and again when the ``synthetic_*`` arguments change, but never into a non-empty
+    folder the generator did not write. ``download_hint`` is added to the error raised when data is missing.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        annotation_file: str = "annotations.json",
+        classes_file: str | None = "category_idx.txt",
+        video_dir: str = "videos",
+        video_ext: str | None = None,
+        train_subset: str = "training",
+        eval_subset: str = "validation",
+        mode: Literal["sliding_window", "resize"] = "sliding_window",
+        window_size: int = 768,
+        frame_stride: int = 4,
+        window_overlap: float = 0.5,
+        trunc_thresh: float = 0.75,
+        crop_ratio: tuple[float, float] | None = (0.9, 1.0),
+        window_ioa_thresh: float = 0.75,
+        ignore_labels: tuple[str, ...] = ("Ambiguous",),
+        class_agnostic: bool = False,
+        min_segment_fraction: float = 0.0,
+        end_tolerance: float = 1.0,
+        crop_size: int = 160,
+        train_short_side: int = 182,
+        eval_short_side: int = 160,
+        area_range: tuple[float, float] = (0.08, 1.0),
+        aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
+        flip: bool = True,
+        randaugment_ops: int = 2,
+        randaugment_magnitude: int = 9,
+        color_jitter: tuple[float, float, float, float] | None = (0.5, 0.5, 0.5, 0.1),
+        synthetic: bool = False,
+        synthetic_num_videos: int = 8,
+        synthetic_val_fraction: float = 0.25,
+        synthetic_size: int = 64,
+        synthetic_seconds: float = 12.0,
+        synthetic_fps: int = 10,
+        synthetic_max_segments: int = 3,
+        synthetic_seed: int = 0,
+        download_hint: str | None = None,
+        batch_size: int = 2,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        **kwargs: Any,
+    ):
+        super().__init__(batch_size=batch_size, mean=mean, std=std, **kwargs)
+        if mode not in ("sliding_window", "resize"):
+            raise ValueError(f"mode must be 'sliding_window' or 'resize', got {mode!r}")
+        if not 0.0 <= window_overlap < 1.0:
+            raise ValueError(f"window_overlap must be in [0, 1), got {window_overlap}")
+        if window_size < 1 or frame_stride < 1:
+            raise ValueError(f"window_size and frame_stride must be >= 1, got {window_size}, {frame_stride}")
+        if min(train_short_side, eval_short_side) < crop_size:
+            raise ValueError(
+                f"short sides {train_short_side}, {eval_short_side} must be >= crop_size {crop_size}"
+            )
+        self.root = Path(root)
+        self.annotation_path = self.root / annotation_file
+        self.classes_path = self.root / classes_file if classes_file else None
+        self.video_dir = self.root / video_dir
+        self.video_ext = video_ext
+        self.subsets = {
+            "train": train_subset,
+            "val": eval_subset,
+            "test": eval_subset,
+            "predict": eval_subset,
+        }
+        self.mode = mode
+        self.window_size = window_size
+        self.frame_stride = frame_stride
+        self.window_overlap = window_overlap
+        self.trunc_thresh = trunc_thresh
+        self.crop_ratio = crop_ratio
+        self.window_ioa_thresh = window_ioa_thresh
+        self.ignore_labels = tuple(ignore_labels)
+        self.class_agnostic = class_agnostic
+        self.min_segment_fraction = min_segment_fraction
+        self.end_tolerance = end_tolerance
+        self.train_transform = TemporalTrainTransform(
+            crop_size, train_short_side, area_range, aspect_ratio_range, flip, randaugment_ops,
+            randaugment_magnitude, color_jitter,
+        )  # fmt: skip
+        self.crop_size = crop_size
+        self.eval_short_side = eval_short_side
+        self.synthetic = synthetic
+        self.synthetic_config = {
+            "num_videos": synthetic_num_videos, "val_fraction": synthetic_val_fraction,
+            "size": synthetic_size, "seconds": float(synthetic_seconds), "fps": synthetic_fps,
+            "max_segments": synthetic_max_segments, "seed": synthetic_seed,
+        }  # fmt: skip
+        self.download_hint = download_hint
+        self._database: dict[str, dict[str, Any]] | None = None
+        self._class_names: list[str] | None = None
+        self._video_files: dict[str, Path] | None = None
+        self._subset_videos: dict[tuple[str, bool], list[TemporalVideo]] = {}
+
+    # ------------------------------------------------------------------------------------------- files
+
+    def prepare_data(self) -> None:
+        if not self.synthetic or synthetic.is_complete(self.root, "temporal", **self.synthetic_config):
+            return
+        if synthetic.is_complete(self.root, kind=None) and not synthetic.is_complete(self.root, "temporal"):
+            raise FileExistsError(
+                f"{self.root} holds another kind of synthetic set; point data.init_args.root at an empty or "
+                "new folder for the synthetic temporal set"
+            )
+        # The generator itself refuses a non-empty folder it did not write.
+        log.info("writing the synthetic temporal detection set to %s", self.root)
+        synthetic.generate_temporal(self.root, **self.synthetic_config)
+
+    def _missing_data(self, what: str) -> AnnotationError:
+        message = (
+            f"{what} not found. Temporal detection needs the annotations in OpenTAD's JSON format (THUMOS14: "
+            "thumos_14_anno.json and category_idx.txt; ActivityNet-1.3: activity_net.v1-3.min.json and "
+            f"category_idx.txt, from OpenTAD's tools/prepare_data) at {self.annotation_path}, the class list "
+            f"at {self.classes_path}, and the videos in {self.video_dir} as <id>.mp4 or v_<id>.mp4; set "
+            "data.init_args.root / annotation_file / classes_file / video_dir to where they are"
+        )
+        return AnnotationError(f"{message}\n{self.download_hint}" if self.download_hint else message)
+
+    @property
+    def database(self) -> dict[str, dict[str, Any]]:
+        if self._database is None:
+            if not self.annotation_path.is_file():
+                raise self._missing_data(f"annotation file {self.annotation_path}")
+            self._database = load_database(self.annotation_path)
+        return self._database
+
+    @property
+    def video_ids(self) -> list[str]:
+        """Video id of each ``video_index``: the JSON database's ids in file order."""
+        return list(self.database)
+
+    @property
+    def class_names(self) -> list[str]:
+        if self._class_names is None:
+            if self.classes_path is not None and self.classes_path.is_file():
+                self._class_names = read_class_names(self.classes_path)
+            elif self.synthetic and self.classes_path == self.root / "category_idx.txt":
+                self._class_names = list(synthetic.TEMPORAL_ACTIONS)  # the list the generator writes
+            else:
+                if self.classes_path is not None:
+                    log.warning(
+                        "class list %s not found: the classes are the labels of %s sorted by name",
+                        self.classes_path, self.annotation_path,
+                    )  # fmt: skip
+                ignored = set(self.ignore_labels)
+                self._class_names = [c for c in class_names_of(self.database) if c not in ignored]
+        return self._class_names
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the detector predicts: 1 when ``class_agnostic``."""
+        return 1 if self.class_agnostic else len(self.class_names)
+
+    @property
+    def video_files(self) -> dict[str, Path]:
+        if self._video_files is None:
+            if not self.video_dir.is_dir():
+                raise self._missing_data(f"video folder {self.video_dir}")
+            suffixes = {f".{self.video_ext.lstrip('.').lower()}"} if self.video_ext else set(VIDEO_EXTENSIONS)
+            self._video_files = {p.stem: p for p in self.video_dir.iterdir() if p.suffix.lower() in suffixes}
+        return self._video_files
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def subset_videos(self, subset: str, opened: bool = False) -> list[TemporalVideo]:
+        """The checked videos of ``subset`` (JSON order); ``opened``: each opened once for its frame count."""
+        key = (subset, opened)
+        if key not in self._subset_videos:
+            if opened:
+                videos, problems = [], []
+                for video in self.subset_videos(subset):
+                    try:
+                        videos.append(self._opened(video))
+                    except VideoDecodeError as err:
+                        problems.append(Problem(err.kind, video.video_id, err.reason, err.path))
+                self._settle(problems, subset)
+            else:
+                videos = self._read_subset(subset)
+            self._subset_videos[key] = videos
+        return self._subset_videos[key]
+
+    def _opened(self, video: TemporalVideo) -> TemporalVideo:
+        if video.num_frames is not None:
+            return video
+        return replace(video, num_frames=open_video(video.path, self.decode_threads).num_frames)
+
+    def _read_subset(self, subset: str) -> list[TemporalVideo]:
+        json_file, database, files = self.annotation_path, self.database, self.video_files
+        index = {name: i for i, name in enumerate(self.class_names)}
+        videos, problems = [], []
+        for video_index, (video_id, entry) in enumerate(database.items()):
+            if entry["subset"] != subset:
+                continue
+            path = files.get(video_id) or files.get(f"v_{video_id}")
+            if path is None:
+                reason = f"no video file {video_id}.* or v_{video_id}.* in {self.video_dir}"
+                problems.append(Problem("missing", video_id, reason, video_id))
+                continue
+            duration, num_frames = entry.get("duration"), None
+            if duration is None:  # optional in the JSON: the decoder knows
+                try:
+                    opened = open_video(path, self.decode_threads)
+                except VideoDecodeError as err:
+                    problems.append(Problem(err.kind, video_id, err.reason, err.path))
+                    continue
+                duration, num_frames = opened.duration, opened.num_frames
+            elif not isinstance(duration, (int, float)) or not duration > 0:
+                raise AnnotationError(
+                    f"{json_file}: video {video_id!r}: 'duration' must be seconds > 0, got {duration!r}"
+                )
+            rows: list[tuple[float, float, int]] = []
+            for ann in entry.get("annotations", []):
+                label = ann["label"]
+                if label in self.ignore_labels:
+                    continue
+                start, end = _segment(ann, json_file, video_id)
+                where = f"segment [{start:g}, {end:g}] of {label!r}"
+                if label not in index:
+                    problems.append(
+                        Problem("unknown_label", video_id, f"label {label!r} is not in the class list")
+                    )
+                elif start >= end:
+                    problems.append(
+                        Problem("empty_segment", video_id, f"{where} does not start before it ends")
+                    )
+                elif start < -self.end_tolerance or end > duration + self.end_tolerance:
+                    reason = f"{where} is not within the video's {duration:g} s (+- {self.end_tolerance:g} s)"
+                    problems.append(Problem("segment_past_end", video_id, reason))
+                elif not any(
+                    k == index[label] and abs(s - start) <= 1e-3 and abs(e - end) <= 1e-3 for s, e, k in rows
+                ):
+                    rows.append((start, end, index[label]))
+            segments = np.array([r[:2] for r in rows], dtype=np.float64).reshape(-1, 2)
+            labels = np.array([r[2] for r in rows], dtype=np.int64)
+            videos.append(
+                TemporalVideo(video_id, video_index, str(path), float(duration), segments, labels, num_frames)
+            )
+        self._settle(problems, subset)
+        if not videos:
+            raise AnnotationError(f"{json_file}: subset {subset!r} has no usable video")
+        return videos
+
+    def _settle(self, problems: list[Problem], subset: str) -> None:
+        """Raise on the first problem under ``bad_video: error``; count and log them once under ``skip``."""
+        if not problems:
+            return
+        first = problems[0]
+        if self.bad_video == "error":
+            more = f" ({len(problems) - 1} more problems in subset {subset!r})" if len(problems) > 1 else ""
+            fix = _FIXES.get(first.kind, "fix or re-download the file, {skip}").format(skip=SKIP_FIX)
+            error = AnnotationError if first.kind in _FIXES else BadVideoError
+            raise error(
+                f"{self.annotation_path}: video {first.video_id!r}: {first.reason}{more}. To go on: {fix}"
+            )
+        counts = Counter(p.kind for p in problems)
+        summary = "; ".join(f"{n} x {kind}" for kind, n in counts.most_common())
+        log.warning(
+            "%s, subset %r, left out under bad_video: skip: %s (first: video %r: %s)", self.annotation_path,
+            subset, summary, first.video_id, first.reason,
+        )  # fmt: skip
+        # Counted on one rank: the report sums over ranks.
+        if self.trainer is None or self.trainer.global_rank == 0:
+            self.skip_counts.update(counts)
+            self.skipped_files.update(p.file for p in problems if p.file is not None)
+
+    # ---------------------------------------------------------------------------------------- datasets
+
+    def setup(self, stage: str) -> None:
+        """Read and check the annotations (and plan the evaluation windows) before any worker starts."""
+        stages = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        for name in stages.get(stage, ()):
+            self.dataset(name)
+
+    @property
+    def collate_fn(self) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
+        return collate_windows
+
+    def build_dataset(self, stage: str) -> TemporalWindowDataset:
+        if not self.root.is_dir():
+            raise self._missing_data(f"data root {self.root}")
+        train = stage == "train"
+        opened = self.mode == "sliding_window" and not train
+        videos = self.subset_videos(self.subsets[stage], opened=opened)
+        if train:
+            videos = [self._training_segments(v) for v in videos]
+            videos = [v for v in videos if len(v.segments)]
+            if not videos:
+                raise AnnotationError(
+                    f"{self.annotation_path}: no '{self.subsets[stage]}' video has a segment"
+                )
+            windows = [(i, 0) for i in range(len(videos))]
+        elif opened:
+            windows = [
+                (i, start)
+                for i, v in enumerate(videos)
+                for start in sliding_window_starts(
+                    math.ceil(v.num_frames / self.frame_stride), self.window_size, self.window_overlap
+                )
+            ]
+        else:
+            windows = [(i, 0) for i in range(len(videos))]
+        transform = (
+            self.train_transform if train else TemporalEvalTransform(self.crop_size, self.eval_short_side)
+        )
+        return TemporalWindowDataset(
+            videos, windows, transform, mode=self.mode, window_size=self.window_size,
+            frame_stride=self.frame_stride, train=train, trunc_thresh=self.trunc_thresh,
+            crop_ratio=self.crop_ratio, window_ioa_thresh=self.window_ioa_thresh,
+            class_agnostic=self.class_agnostic, bad_video=self.bad_video, decode_threads=self.decode_threads,
+        )  # fmt: skip
+
+    def _training_segments(self, video: TemporalVideo) -> TemporalVideo:
+        keep = (video.segments[:, 1] - video.segments[:, 0]) > self.min_segment_fraction * video.duration
+        return replace(video, segments=video.segments[keep], labels=video.labels[keep])
+
+    def ground_truth(self, stage: str = "val") -> dict[int, dict[str, Tensor]]:
+        """The checked annotations of the videos the stage reads, per ``video_index``: ``segments`` (n, 2)
+        float64 seconds and ``labels`` (n,) class indices (the real classes, even when ``class_agnostic``). In
+        evaluation every usable video of the subset is there, with empty tensors when it has no action."""
+        return {
+            v.video_index: {
+                "segments": torch.as_tensor(v.segments, dtype=torch.float64).reshape(-1, 2),
+                "labels": torch.as_tensor(v.labels, dtype=torch.long),
+            }
+            for v in self.dataset(stage).videos
+        }
+
+
+def _segment(ann: dict[str, Any], json_file: Path, video_id: str) -> tuple[float, float]:
+    segment = ann.get("segment")
+    if (
+        not isinstance(segment, (list, tuple))
+        or len(segment) != 2
+        or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in segment)
+    ):
+        raise AnnotationError(
+            f"{json_file}: video {video_id!r}: 'segment' must be [start, end] in seconds, got {segment!r}"
+        )
+    return float(segment[0]), float(segment[1])
+
+
+__all__ = [
+    "TemporalDetectionDataModule",
+    "TemporalEvalTransform",
+    "TemporalTrainTransform",
+    "TemporalVideo",
+    "TemporalWindowDataset",
+    "collate_windows",
+    "crop_segments",
+    "random_truncation",
+    "sliding_window_starts",
+]
