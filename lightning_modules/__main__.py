@@ -1,4 +1,36 @@
+"""``python -m lightning_modules``: the Lightning CLI (fit / validate / test / predict) and the offline tools."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
 from lightning_modules.cli import main
 
+#: Commands beside the Lightning CLI's: name -> (module with ``main(argv)``, one-line description).
+TOOLS = {
+    "evaluate-tad": (
+        "lightning_modules.evaluate_tad",
+        "score temporal detections (ActivityNet results JSON) against a ground truth (ActivityNet JSON or "
+        "THUMOS14 CSV) by the ActivityNet protocol; prints one JSON object",
+    ),
+}
+
+
+def tools_help() -> str:
+    """One paragraph (the help formatter reflows lines) naming the commands beside fit/validate/test/predict."""
+    tools = "; ".join(f"{name}: {text}" for name, (_, text) in TOOLS.items())
+    return f"Other commands (python -m lightning_modules COMMAND --help): {tools}."
+
+
+def run(argv: Sequence[str] | None = None) -> int | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
+    main(argv, epilog=tools_help())
+    return None
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

@@ -35,7 +35,12 @@ def warmup_cosine(
 
 
 class VideoTask(L.LightningModule):
-    """Base LightningModule: subclasses build their model in ``__init__`` and implement the steps."""
+    """Base LightningModule: subclasses build their model in ``__init__`` and implement the steps.
+
+    Schedule: linear warmup over ``warmup_epochs`` from ``warmup_start_factor`` x lr, then a cosine down to
+    ``min_lr_ratio`` x lr reaching its end after ``schedule_epochs`` (default: ``trainer.max_epochs``), stepped
+    every optimiser step.
+    """
 
     def __init__(
         self,
@@ -46,6 +51,7 @@ class VideoTask(L.LightningModule):
         warmup_epochs: float = 1.0,
         warmup_start_factor: float = 0.01,
         min_lr_ratio: float = 0.01,
+        schedule_epochs: float | None = None,
     ):
         super().__init__()
         self.lr = lr
@@ -55,19 +61,32 @@ class VideoTask(L.LightningModule):
         self.warmup_epochs = warmup_epochs
         self.warmup_start_factor = warmup_start_factor
         self.min_lr_ratio = min_lr_ratio
+        self.schedule_epochs = schedule_epochs
 
     def load_backbone(self, backbone: nn.Module, pretrained: str | None) -> None:
         if pretrained:
             report = load_pretrained(backbone, pretrained)
             self.print(report.summary())
 
+    def empty_batch_loss(self) -> torch.Tensor:
+        """Loss of a batch whose clips were all skipped bad videos: zero, but touching every parameter, so this
+        rank still takes part in the DDP gradient all-reduce (returning None would leave the other ranks waiting).
+        """
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+
+    def optimizer_groups(self) -> list[dict]:
+        """Parameter groups of the optimiser; tasks with several learning rates give each group its ``lr``."""
+        return param_groups(self, self.weight_decay)
+
     def configure_optimizers(self):
-        groups = param_groups(self, self.weight_decay)
+        groups = self.optimizer_groups()
         cls = torch.optim.AdamW if self.optimizer_name == "adamw" else torch.optim.Adam
         opt = cls(groups, lr=self.lr, betas=self.betas)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        steps = max(int(self.trainer.estimated_stepping_batches), 1)
         epochs = max(self.trainer.max_epochs or 1, 1)
-        warmup = int(total * self.warmup_epochs / epochs)
+        warmup = int(steps * self.warmup_epochs / epochs)
+        # The cosine may span more epochs than are trained (AdaTAD on THUMOS: a 100-epoch cosine stopped at 60).
+        total = int(steps * self.schedule_epochs / epochs) if self.schedule_epochs else steps
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, warmup, total, self.warmup_start_factor, self.min_lr_ratio)
         )

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_modules.base import VideoTask
-from lightning_modules.metrics import VideoClassificationScores
+from lightning_modules.metrics import VideoClassificationScores, first_occurrences
 from models.flops import count_macs
 
 
@@ -49,7 +51,8 @@ class VideoClassifier(VideoTask):
         self.label_smoothing = label_smoothing
         self.val_scores = VideoClassificationScores(num_classes, top_k, multilabel)
         self.test_scores = VideoClassificationScores(num_classes, top_k, multilabel)
-        self._macs: dict[str, list[Tensor]] = {"val": [], "test": []}
+        self._macs: dict[str, list[Tensor]] = {"val": [], "test": []}  # this batch's clips
+        self._video_macs: dict[str, list[Tensor]] = {"val": [], "test": []}  # (id, MACs of its views, views)
         self._dense_macs: dict[tuple[int, ...], int] = {}
 
     def forward(self, video: Tensor) -> Tensor:
@@ -71,12 +74,6 @@ class VideoClassifier(VideoTask):
         if not self.multilabel:
             self.log("train/top1", (logits.argmax(-1) == batch["label"]).float().mean(), batch_size=n)
         return loss
-
-    def empty_batch_loss(self) -> Tensor:
-        """Loss of a batch whose clips were all skipped bad videos: zero, but touching every parameter, so this
-        rank still takes part in the DDP gradient all-reduce (returning None would leave the other ranks waiting).
-        """
-        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
 
     def clip_logits(self, clips: Tensor, stage: str | None) -> Tensor:
         """(N, 3, T, H, W) -> (N, num_classes) at evaluation; with ``stage`` ("val"/"test") the clips' cost is
@@ -104,7 +101,17 @@ class VideoClassifier(VideoTask):
         if batch["batch_size"] == 0:
             return
         scores = self.video_scores(batch["video"], prefix)
+        self._macs_per_video(prefix, batch["index"], batch["video"].shape[1])
         metric.update(scores, batch["label"], batch["index"])  # also gives <prefix>/loss, each video once
+
+    def _macs_per_video(self, stage: str, ids: Tensor, views: int) -> None:
+        """Turn the batch's per-clip figures (clips flattened video by video) into one row per video."""
+        if not self._macs.get(stage):
+            return
+        macs = torch.cat(self._macs[stage]).view(len(ids), views)  # (B, views)
+        self._macs[stage].clear()
+        rows = torch.stack([ids.to(macs), macs.sum(1), torch.full_like(macs[:, 0], views)], 1)
+        self._video_macs[stage].append(rows)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.val_scores, "val")
@@ -113,15 +120,19 @@ class VideoClassifier(VideoTask):
         self._eval_step(batch, self.test_scores, "test")
 
     def _log_scores(self, metric: VideoClassificationScores, prefix: str) -> None:
-        # Every rank takes part in the sum, even one whose batches were all skipped; a video evaluated with
+        # Every rank takes part in the gather, even one whose batches were all skipped; a video the
+        # distributed sampler's padding repeated counts once (as in the metric), and a video evaluated with
         # several views costs views x the per-clip figure.
-        macs = torch.cat(self._macs[prefix]) if self._macs[prefix] else torch.zeros(0, dtype=torch.float64)
-        self._macs[prefix].clear()
-        total = torch.stack([macs.sum(), macs.new_tensor(float(len(macs)))]).to(self.device)
-        if self._trainer is not None:
-            total = self.trainer.strategy.reduce(total, reduce_op="sum")
-        if total[1] > 0:
-            self.log(f"{prefix}/gflops", (total[0] / total[1] / 1e9).float(), rank_zero_only=False)
+        rows = self._video_macs[prefix]
+        rows = torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+        self._video_macs[prefix].clear()
+        rows = rows.to(self.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            rows = torch.cat(gather_all_tensors(rows))
+        rows = rows[first_occurrences(rows[:, 0].long())]
+        if len(rows):
+            gflops = rows[:, 1].sum() / rows[:, 2].sum() / 1e9
+            self.log(f"{prefix}/gflops", gflops.float(), rank_zero_only=False)
         if not metric.update_called:
             return
         for name, value in metric.compute().items():

@@ -129,7 +129,7 @@ class VideoCLI(LightningCLI):
         return trainer
 
 
-def main(args: list[str] | None = None, run: bool = True) -> VideoCLI:
+def main(args: list[str] | None = None, run: bool = True, epilog: str | None = None) -> VideoCLI:
     launching = RUN_ID_ENV not in os.environ  # the process that starts DDP ranks, not one of them
     try:
         return VideoCLI(
@@ -142,6 +142,7 @@ def main(args: list[str] | None = None, run: bool = True) -> VideoCLI:
             auto_configure_optimizers=False,  # each task owns its optimiser and schedule, as typed arguments
             args=args,
             run=run,
+            parser_kwargs={"epilog": epilog} if epilog else None,
         )
     except SIGTERMException:
         # Lightning ends a SIGTERM-stopped fit with status 0; the checkpoint is saved, report the interruption.

@@ -1,7 +1,7 @@
 """Offline temporal action detection scorer: mAP of an ActivityNet results JSON against the ground truth.
 
-    python -m lightning_modules.evaluate_tad --ground-truth thumos14.json --predictions results.json
-    python -m lightning_modules.evaluate_tad --ground-truth activity_net.v1-3.min.json \\
+    python -m lightning_modules evaluate-tad --ground-truth thumos14.json --predictions results.json
+    python -m lightning_modules evaluate-tad --ground-truth activity_net.v1-3.min.json \\
         --predictions results.json --tiou 0.5 0.55 0.6 0.65 0.7 0.75 0.8 0.85 0.9 0.95
 
 Prints one JSON object, ``{"mAP@0.3": ..., ..., "average_mAP": ...}`` (fractions in [0, 1]), to stdout;
@@ -29,7 +29,7 @@ from lightning_modules.tad_metrics import (
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_modules.evaluate_tad",
+        prog="python -m lightning_modules evaluate-tad",
         description="Temporal action detection mAP by the ActivityNet protocol.",
     )
     parser.add_argument("--ground-truth", required=True, help="ActivityNet/OpenTAD JSON or THUMOS14 CSV")

@@ -1,0 +1,246 @@
+"""Temporal action detection task: the AdaTAD-form detector trained on windows, scored per video by mAP.
+
+Training: ActionFormer's focal + DIoU losses on each window (ground truth in window steps, rescaled to the
+head's steps), the positive count averaged over DDP ranks. Evaluation: each window's candidates are decoded
+in head steps; at the end of the epoch the candidates of all windows of a video (gathered from every rank) are
+converted to seconds, clipped to the video and merged by one NMS, then scored against the data module's ground
+truth by the ActivityNet protocol (``<stage>/mAP@<tIoU>`` and ``<stage>/average_mAP``). The merged detections
+are written as an ActivityNet results JSON (``predictions_<stage>.json`` in the run directory) for the official
+evaluator or ``python -m lightning_modules evaluate-tad``.
+
+ActivityNet: a class-agnostic head (``data.class_agnostic: true``) with ``external_class_scores`` (a JSON of
+per-video class scores) fuses each proposal with the video's top classes, as AdaTAD does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_modules.base import VideoTask, param_groups
+from lightning_modules.tad_metrics import THUMOS_TIOUS, TemporalDetectionMAP, map_key
+from models.actionformer import ActionFormerHead
+from models.tad_postprocess import Detections, TADPostProcessor
+from models.temporal_backbone import ChunkedVideoBackbone
+from models.temporal_detector import TemporalActionDetector
+
+HeadFactory = Callable[[int, int], ActionFormerHead]
+
+
+def read_class_scores(path: str | Path, video_ids: list[str], class_names: list[str]) -> dict[int, Tensor]:
+    """Video-level class scores for ActivityNet fusion: JSON ``{video_id: [score per class]}`` or
+    ``{video_id: {class name: score}}``, optionally under ``"results"`` with the list's class order in ``"class"``
+    (the CUHK classifier files AdaTAD uses); ids with or without a ``v_`` prefix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"external_class_scores {path} not found: give a JSON of per-video class scores")
+    content = json.loads(path.read_text())
+    order = content.get("class") if isinstance(content.get("class"), list) else None  # CUHK's own class order
+    content = content.get("results", content)
+    out = {}
+    for index, video in enumerate(video_ids):
+        entry = content.get(video, content.get(f"v_{video}", content.get(video.removeprefix("v_"))))
+        if entry is None:
+            continue
+        if order is not None:
+            entry = dict(zip(order, entry))
+        if isinstance(entry, dict):
+            unknown = set(entry) - set(class_names)
+            if unknown:
+                raise ValueError(f"{path}: video {video!r} scores unknown classes {sorted(unknown)[:3]}")
+            entry = [float(entry.get(name, 0.0)) for name in class_names]
+        if len(entry) != len(class_names):
+            raise ValueError(f"{path}: video {video!r} has {len(entry)} scores for {len(class_names)} classes")
+        out[index] = torch.tensor(entry, dtype=torch.float32)
+    return out
+
+
+class TemporalActionDetection(VideoTask):
+    """``backbone`` (a ``ChunkedVideoBackbone`` over a VideoMAE ViT) + ``head`` (an ``ActionFormerHead`` given
+    without its ``in_channels``/``num_classes``, which the task fills in) + ``postprocess``.
+
+    ``lr`` is the head's learning rate, ``backbone_lr`` that of the backbone's trainable part (adapters, LoRA,
+    norms, or everything under full fine-tuning). ``tious`` are the evaluation thresholds (THUMOS14
+    0.3:0.1:0.7; ActivityNet 0.5:0.05:0.95).
+    """
+
+    def __init__(
+        self,
+        backbone: ChunkedVideoBackbone,
+        head: HeadFactory,
+        num_classes: int,
+        postprocess: TADPostProcessor | None = None,
+        tious: tuple[float, ...] = THUMOS_TIOUS,
+        external_class_scores: str | None = None,
+        lr: float = 1e-4,
+        backbone_lr: float = 2e-4,
+        weight_decay: float = 0.05,
+        optimizer: Literal["adamw", "adam"] = "adamw",
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 5.0,
+        warmup_start_factor: float = 0.001,
+        min_lr_ratio: float = 0.0,
+        schedule_epochs: float | None = None,
+    ):
+        super().__init__(
+            lr, weight_decay, optimizer, betas, warmup_epochs, warmup_start_factor, min_lr_ratio, schedule_epochs
+        )
+        self.save_hyperparameters(ignore=["backbone", "head", "postprocess"])
+        self.detector = TemporalActionDetector(backbone, head(backbone.embed_dim, num_classes))
+        self.postprocess = postprocess or TADPostProcessor()
+        self.num_classes = num_classes
+        self.backbone_lr = backbone_lr
+        self.external_class_scores = external_class_scores
+        self.tious = tuple(tious)
+        self._candidates: dict[str, list[dict[str, Any]]] = {"val": [], "test": []}
+        self.metrics = nn.ModuleDict({s: TemporalDetectionMAP(self.tious) for s in ("val", "test")})
+
+    def forward(self, video: Tensor, valid: Tensor | None = None):
+        return self.detector(video, valid)
+
+    def head_segments(self, batch: dict[str, Any], length: int) -> list[Tensor]:
+        """Ground truth in window steps -> head steps."""
+        scale = length / batch["video"].shape[2]
+        return [s.to(self.device, torch.float32) * scale for s in batch["segments"]]
+
+    def _mean_over_ranks(self, value: Tensor) -> Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return self.trainer.strategy.reduce(value.to(self.device), reduce_op="mean")
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        if batch["batch_size"] == 0:
+            return self.empty_batch_loss()
+        outputs = self(batch["video"], batch["valid"])
+        length = outputs.masks[0].shape[1]
+        labels = [lb.to(self.device) for lb in batch["labels"]]
+        losses = self.detector.head.loss(outputs, self.head_segments(batch, length), labels, self._mean_over_ranks)
+        n = batch["batch_size"]
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=n)
+        self.log_dict({"train/cls_loss": losses["cls_loss"], "train/reg_loss": losses["reg_loss"]}, batch_size=n)
+        return losses["loss"]
+
+    # ------------------------------------------------------------------------------------------- evaluation
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        if batch["batch_size"] == 0:
+            return
+        outputs = self(batch["video"], batch["valid"])
+        steps_per_window = outputs.masks[0].shape[1]
+        head_step = batch["seconds_per_step"].double() * batch["video"].shape[2] / steps_per_window
+        for i, dets in enumerate(self.postprocess.decode(outputs)):
+            self._candidates[stage].append(
+                {
+                    "window": int(batch["index"][i]),
+                    "video": int(batch["video_index"][i]),
+                    "offset": float(batch["window_start"][i]),
+                    "step": float(head_step[i]),
+                    "duration": float(batch["duration"][i]),
+                    "detections": Detections(dets.segments.cpu(), dets.scores.cpu(), dets.labels.cpu()),
+                }
+            )
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _gathered_candidates(self, stage: str) -> list[dict[str, Any]]:
+        """Every rank's window candidates, each window once (the DDP sampler repeats some to pad)."""
+        mine, self._candidates[stage] = self._candidates[stage], []
+        if self._trainer is not None and self.trainer.world_size > 1 and dist.is_initialized():
+            everyone: list = [None] * self.trainer.world_size
+            dist.all_gather_object(everyone, mine)
+            mine = [c for part in everyone for c in part]
+        return list({c["window"]: c for c in mine}.values())
+
+    def video_detections(self, windows: list[dict[str, Any]], class_scores: Tensor | None) -> Detections:
+        windows = sorted(windows, key=lambda c: c["window"])
+        merged = self.postprocess.merge_windows(
+            [c["detections"] for c in windows], [c["offset"] for c in windows], [c["step"] for c in windows],
+            windows[0]["duration"],
+        )  # fmt: skip
+        if class_scores is not None:
+            merged = self.postprocess.fuse_video_classes(merged, class_scores)
+        return merged
+
+    def _evaluate(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "ground_truth"):
+            raise RuntimeError("temporal detection needs a data module with ground_truth(stage), e.g. "
+                               "datamodules.temporal.TemporalDetectionDataModule")  # fmt: skip
+        truth = dm.ground_truth(stage)
+        by_video: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for c in self._gathered_candidates(stage):
+            by_video[c["video"]].append(c)
+        class_scores = {}
+        if self.external_class_scores:
+            class_scores = read_class_scores(self.external_class_scores, dm.video_ids, dm.class_names)
+        elif self.num_classes == 1 and len(dm.class_names) > 1:
+            raise ValueError(
+                "a class-agnostic detector needs video-level class scores to name its detections: set "
+                "model.init_args.external_class_scores to a JSON of per-video class scores"
+            )
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        metric = self.metrics[stage]
+        metric.class_names = list(dm.class_names)  # labels of the written predictions
+        empty = Detections(torch.zeros(0, 2), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+        for video in sorted(truth):
+            if video % world != rank:  # each rank scores its share; the metric gathers them
+                continue
+            dets = self.video_detections(by_video[video], class_scores.get(video)) if by_video[video] else empty
+            metric.update([{"segments": dets.segments, "scores": dets.scores, "labels": dets.labels}],
+                          [truth[video]], [video])  # fmt: skip
+        scores = metric.compute()
+        for name, value in scores.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "average_mAP", rank_zero_only=False)
+        if self._trainer is not None and self.trainer.log_dir:
+            metric.write_results(Path(self.trainer.default_root_dir) / f"predictions_{stage}.json",
+                                 dm.video_ids)  # fmt: skip
+        metric.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._candidates["val"] = []
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self._candidates["val"] = []
+            return
+        self._evaluate("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluate("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Per window: its video index, offset and the decoded candidates in seconds (not yet merged)."""
+        if batch["batch_size"] == 0:
+            return []
+        outputs = self(batch["video"], batch["valid"])
+        head_step = batch["seconds_per_step"].double() * batch["video"].shape[2] / outputs.masks[0].shape[1]
+        return [
+            {"video_index": int(batch["video_index"][i]), "segments": d.segments * float(head_step[i])
+             + float(batch["window_start"][i]), "scores": d.scores, "labels": d.labels}
+            for i, d in enumerate(self.postprocess.decode(outputs))
+        ]  # fmt: skip
+
+    # -------------------------------------------------------------------------------------------- optimiser
+
+    def optimizer_groups(self) -> list[dict]:
+        """Backbone (trainable part) at ``backbone_lr``, head at ``lr``; no decay on biases, norms, scales."""
+        groups = []
+        for module, lr in ((self.detector.backbone, self.backbone_lr), (self.detector.head, self.lr)):
+            for group in param_groups(module, self.weight_decay):
+                if group["params"]:
+                    groups.append({**group, "lr": lr})
+        return groups
+
+    def metric_names(self, stage: str = "val") -> list[str]:
+        return [f"{stage}/{map_key(t)}" for t in self.tious] + [f"{stage}/average_mAP"]

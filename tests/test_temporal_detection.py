@@ -1,0 +1,105 @@
+"""The temporal detection task through the CLI: trains on windows, scores videos, writes predictions that the
+offline scorer reads back to the same figures; ActivityNet class fusion; the paper recipes' wiring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.synthetic import generate_temporal
+from lightning_modules.__main__ import run as run_command
+from lightning_modules.cli import main
+from lightning_modules.temporal_detection import read_class_scores
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart" / "tad_synthetic.yaml"
+
+
+@pytest.fixture(scope="module")
+def temporal_set(tmp_path_factory) -> Path:
+    return generate_temporal(tmp_path_factory.mktemp("temporal") / "set", num_videos=6, size=32, seconds=6, fps=10)
+
+
+def tiny(run_root: Path, data: Path, *extra: str) -> list[str]:
+    """The quickstart detector shrunk to 32x32 frames and 64-frame windows (two windows per 6 s video)."""
+    return [
+        "--config", str(QUICKSTART), f"--data.init_args.root={data}", "--data.init_args.synthetic=false",
+        "--data.init_args.num_workers=0", "--data.init_args.batch_size=2", "--data.init_args.window_size=64",
+        "--data.init_args.crop_size=32", "--data.init_args.train_short_side=32", "--data.init_args.eval_short_side=32",
+        "--model.init_args.backbone.init_args.head_length=64", "--model.init_args.head.init_args.max_seq_len=64",
+        "--model.init_args.backbone.init_args.vit.init_args.img_size=32",
+        "--model.init_args.backbone.init_args.vit.init_args.embed_dim=32",
+        "--model.init_args.backbone.init_args.vit.init_args.depth=1",
+        f"--trainer.default_root_dir={run_root}", "--trainer.logger=lightning_modules.runs.RunCSVLogger",
+        f"--trainer.logger.init_args.save_dir={run_root}", "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2", "--trainer.check_val_every_n_epoch=1", *extra,
+    ]  # fmt: skip
+
+
+def test_fit_scores_videos_and_the_offline_scorer_agrees(tmp_path, temporal_set, capsys):
+    cli = main(["fit", *tiny(tmp_path, temporal_set, "--run_id=t")])
+    metrics = cli.trainer.callback_metrics
+    keys = {f"val/mAP@{t}" for t in ("0.3", "0.4", "0.5", "0.6", "0.7")} | {"val/average_mAP"}
+    assert keys <= set(metrics)
+    predictions = tmp_path / "t" / "predictions_val.json"
+    results = json.loads(predictions.read_text())["results"]
+    truth = json.loads((temporal_set / "annotations.json").read_text())["database"]
+    val_videos = {v for v, e in truth.items() if e["subset"] == "validation"}
+    assert set(results) <= val_videos and results  # detections named by video id, in seconds
+    for dets in results.values():
+        for d in dets:
+            assert 0 <= d["segment"][0] <= d["segment"][1] <= truth[next(iter(results))]["duration"] + 1e-6
+            assert d["label"] in {"jump", "spin", "slide"}
+    capsys.readouterr()
+    assert run_command(["evaluate-tad", "--ground-truth", str(temporal_set / "annotations.json"),
+                        "--predictions", str(predictions)]) == 0  # fmt: skip
+    offline = json.loads(capsys.readouterr().out)
+    for key in keys:
+        assert offline[key.removeprefix("val/")] == pytest.approx(float(metrics[key]), abs=1e-6)
+
+
+def test_help_lists_the_offline_scorer(capsys):
+    with pytest.raises(SystemExit):
+        run_command(["--help"])
+    assert "evaluate-tad" in capsys.readouterr().out
+
+
+def test_class_agnostic_detector_without_class_scores_is_an_error(tmp_path, temporal_set):
+    with pytest.raises(ValueError, match="external_class_scores"):
+        main(["fit", *tiny(tmp_path, temporal_set, "--data.init_args.class_agnostic=true")])
+
+
+def test_external_class_scores_formats(tmp_path):
+    names, ids = ["jump", "slide", "spin"], ["a", "b", "c"]
+    (tmp_path / "list.json").write_text(json.dumps({"results": {"v_a": [0.1, 0.2, 0.7]}}))
+    (tmp_path / "named.json").write_text(json.dumps({"b": {"spin": 0.9, "jump": 0.1}}))
+    (tmp_path / "cuhk.json").write_text(json.dumps({"class": ["spin", "jump", "slide"], "results": {"c": [0.5, 0.3, 0.2]}}))
+    assert torch.equal(read_class_scores(tmp_path / "list.json", ids, names)[0], torch.tensor([0.1, 0.2, 0.7]))
+    assert torch.equal(read_class_scores(tmp_path / "named.json", ids, names)[1], torch.tensor([0.1, 0.0, 0.9]))
+    assert torch.equal(read_class_scores(tmp_path / "cuhk.json", ids, names)[2], torch.tensor([0.3, 0.2, 0.5]))
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("tad_*.yaml")), ids=lambda p: p.stem)
+def test_missing_dataset_says_what_to_download(tmp_path, recipe):
+    no_weights = tmp_path / "no_weights.yaml"  # the recipes name local VideoMAE checkpoints this machine lacks
+    no_weights.write_text("model:\n  init_args:\n    backbone:\n      init_args:\n        pretrained: null\n")
+    with pytest.raises(Exception, match=r"(?s)not found.*(THUMOS14|ActivityNet-1.3)"):
+        main(["fit", "--config", str(recipe), "--config", str(no_weights), f"--data.init_args.root={tmp_path}",
+              "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
+              "--trainer.precision=32-true", "--trainer.logger=false", "--trainer.callbacks=[]",
+              "--data.init_args.num_workers=0"])  # fmt: skip
+
+
+def test_demo_tad_prints_figures_against_the_target(tmp_path, temporal_set, capsys):
+    from lightning_modules.demo_tad import main as demo
+
+    overrides = tiny(tmp_path, temporal_set, "--run_id=demo")[2:]  # the demo names the recipe itself
+    summary = demo(["--out", str(tmp_path / "demo"), "--", *overrides])
+    out = capsys.readouterr().out
+    assert "target (>= 70% within 10 min)" in out and ("NOT met" in out) != summary["met"]
+    for key, value in summary["offline"].items():
+        assert value == pytest.approx(summary["logged"][key], abs=1e-6)
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text())["run_dir"] == str(tmp_path / "demo")
