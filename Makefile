@@ -4,17 +4,23 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench data clean-runs
+.PHONY: venv demo demo-tad test bench data clean-runs
 
+# `sweeps` (W&B's sweep engine, which the tests use to check recipes/sweeps/) goes in with --no-deps: it
+# declares numpy<2 but runs on numpy 2; its real imports are in the dev extra.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps sweeps==0.3.0
 	touch $@
 
 venv: $(STAMP)
 
 demo: $(STAMP)
 	WANDB_SILENT=true $(BIN)/python -m lightning_modules.demo
+
+demo-tad: $(STAMP)
+	WANDB_SILENT=true $(BIN)/python -m lightning_modules.demo_tad
 
 test: $(STAMP)
 	WANDB_MODE=offline WANDB_SILENT=true $(BIN)/python -m pytest

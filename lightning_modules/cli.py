@@ -72,7 +72,7 @@ class VideoCLI(LightningCLI):
         )  # fmt: skip
 
     def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand]
+        cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         root = cfg.trainer.default_root_dir
         if root is None:
             configs = cfg.get("config") or []
@@ -83,6 +83,8 @@ class VideoCLI(LightningCLI):
         cfg.trainer.default_root_dir = str(self.run.path)
         self._place_loggers(cfg)
         self._place_checkpoints(cfg)
+        if self.subcommand is None:
+            return
         if self.subcommand != "fit":
             # A validate/test/predict run sharing a fit's run id keeps the fit's config.yaml.
             self.save_config_kwargs["config_filename"] = f"config_{self.subcommand}.yaml"
