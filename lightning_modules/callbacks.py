@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import lightning as L
 import torch.distributed as dist
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from datamodules.base import BadVideoError
+
+log = logging.getLogger(__name__)
 
 
 class BadVideoReport(L.Callback):
     """Counts, per stage and epoch, the samples skipped as bad videos: each skipped sample once over all DDP ranks
     (padding repeats included once), logged as ``<stage>/skipped_videos`` with the reasons printed; the sanity
     check is counted apart and not logged. When every sample of a split was skipped the run stops with an error
-    saying so, instead of failing later on a metric that was never computed."""
+    saying so, instead of failing later on a metric that was never computed.
+
+    A run that fails (e.g. on a bad video under ``bad_video: error``) stops every DDP rank: the process that
+    started the others (``strategy: ddp``) kills them before it exits, instead of leaving them blocked in a
+    collective until its timeout (30 minutes; gloo notices the closed connection, NCCL does not). A failing
+    rank it started makes Lightning's launcher kill the rest."""
 
     _SPLIT = {"train": "training", "val": "validation", "test": "test", "predict": "predict"}
 
@@ -48,6 +58,19 @@ class BadVideoReport(L.Callback):
                 f"{', '.join(files[:3])}): nothing is left to {'train on' if stage == 'train' else 'evaluate'}. "
                 "Fix or replace the files, or point the data module at the right folder and lists"
             )
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            return  # every rank stops by itself (and saves), or Lightning ends the ranks it started
+        launcher = trainer.strategy.launcher
+        started = launcher.procs if isinstance(launcher, _SubprocessScriptLauncher) else []
+        running = [p for p in started if p.poll() is None]
+        if running:
+            log.error("run failed: stopping the DDP ranks this process started (pids %s)", [p.pid for p in running])
+        for p in running:
+            p.kill()  # SIGKILL, as Lightning's launcher does: SIGTERM does not end a rank in a collective
+        for p in running:
+            p.wait(timeout=30)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule

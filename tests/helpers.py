@@ -28,3 +28,115 @@ class KillAt(L.Callback):
             with open(self.pids_file, "w") as f:
                 json.dump(children, f)
         os.kill(os.getpid(), getattr(signal, self.sig))
+
+
+class RankRecord(L.Callback):
+    """Writes what one DDP rank saw and ended with to ``<out_dir>/rank<r>.pt``, for tests to compare across
+    ranks and against a single process:
+
+    - ``batches``: every training batch as the step received it (sample ids, labels, clips, static clips);
+    - ``start_state``: the weights the first optimiser step started from, ``first_loss`` that step's loss on
+      this rank and ``first_grad`` the flat gradient it applied (after DDP's all-reduce);
+    - ``names``, ``start_params``, ``params``: the trainable parameters' names and flat vectors before the
+      first step and at the end of training; ``max_rank_diff``: the largest difference of ``params`` from any
+      other rank's (all-gathered here);
+    - ``val_ids``: the sample ids of the last validation's batches on this rank (padding repeats included),
+      and ``val``: its ``val/*`` figures as this rank holds them (the sanity check is left out of both).
+    """
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.record: dict = {"batches": [], "val": {}, "val_ids": []}
+
+    @staticmethod
+    def _flat(pl_module: L.LightningModule, grad: bool = False):
+        import torch
+
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        return torch.cat([(p.grad if grad else p).detach().flatten() for p in params]).cpu().clone()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int):
+        keys = ("index", "label", "video", "static")
+        self.record["batches"].append({k: batch[k].detach().cpu().clone() for k in keys if k in batch})
+        if trainer.global_step == 0 and "start_state" not in self.record:
+            state = pl_module.state_dict()
+            self.record["start_state"] = {k: v.detach().cpu().clone() for k, v in state.items()}
+            self.record["names"] = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+            self.record["start_params"] = self._flat(pl_module)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if trainer.global_step == 0:
+            self.record["first_grad"] = self._flat(pl_module, grad=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
+        if trainer.global_step == 1 and "first_loss" not in self.record:
+            self.record["first_loss"] = float(outputs["loss"])
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.record["val_ids"] = []
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx,
+                                  dataloader_idx: int = 0) -> None:  # fmt: skip
+        if not trainer.sanity_checking:
+            self.record["val_ids"] += batch["index"].tolist()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            metrics = trainer.callback_metrics
+            self.record["val"] = {k: float(v) for k, v in metrics.items() if k.startswith("val/")}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        params = self._flat(pl_module)
+        gathered = pl_module.all_gather(params.to(pl_module.device)).reshape(trainer.world_size, -1).cpu()
+        self.record["params"] = params
+        self.record["max_rank_diff"] = float((gathered - params).abs().max())
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import torch
+
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.record["world_size"] = trainer.world_size
+        torch.save(self.record, os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
+
+
+class SlurmRankLog(L.Callback):
+    """Appends what each SLURM task did to ``<out_dir>/rank-<SLURM_PROCID>.txt``, one line per event:
+    ``start job=<SLURM_JOB_ID> restart=<SLURM_RESTART_COUNT> rank=<global rank> world=<world size> step=<the
+    global step training started from>``, ``paused step=<s>`` and ``end step=<s>``.
+
+    With ``pause_at_step``, every rank sleeps ``pause_timeout`` seconds before that optimiser step (unless it resumed
+    there), handling signals meanwhile: a test signals the job while all ranks sleep here, where Lightning's requeue
+    handler (a checkpoint and a barrier, run inside the signal handler) cannot meet a rank blocked in a gradient
+    all-reduce, and the job is killed before it takes another step, so it resumes from the HPC checkpoint.
+    """
+
+    def __init__(self, out_dir: str, pause_at_step: int | None = None, pause_timeout: float = 120.0):
+        self.out_dir = out_dir
+        self.pause_at_step = pause_at_step
+        self.pause_timeout = pause_timeout
+        self.start_step = 0
+
+    def _write(self, line: str) -> None:
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, f"rank-{os.environ.get('SLURM_PROCID', 'none')}.txt"), "a") as f:
+            f.write(line + "\n")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start_step = trainer.global_step
+        self._write(
+            f"start job={os.environ.get('SLURM_JOB_ID')} restart={os.environ.get('SLURM_RESTART_COUNT', '0')} "
+            f"rank={trainer.global_rank} world={trainer.world_size} step={trainer.global_step}"
+        )
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step != self.pause_at_step or self.start_step >= trainer.global_step:
+            return
+        import time
+
+        self._write(f"paused step={trainer.global_step}")
+        deadline = time.monotonic() + self.pause_timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(f"end step={trainer.global_step}")
