@@ -10,7 +10,9 @@ resumes from the run's newest checkpoint when the run id already exists (``--res
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -152,3 +154,19 @@ def main(args: list[str] | None = None, run: bool = True, epilog: str | None = N
     finally:
         if launching:
             os.environ.pop(RUN_ID_ENV, None)
+
+
+def resolved_config(args: list[str]) -> dict[str, Any]:
+    """The configuration the CLI would run with for ``args`` (a subcommand, ``--config`` files and overrides),
+    as ``--print_config`` prints it: nothing is instantiated. A wrong config raises ``SystemExit`` with the
+    parser's message on stderr, as on the command line."""
+    import yaml
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            main([*args, "--print_config"])
+        except SystemExit as done:
+            if done.code not in (0, None):
+                raise
+    return yaml.safe_load(out.getvalue())

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from lightning_modules.cli import main
+from lightning_modules.cli import main, resolved_config
 from tests.quick import quick_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,10 +20,10 @@ QUICKSTART = REPO / "recipes" / "quickstart" / "synthetic_dense_vit.yaml"
 
 
 def print_config(args: list[str], capsys) -> dict:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args + ["--print_config"])
-    assert exit_info.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
+    try:
+        return resolved_config(args)
+    except SystemExit as failed:
+        raise AssertionError(f"the CLI refused {args}: {capsys.readouterr().err[-1500:]}") from failed
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))

@@ -15,7 +15,7 @@ import yaml
 from sweeps import RunState, SweepRun, next_run, schema_violations_from_proposed_config
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from lightning_modules.cli import main
+from lightning_modules.cli import main, resolved_config
 from tests.quick import quick_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,10 +41,10 @@ def cli_args(spec: dict, args: list[str]) -> list[str]:
 
 
 def print_config(args: list[str], capsys) -> dict:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args + ["--print_config"])
-    assert exit_info.value.code in (0, None), capsys.readouterr().err[-1500:]
-    return yaml.safe_load(capsys.readouterr().out)
+    try:
+        return resolved_config(args)
+    except SystemExit as failed:
+        raise AssertionError(f"the CLI refused {args}: {capsys.readouterr().err[-1500:]}") from failed
 
 
 def lookup(config: dict, dotted: str):

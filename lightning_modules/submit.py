@@ -1,0 +1,219 @@
+"""Submit a recipe to SLURM with the allocation its trainer settings need.
+
+    python -m lightning_modules.submit RECIPE.yaml [--nodes N] [--gpus-per-node G] [--cpus-per-task C]
+        [--time HH:MM:SS] [--partition P] [--job-name NAME] [--dry-run] [-- CLI overrides...]
+
+Reads ``trainer.devices``, ``trainer.num_nodes`` and ``trainer.accelerator`` from the recipe (and from any
+``--config`` files and ``--trainer.*`` overrides after ``--``) and prints, or submits, the matching ``sbatch`` of
+``recipes/slurm/train.sbatch`` (one node) or ``recipes/slurm/train_multinode.sbatch``: one task per device
+(``--ntasks-per-node`` = devices, as Lightning's SLURMEnvironment requires) and ``--gres=gpu:G`` when the recipe
+trains on GPUs. Flags that disagree with the recipe are an error, not a silent change of the global batch: to
+train a recipe at another scale, override it explicitly (``-- --trainer.devices=4
+--trainer.accumulate_grad_batches=2``). ``--gpus-per-node 0`` runs an ``accelerator: auto`` recipe on CPU tasks.
+
+The run directory is ``<trainer.default_root_dir>/<job id>`` and the job's output ``runs/slurm/<name>-<job id>.out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SINGLE_NODE_SCRIPT = "recipes/slurm/train.sbatch"
+MULTI_NODE_SCRIPT = "recipes/slurm/train_multinode.sbatch"
+OUTPUT_DIR = "runs/slurm"
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+class SubmitError(ValueError):
+    """The recipe and the requested allocation do not fit together."""
+
+
+@dataclass
+class Allocation:
+    nodes: int
+    tasks_per_node: int
+    gpus_per_node: int
+    script: str
+    extra_overrides: list[str]
+
+
+def effective_settings(recipe: Path, overrides: list[str]) -> dict[str, Any]:
+    """The recipe's ``trainer`` and ``data.init_args`` sections as ``fit`` would run them, stacked ``--config``
+    files and overrides applied (the CLI's own parser, through ``--print_config``)."""
+    from lightning_modules.cli import resolved_config
+
+    if not recipe.is_file():
+        raise SubmitError(f"recipe {recipe} does not exist")
+    try:
+        config = resolved_config(["fit", "--config", str(recipe), *overrides])
+    except SystemExit:
+        raise SubmitError(f"the CLI refused {recipe} with these overrides (its message is above)") from None
+    return {"trainer": config.get("trainer") or {}, "data": (config.get("data") or {}).get("init_args") or {}}
+
+
+def _count(value: Any, what: str, recipe: Path) -> int | None:
+    """An explicit device or node count; None for "auto"/-1; lists of device ids count their entries."""
+    if value in (None, "auto", -1, "-1"):
+        return None
+    if isinstance(value, list):
+        return len(value)
+    if isinstance(value, str) and "," in value:
+        return len([v for v in value.split(",") if v.strip()])
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise SubmitError(f"{recipe}: cannot read {what}={value!r} as a count") from None
+    if count < 1:
+        raise SubmitError(f"{recipe}: {what}={value!r} must be at least 1")
+    return count
+
+
+def plan(
+    recipe: Path, overrides: list[str], nodes: int | None = None, gpus_per_node: int | None = None
+) -> Allocation:
+    """The allocation the recipe needs, checked against the requested ``nodes`` and ``gpus_per_node``."""
+    trainer = effective_settings(recipe, overrides)["trainer"]
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    devices = _count(trainer.get("devices", "auto"), "trainer.devices", recipe)
+    recipe_nodes = _count(trainer.get("num_nodes", 1), "trainer.num_nodes", recipe) or 1
+    fix = "change the flag, or override the recipe after -- (e.g. -- --trainer.{key}={value})"
+
+    if nodes is not None and nodes != recipe_nodes:
+        raise SubmitError(
+            f"{recipe} trains on trainer.num_nodes={recipe_nodes} but --nodes {nodes} was asked: "
+            + fix.format(key="num_nodes", value=nodes)
+        )
+    extra: list[str] = []
+    if accelerator == "cpu" or (accelerator == "auto" and gpus_per_node == 0):
+        if gpus_per_node:
+            raise SubmitError(
+                f"{recipe} trains on trainer.accelerator=cpu but --gpus-per-node {gpus_per_node} was asked: drop the "
+                "flag, or override the recipe after -- (e.g. -- --trainer.accelerator=gpu)"
+            )
+        gpus, tasks = 0, devices or 1
+        if accelerator == "auto":
+            extra = ["--trainer.accelerator=cpu"]  # no GPU is allocated; do not let auto find one on the node
+    elif accelerator in GPU_ACCELERATORS or accelerator == "auto":
+        if gpus_per_node == 0:
+            raise SubmitError(
+                f"{recipe} trains on trainer.accelerator={accelerator} but --gpus-per-node 0 was asked: override "
+                "the recipe after -- (e.g. -- --trainer.accelerator=cpu)"
+            )
+        if devices is not None and gpus_per_node is not None and devices != gpus_per_node:
+            raise SubmitError(
+                f"{recipe} trains on trainer.devices={devices} GPUs per node but --gpus-per-node {gpus_per_node} "
+                "was asked (the global batch would change): " + fix.format(key="devices", value=gpus_per_node)
+            )
+        gpus = gpus_per_node or devices
+        if gpus is None:
+            raise SubmitError(f"{recipe} sets trainer.devices={trainer.get('devices')!r}: pass --gpus-per-node")
+        tasks = gpus
+    else:
+        raise SubmitError(f"{recipe}: trainer.accelerator={accelerator!r} is not something SLURM allocates here")
+    script = SINGLE_NODE_SCRIPT if recipe_nodes == 1 else MULTI_NODE_SCRIPT
+    return Allocation(recipe_nodes, tasks, gpus, script, extra)
+
+
+def _repo_relative(path: Path) -> str:
+    path = path.resolve()
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def sbatch_command(
+    recipe: Path,
+    overrides: list[str],
+    nodes: int | None = None,
+    gpus_per_node: int | None = None,
+    cpus_per_task: int | None = None,
+    time: str | None = None,
+    partition: str | None = None,
+    job_name: str | None = None,
+) -> list[str]:
+    """The ``sbatch`` command, to run from the repository root."""
+    alloc = plan(recipe, overrides, nodes, gpus_per_node)
+    cmd = [
+        "sbatch",
+        f"--job-name={job_name or 'evt-' + recipe.stem}",
+        f"--nodes={alloc.nodes}",
+        f"--ntasks-per-node={alloc.tasks_per_node}",
+        f"--gres=gpu:{alloc.gpus_per_node}" if alloc.gpus_per_node else "--gres=none",
+    ]
+    if cpus_per_task is not None:
+        cmd.append(f"--cpus-per-task={cpus_per_task}")
+    if time is not None:
+        cmd.append(f"--time={time}")
+    if partition is not None:
+        cmd.append(f"--partition={partition}")
+    return [*cmd, alloc.script, _repo_relative(recipe), *overrides, *alloc.extra_overrides]
+
+
+def describe(recipe: Path, overrides: list[str], alloc: Allocation) -> str:
+    """Where the run goes and the global batch it trains with."""
+    settings = effective_settings(recipe, overrides)
+    trainer, data = settings["trainer"], settings["data"]
+    root = trainer.get("default_root_dir") or f"runs/{recipe.stem}"
+    lines = [f"run directory: {root}/<job id>; output: {OUTPUT_DIR}/<job name>-<job id>.out"]
+    batch, accumulate = data.get("batch_size"), int(trainer.get("accumulate_grad_batches") or 1)
+    if isinstance(batch, int):
+        ranks = alloc.nodes * alloc.tasks_per_node
+        lines.append(
+            f"global batch: {batch} per device x {alloc.tasks_per_node} device(s) x {alloc.nodes} node(s) x "
+            f"{accumulate} accumulated = {batch * ranks * accumulate}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, overrides = argv[:cut], argv[cut + 1 :]
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_modules.submit",
+        description="Submit a recipe to SLURM with the allocation its trainer settings need "
+        "(CLI overrides after --).",
+    )
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("--nodes", type=int, help="nodes (must equal trainer.num_nodes)")
+    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (must equal trainer.devices; 0: CPU tasks)")
+    parser.add_argument("--cpus-per-task", type=int, help="CPU cores per task (the scripts ask for 10)")
+    parser.add_argument("--time", help="time limit, HH:MM:SS or D-HH:MM:SS (the scripts ask for 48:00:00)")
+    parser.add_argument("--partition", help="SLURM partition")
+    parser.add_argument("--job-name", help="job name (default evt-<recipe name>)")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch command, do not submit")
+    args = parser.parse_args(argv)
+    try:
+        alloc = plan(args.recipe, overrides, args.nodes, args.gpus_per_node)
+        cmd = sbatch_command(
+            args.recipe, overrides, args.nodes, args.gpus_per_node, args.cpus_per_task, args.time, args.partition,
+            args.job_name,
+        )  # fmt: skip
+    except SubmitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(describe(args.recipe, overrides, alloc), file=sys.stderr)
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    (REPO / OUTPUT_DIR).mkdir(parents=True, exist_ok=True)  # sbatch cannot create the output file's directory
+    done = subprocess.run([cmd[0], "--parsable", *cmd[1:]], check=False, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"error: sbatch failed: {done.stderr.strip()}", file=sys.stderr)
+        return done.returncode
+    print(done.stdout.strip().split(";")[0])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
