@@ -81,18 +81,17 @@ def test_fit_and_predict_write_one_timeline_per_video(tmp_path, temporal_set):
         "--model.init_args.backbone.init_args.vit.init_args.embed_dim=32",
         "--model.init_args.backbone.init_args.vit.init_args.depth=1",
         "--model.init_args.head.init_args.embed_dim=16", "--model.init_args.head.init_args.head_channels=16",
-        f"--trainer.default_root_dir={tmp_path}", "--run_id=t",
-        "--trainer.callbacks+=lightning_modules.visualise.TemporalDetectionTimeline",
-        f"--trainer.callbacks.out_dir={tmp_path / 'timelines'}",
+        f"--trainer.default_root_dir={tmp_path}", "--run_id=t",  # the recipe draws into <run>/timelines
     ]  # fmt: skip
     fit = [
         "--trainer.logger=lightning_modules.runs.RunCSVLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.check_val_every_n_epoch=1",
     ]  # fmt: skip
     cli = main(["fit", *args, *fit])
+    timelines = tmp_path / "t" / "timelines"
     database = json.loads((temporal_set / "annotations.json").read_text())["database"]
     val_videos = sorted(v for v, e in database.items() if e["subset"] == "validation")
-    assert val_videos and sorted(p.name for p in (tmp_path / "timelines").glob("*.png")) == [
+    assert val_videos and sorted(p.name for p in timelines.glob("*.png")) == [
         f"{v}_val.png" for v in val_videos
     ]
     (callback,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "TemporalDetectionTimeline"]
@@ -105,7 +104,7 @@ def test_fit_and_predict_write_one_timeline_per_video(tmp_path, temporal_set):
     main([
         "predict", *args, f"--ckpt_path={ckpt}", "--trainer.logger=lightning_modules.loggers.AutoWandbLogger",
     ])  # fmt: skip
-    assert sorted(p.name for p in (tmp_path / "timelines").glob("*_predict.png")) == [
+    assert sorted(p.name for p in timelines.glob("*_predict.png")) == [
         f"{v}_predict.png" for v in val_videos
     ]
     logged = list(tmp_path.rglob("wandb/**/media/images/predict/timelines*.png"))

@@ -3,7 +3,11 @@ offline scorer reads back to the same figures; ActivityNet class fusion; the pap
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +107,43 @@ def test_demo_tad_prints_figures_against_the_target(tmp_path, temporal_set, caps
     for key, value in summary["offline"].items():
         assert value == pytest.approx(summary["logged"][key], abs=1e-6)
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["run_dir"] == str(tmp_path / "demo")
+
+
+def test_validation_under_ddp_equals_a_single_process(tmp_path_factory, tmp_path):
+    """2 DDP ranks (gloo) validate the same checkpoint as one process: 32-frame windows, 3 per 6 s video, over 3
+    validation videos make 9 windows, so the sampler pads one; the detections are gathered over
+    the ranks and merged per video. The figures and the written detections equal the single process's."""
+    root = tmp_path_factory.mktemp("temporal_ddp") / "set"
+    temporal_set = generate_temporal(root, num_videos=8, val_fraction=0.375, size=32, seconds=6, fps=10)
+    window = ["--data.init_args.window_size=32"]
+    main(["fit", *tiny(tmp_path / "fit", temporal_set, "--run_id=t", *window)])
+    (ckpt,) = (tmp_path / "fit" / "t" / "checkpoints").glob("last.ckpt")
+    single = main(["validate", *tiny(tmp_path / "one", temporal_set, "--run_id=v", *window), f"--ckpt_path={ckpt}"])
+    reference = {k: float(v) for k, v in single.trainer.callback_metrics.items() if "mAP" in k}
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
+    env.pop("EVT_RUN_ID", None)
+    args = [*tiny(tmp_path / "two", temporal_set, "--run_id=v", *window), f"--ckpt_path={ckpt}",
+            "--trainer.strategy=ddp", "--trainer.accelerator=cpu", "--trainer.devices=2"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "lightning_modules", "validate", *args], check=False, cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "v" / "predictions_val.json").read_text())["results"]
+    one = json.loads((tmp_path / "one" / "v" / "predictions_val.json").read_text())["results"]
+    assert one and sum(map(len, one.values())) > 0
+    assert len(single.datamodule.dataset("val")) % 2 == 1  # an odd number of windows: the sampler pads one
+    assert sorted(one) == sorted(two)
+    # Detections are listed by score, and an untrained model's near-equal scores may swap places: compare the
+    # lists in (label, segment) order.
+    order = lambda dets: sorted(dets, key=lambda d: (d["label"], *d["segment"], -d["score"]))  # noqa: E731
+    for video, dets in one.items():
+        assert len(dets) == len(two[video]), video
+        for a, b in zip(order(dets), order(two[video])):
+            assert a["label"] == b["label"]
+            assert a["score"] == pytest.approx(b["score"], rel=1e-5, abs=1e-7)
+            assert a["segment"] == pytest.approx(b["segment"], rel=1e-5, abs=1e-5)
+    # Rank 0's logged figures: from its CSV log, each equal to the single process's.
+    rows = list(csv.DictReader((tmp_path / "two" / "v" / "metrics.csv").open()))
+    logged = {k: float(v) for row in rows for k, v in row.items() if "mAP" in k and v}
+    assert set(logged) == set(reference) and reference["val/mAP@0.3"] > 0
+    for key, value in reference.items():
+        assert logged[key] == pytest.approx(value, abs=1e-6), key
