@@ -16,6 +16,7 @@ import torch
 from datamodules.synthetic import generate_temporal
 from lightning_modules.__main__ import run as run_command
 from lightning_modules.cli import main
+from lightning_modules.tad_metrics import mean_average_precision, read_ground_truth, read_predictions
 from lightning_modules.temporal_detection import read_class_scores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,24 +110,25 @@ def test_demo_tad_prints_figures_against_the_target(tmp_path, temporal_set, caps
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["run_dir"] == str(tmp_path / "demo")
 
 
-def test_validation_under_ddp_equals_a_single_process(tmp_path_factory, tmp_path):
-    """2 DDP ranks (gloo) validate the same checkpoint as one process: 32-frame windows, 3 per 6 s video, over 3
-    validation videos make 9 windows, so the sampler pads one; the detections are gathered over
-    the ranks and merged per video. The figures and the written detections equal the single process's."""
+def test_ddp_fit_validates_like_a_single_process(tmp_path_factory, tmp_path):
+    """A 2-rank DDP fit (gloo) of the quickstart detector validates at its end; one process validating the
+    checkpoint it wrote gets the same figures and detections. 32-frame windows, 3 per 6 s video, over 3
+    validation videos make 9 windows, so the sampler pads one; the detections are gathered over the ranks and
+    merged per video."""
     root = tmp_path_factory.mktemp("temporal_ddp") / "set"
     temporal_set = generate_temporal(root, num_videos=8, val_fraction=0.375, size=32, seconds=6, fps=10)
     window = ["--data.init_args.window_size=32"]
-    main(["fit", *tiny(tmp_path / "fit", temporal_set, "--run_id=t", *window)])
-    (ckpt,) = (tmp_path / "fit" / "t" / "checkpoints").glob("last.ckpt")
-    single = main(["validate", *tiny(tmp_path / "one", temporal_set, "--run_id=v", *window), f"--ckpt_path={ckpt}"])
-    reference = {k: float(v) for k, v in single.trainer.callback_metrics.items() if "mAP" in k}
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
     env.pop("EVT_RUN_ID", None)
-    args = [*tiny(tmp_path / "two", temporal_set, "--run_id=v", *window), f"--ckpt_path={ckpt}",
-            "--trainer.strategy=ddp", "--trainer.accelerator=cpu", "--trainer.devices=2"]  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "lightning_modules", "validate", *args], check=False, cwd=REPO,
+    args = [*tiny(tmp_path / "two", temporal_set, "--run_id=v", *window), "--trainer.strategy=ddp",
+            "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.num_sanity_val_steps=0",
+            "--trainer.max_epochs=6", "--trainer.check_val_every_n_epoch=6"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "lightning_modules", "fit", *args], check=False, cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ckpt = tmp_path / "two" / "v" / "checkpoints" / "last.ckpt"
+    single = main(["validate", *tiny(tmp_path / "one", temporal_set, "--run_id=v", *window), f"--ckpt_path={ckpt}"])
+    reference = {k: float(v) for k, v in single.trainer.callback_metrics.items() if "mAP" in k}
     two = json.loads((tmp_path / "two" / "v" / "predictions_val.json").read_text())["results"]
     one = json.loads((tmp_path / "one" / "v" / "predictions_val.json").read_text())["results"]
     assert one and sum(map(len, one.values())) > 0
@@ -134,16 +136,23 @@ def test_validation_under_ddp_equals_a_single_process(tmp_path_factory, tmp_path
     assert sorted(one) == sorted(two)
     # Detections are listed by score, and an untrained model's near-equal scores may swap places: compare the
     # lists in (label, segment) order.
-    order = lambda dets: sorted(dets, key=lambda d: (d["label"], *d["segment"], -d["score"]))  # noqa: E731
+    order = lambda dets: sorted(dets, key=lambda d: (d["label"], *d["segment"], -d["score"]))
     for video, dets in one.items():
         assert len(dets) == len(two[video]), video
         for a, b in zip(order(dets), order(two[video])):
             assert a["label"] == b["label"]
-            assert a["score"] == pytest.approx(b["score"], rel=1e-5, abs=1e-7)
-            assert a["segment"] == pytest.approx(b["segment"], rel=1e-5, abs=1e-5)
-    # Rank 0's logged figures: from its CSV log, each equal to the single process's.
+            # float32 sums over other batch compositions: the last bits differ
+            assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
+            assert a["segment"] == pytest.approx(b["segment"], abs=1e-4)
+    # Rank 0's logged figures (its CSV log) are those of the detections written, and equal the single process's
+    # up to the order of near-equal scores of a barely trained model.
     rows = list(csv.DictReader((tmp_path / "two" / "v" / "metrics.csv").open()))
     logged = {k: float(v) for row in rows for k, v in row.items() if "mAP" in k and v}
     assert set(logged) == set(reference) and reference["val/mAP@0.3"] > 0
+    truth = read_ground_truth(temporal_set / "annotations.json", "validation")
+    offline = mean_average_precision(
+        read_predictions(tmp_path / "two" / "v" / "predictions_val.json", truth), truth, single.model.tious
+    )
     for key, value in reference.items():
-        assert logged[key] == pytest.approx(value, abs=1e-6), key
+        assert logged[key] == pytest.approx(offline[key.removeprefix("val/")], abs=1e-6), key
+        assert logged[key] == pytest.approx(value, abs=1e-3), key
