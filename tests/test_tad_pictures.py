@@ -14,9 +14,8 @@ import pytest
 from datamodules.synthetic import generate_temporal
 from lightning_modules.cli import main
 from lightning_modules.visualise import CLASS_COLOURS, timeline_figure
+from tests.quick import tiny_tad
 
-REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "recipes" / "quickstart" / "tad_synthetic.yaml"
 CLASSES = ["jump", "spin", "slide"]
 
 
@@ -70,18 +69,9 @@ def temporal_set(tmp_path_factory) -> Path:
 
 
 def test_fit_and_predict_write_one_timeline_per_video(tmp_path, temporal_set):
-    """The quickstart detector shrunk to one narrow block on 32x32 frames and 64-frame windows."""
     args = [
-        "--config", str(QUICKSTART), f"--data.init_args.root={temporal_set}", "--data.init_args.synthetic=false",
-        "--data.init_args.num_workers=0", "--data.init_args.batch_size=2", "--data.init_args.window_size=64",
-        "--data.init_args.crop_size=32", "--data.init_args.train_short_side=32",
-        "--data.init_args.eval_short_side=32",
-        "--model.init_args.backbone.init_args.head_length=64", "--model.init_args.head.init_args.max_seq_len=64",
-        "--model.init_args.backbone.init_args.vit.init_args.img_size=32",
-        "--model.init_args.backbone.init_args.vit.init_args.embed_dim=32",
-        "--model.init_args.backbone.init_args.vit.init_args.depth=1",
-        "--model.init_args.head.init_args.embed_dim=16", "--model.init_args.head.init_args.head_channels=16",
-        f"--trainer.default_root_dir={tmp_path}", "--run_id=t",  # the recipe draws into <run>/timelines
+        *tiny_tad(tmp_path, temporal_set), "--model.init_args.head.init_args.embed_dim=16",
+        "--model.init_args.head.init_args.head_channels=16", "--run_id=t",  # the recipe draws into <run>/timelines
     ]  # fmt: skip
     fit = [
         "--trainer.logger=lightning_modules.runs.RunCSVLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",

@@ -6,21 +6,25 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from datamodules.synthetic import generate_temporal
 from lightning_modules.__main__ import run as run_command
 from lightning_modules.cli import main
 from lightning_modules.tad_metrics import mean_average_precision, read_ground_truth, read_predictions
 from lightning_modules.temporal_detection import read_class_scores
+from models.temporal_backbone import ChunkedVideoBackbone
+from models.vit import VideoMAEViT
+from tests.quick import quick_overrides, tiny_tad
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "recipes" / "quickstart" / "tad_synthetic.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +33,9 @@ def temporal_set(tmp_path_factory) -> Path:
 
 
 def tiny(run_root: Path, data: Path, *extra: str) -> list[str]:
-    """The quickstart detector shrunk to 32x32 frames and 64-frame windows (two windows per 6 s video)."""
+    """The shrunk quickstart detector with a CSV log, fitting one epoch of two batches and validating."""
     return [
-        "--config", str(QUICKSTART), f"--data.init_args.root={data}", "--data.init_args.synthetic=false",
-        "--data.init_args.num_workers=0", "--data.init_args.batch_size=2", "--data.init_args.window_size=64",
-        "--data.init_args.crop_size=32", "--data.init_args.train_short_side=32", "--data.init_args.eval_short_side=32",
-        "--model.init_args.backbone.init_args.head_length=64", "--model.init_args.head.init_args.max_seq_len=64",
-        "--model.init_args.backbone.init_args.vit.init_args.img_size=32",
-        "--model.init_args.backbone.init_args.vit.init_args.embed_dim=32",
-        "--model.init_args.backbone.init_args.vit.init_args.depth=1",
-        f"--trainer.default_root_dir={run_root}", "--trainer.logger=lightning_modules.runs.RunCSVLogger",
+        *tiny_tad(run_root, data), "--trainer.logger=lightning_modules.runs.RunCSVLogger",
         f"--trainer.logger.init_args.save_dir={run_root}", "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=2", "--trainer.check_val_every_n_epoch=1", *extra,
     ]  # fmt: skip
@@ -102,12 +99,51 @@ def test_demo_tad_prints_figures_against_the_target(tmp_path, temporal_set, caps
     from lightning_modules.demo_tad import main as demo
 
     overrides = tiny(tmp_path, temporal_set, "--run_id=demo")[2:]  # the demo names the recipe itself
-    summary = demo(["--out", str(tmp_path / "demo"), "--", *overrides])
+    summary = demo(["--out", str(tmp_path / "demo"), "--pretrained", "none", "--", *overrides])
     out = capsys.readouterr().out
     assert "target (>= 70% within 10 min)" in out and ("NOT met" in out) != summary["met"]
+    assert "trained from scratch" in out and summary["backbone"] is None
     for key, value in summary["offline"].items():
         assert value == pytest.approx(summary["logged"][key], abs=1e-6)
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["run_dir"] == str(tmp_path / "demo")
+
+
+def test_demo_tad_starts_the_detector_from_the_backbone_it_trained(tmp_path, temporal_set, synthetic_classification):
+    """Stage 1 fits the dense quickstart ViT (tiny here) as run tad_backbone; stage 2 loads exactly its weights
+    into the detector's ViT; a second demo reuses the finished stage 1 instead of training it again."""
+    from lightning_modules.demo_tad import main as demo
+
+    vit = ["--model.init_args.backbone.init_args.img_size=32", "--model.init_args.backbone.init_args.embed_dim=32",
+           "--model.init_args.backbone.init_args.depth=1"]  # the shape tiny() gives the detector's ViT
+    stage1 = [*quick_overrides(tmp_path / "backbone", synthetic_classification), *vit,
+              "--data.init_args.crop_size=32", "--data.init_args.train_short_side=[40,40]",
+              "--data.init_args.test_short_side=40", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+              "--trainer.limit_val_batches=1", "--trainer.check_val_every_n_epoch=1", "--trainer.callbacks=[]"]
+    args = ["--out", str(tmp_path / "demo"), "--backbone-args", shlex.join(stage1), "--"]
+    detector = lambda run: [a for a in tiny(tmp_path, temporal_set, f"--run_id={run}")[2:] if "pretrained" not in a]
+    first = demo([*args, *detector("first")])
+    ckpt = Path(first["backbone"]["checkpoint"])
+    assert ckpt == tmp_path / "backbone" / "tad_backbone" / "checkpoints" / "last.ckpt"
+    assert not first["backbone"]["reused"] and 0 <= first["backbone"]["val_top1"] <= 1
+    config = yaml.safe_load((tmp_path / "first" / "config.yaml").read_text())
+    assert config["model"]["init_args"]["backbone"]["init_args"]["pretrained"] == str(ckpt)
+
+    # The detector's ViT as the run built it holds the classifier's backbone tensors, read from the file.
+    built = ChunkedVideoBackbone(
+        VideoMAEViT(size=None, embed_dim=32, depth=1, num_heads=4, img_size=32, num_frames=8), chunk_frames=8,
+        head_length=64, finetune="full", pretrained=str(ckpt),
+    )  # fmt: skip
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    own = built.vit.state_dict()
+    shared = [k for k in saved if k.startswith("backbone.") and k.removeprefix("backbone.") in own]
+    assert len(shared) == len(own)  # every tensor of the ViT comes from the checkpoint
+    for key in shared:
+        assert torch.equal(own[key.removeprefix("backbone.")], saved[key]), key
+
+    stamp = ckpt.stat().st_mtime_ns
+    second = demo([*args, *detector("second")])
+    assert second["backbone"]["reused"] and second["backbone"]["checkpoint"] == str(ckpt)
+    assert ckpt.stat().st_mtime_ns == stamp
 
 
 def test_ddp_fit_validates_like_a_single_process(tmp_path_factory, tmp_path):
