@@ -56,7 +56,9 @@ def train_backbone(out: Path, overrides: Sequence[str]) -> dict:
     minutes = (time.perf_counter() - start) / 60
     last = next((c.last_model_path for c in cli.trainer.checkpoint_callbacks if c.last_model_path), "")
     if not last:
-        raise RuntimeError(f"{BACKBONE_RECIPE.name}: fit ended without a last checkpoint to start the detector from")
+        raise RuntimeError(
+            f"{BACKBONE_RECIPE.name}: fit ended without a last checkpoint to start the detector from"
+        )
     top1 = cli.trainer.callback_metrics.get("val/top1")
     record = {
         "checkpoint": last,
@@ -81,7 +83,9 @@ def report(figures: dict[str, float], minutes: float, backbone: dict | None) -> 
     else:
         top1 = "" if backbone["val_top1"] is None else f", val top-1 {100 * backbone['val_top1']:.2f}%"
         when = "finished earlier, reused" if backbone.get("reused") else "this run"
-        took = f"{backbone['minutes']:.1f} min" if backbone.get("minutes") is not None else "time not recorded"
+        took = (
+            f"{backbone['minutes']:.1f} min" if backbone.get("minutes") is not None else "time not recorded"
+        )
         lines.append(f"backbone: {backbone['checkpoint']} ({took}, {when}{top1})")
     lines.append(
         f"quickstart TAD: average mAP {100 * figures['average_mAP']:.2f}% after {minutes:.1f} min of detector "
@@ -92,7 +96,9 @@ def report(figures: dict[str, float], minutes: float, backbone: dict | None) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m lightning_modules.demo_tad", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_modules.demo_tad", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--out", default="runs/demo_tad", help="where the summary goes")
     parser.add_argument(
         "--pretrained",
@@ -100,8 +106,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         help="a checkpoint of the quickstart ViT to start the detector from instead of stage 1, or 'none' for a "
         "detector trained from scratch",
     )
-    parser.add_argument("--backbone-args", default="", help="CLI overrides for stage 1 (one shell-quoted string)")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="after --: CLI overrides for the detector run")
+    parser.add_argument(
+        "--backbone-args", default="", help="CLI overrides for stage 1 (one shell-quoted string)"
+    )
+    parser.add_argument(
+        "overrides", nargs=argparse.REMAINDER, help="after --: CLI overrides for the detector run"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     overrides = [a for a in args.overrides if a != "--"]
@@ -112,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         backbone = {"checkpoint": args.pretrained, "val_top1": None, "minutes": None, "reused": True}
     # As a dict: jsonargparse reads a nested `...init_args.pretrained=null` as the string "None".
-    pretrained = json.dumps({"init_args": {"pretrained": None if backbone is None else backbone["checkpoint"]}})
+    pretrained = json.dumps(
+        {"init_args": {"pretrained": None if backbone is None else backbone["checkpoint"]}}
+    )
 
     start = time.perf_counter()
     cli = cli_main([
@@ -123,11 +135,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logged = {k.removeprefix("val/"): float(v) for k, v in cli.trainer.callback_metrics.items()
               if k.startswith("val/") and "mAP" in k}  # fmt: skip
     if "average_mAP" not in logged:
-        raise RuntimeError(f"{RECIPE.name}: fit ended without validation mAP; check max_epochs / val settings")
+        raise RuntimeError(
+            f"{RECIPE.name}: fit ended without validation mAP; check max_epochs / val settings"
+        )
     # The written detections, scored again from the files as a user of the official evaluator would.
     dm = cli.datamodule
     truth = read_ground_truth(dm.annotation_path, dm.subsets["val"])
-    offline = mean_average_precision(read_predictions(run_dir / "predictions_val.json", truth), truth, cli.model.tious)
+    offline = mean_average_precision(
+        read_predictions(run_dir / "predictions_val.json", truth), truth, cli.model.tious
+    )
     summary = {"logged": logged, "offline": offline, "minutes": minutes, "run_dir": str(run_dir),
                "backbone": backbone, "target_average_mAP": TARGET_MAP, "target_minutes": TARGET_MINUTES,
                "met": logged["average_mAP"] >= TARGET_MAP and minutes <= TARGET_MINUTES}  # fmt: skip

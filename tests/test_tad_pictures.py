@@ -65,7 +65,9 @@ def test_timeline_without_any_segment():
 
 @pytest.fixture(scope="module")
 def temporal_set(tmp_path_factory) -> Path:
-    return generate_temporal(tmp_path_factory.mktemp("temporal") / "set", num_videos=6, size=32, seconds=6, fps=10)
+    return generate_temporal(
+        tmp_path_factory.mktemp("temporal") / "set", num_videos=6, size=32, seconds=6, fps=10
+    )
 
 
 def test_fit_and_predict_write_one_timeline_per_video(tmp_path, temporal_set):
@@ -94,8 +96,6 @@ def test_fit_and_predict_write_one_timeline_per_video(tmp_path, temporal_set):
     main([
         "predict", *args, f"--ckpt_path={ckpt}", "--trainer.logger=lightning_modules.loggers.AutoWandbLogger",
     ])  # fmt: skip
-    assert sorted(p.name for p in timelines.glob("*_predict.png")) == [
-        f"{v}_predict.png" for v in val_videos
-    ]
+    assert sorted(p.name for p in timelines.glob("*_predict.png")) == [f"{v}_predict.png" for v in val_videos]
     logged = list(tmp_path.rglob("wandb/**/media/images/predict/timelines*.png"))
     assert len(logged) == len(val_videos)

@@ -29,7 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def temporal_set(tmp_path_factory) -> Path:
-    return generate_temporal(tmp_path_factory.mktemp("temporal") / "set", num_videos=6, size=32, seconds=6, fps=10)
+    return generate_temporal(
+        tmp_path_factory.mktemp("temporal") / "set", num_videos=6, size=32, seconds=6, fps=10
+    )
 
 
 def tiny(run_root: Path, data: Path, *extra: str) -> list[str]:
@@ -78,15 +80,25 @@ def test_external_class_scores_formats(tmp_path):
     names, ids = ["jump", "slide", "spin"], ["a", "b", "c"]
     (tmp_path / "list.json").write_text(json.dumps({"results": {"v_a": [0.1, 0.2, 0.7]}}))
     (tmp_path / "named.json").write_text(json.dumps({"b": {"spin": 0.9, "jump": 0.1}}))
-    (tmp_path / "cuhk.json").write_text(json.dumps({"class": ["spin", "jump", "slide"], "results": {"c": [0.5, 0.3, 0.2]}}))
-    assert torch.equal(read_class_scores(tmp_path / "list.json", ids, names)[0], torch.tensor([0.1, 0.2, 0.7]))
-    assert torch.equal(read_class_scores(tmp_path / "named.json", ids, names)[1], torch.tensor([0.1, 0.0, 0.9]))
-    assert torch.equal(read_class_scores(tmp_path / "cuhk.json", ids, names)[2], torch.tensor([0.3, 0.2, 0.5]))
+    (tmp_path / "cuhk.json").write_text(
+        json.dumps({"class": ["spin", "jump", "slide"], "results": {"c": [0.5, 0.3, 0.2]}})
+    )
+    assert torch.equal(
+        read_class_scores(tmp_path / "list.json", ids, names)[0], torch.tensor([0.1, 0.2, 0.7])
+    )
+    assert torch.equal(
+        read_class_scores(tmp_path / "named.json", ids, names)[1], torch.tensor([0.1, 0.0, 0.9])
+    )
+    assert torch.equal(
+        read_class_scores(tmp_path / "cuhk.json", ids, names)[2], torch.tensor([0.3, 0.2, 0.5])
+    )
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("tad_*.yaml")), ids=lambda p: p.stem)
 def test_missing_dataset_says_what_to_download(tmp_path, recipe):
-    no_weights = tmp_path / "no_weights.yaml"  # the recipes name local VideoMAE checkpoints this machine lacks
+    no_weights = (
+        tmp_path / "no_weights.yaml"
+    )  # the recipes name local VideoMAE checkpoints this machine lacks
     no_weights.write_text("model:\n  init_args:\n    backbone:\n      init_args:\n        pretrained: null\n")
     with pytest.raises(Exception, match=r"(?s)not found.*(THUMOS14|ActivityNet-1.3)"):
         main(["fit", "--config", str(recipe), "--config", str(no_weights), f"--data.init_args.root={tmp_path}",
@@ -108,19 +120,34 @@ def test_demo_tad_prints_figures_against_the_target(tmp_path, temporal_set, caps
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["run_dir"] == str(tmp_path / "demo")
 
 
-def test_demo_tad_starts_the_detector_from_the_backbone_it_trained(tmp_path, temporal_set, synthetic_classification):
+def test_demo_tad_starts_the_detector_from_the_backbone_it_trained(
+    tmp_path, temporal_set, synthetic_classification
+):
     """Stage 1 fits the dense quickstart ViT (tiny here) as run tad_backbone; stage 2 loads exactly its weights
     into the detector's ViT; a second demo reuses the finished stage 1 instead of training it again."""
     from lightning_modules.demo_tad import main as demo
 
-    vit = ["--model.init_args.backbone.init_args.img_size=32", "--model.init_args.backbone.init_args.embed_dim=32",
-           "--model.init_args.backbone.init_args.depth=1"]  # the shape tiny() gives the detector's ViT
-    stage1 = [*quick_overrides(tmp_path / "backbone", synthetic_classification), *vit,
-              "--data.init_args.crop_size=32", "--data.init_args.train_short_side=[40,40]",
-              "--data.init_args.test_short_side=40", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-              "--trainer.limit_val_batches=1", "--trainer.check_val_every_n_epoch=1", "--trainer.callbacks=[]"]
+    vit = [
+        "--model.init_args.backbone.init_args.img_size=32",
+        "--model.init_args.backbone.init_args.embed_dim=32",
+        "--model.init_args.backbone.init_args.depth=1",
+    ]  # the shape tiny() gives the detector's ViT
+    stage1 = [
+        *quick_overrides(tmp_path / "backbone", synthetic_classification),
+        *vit,
+        "--data.init_args.crop_size=32",
+        "--data.init_args.train_short_side=[40,40]",
+        "--data.init_args.test_short_side=40",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.check_val_every_n_epoch=1",
+        "--trainer.callbacks=[]",
+    ]
     args = ["--out", str(tmp_path / "demo"), "--backbone-args", shlex.join(stage1), "--"]
-    detector = lambda run: [a for a in tiny(tmp_path, temporal_set, f"--run_id={run}")[2:] if "pretrained" not in a]
+    detector = lambda run: [
+        a for a in tiny(tmp_path, temporal_set, f"--run_id={run}")[2:] if "pretrained" not in a
+    ]
     first = demo([*args, *detector("first")])
     ckpt = Path(first["backbone"]["checkpoint"])
     assert ckpt == tmp_path / "backbone" / "tad_backbone" / "checkpoints" / "last.ckpt"
@@ -163,7 +190,9 @@ def test_ddp_fit_validates_like_a_single_process(tmp_path_factory, tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ckpt = tmp_path / "two" / "v" / "checkpoints" / "last.ckpt"
-    single = main(["validate", *tiny(tmp_path / "one", temporal_set, "--run_id=v", *window), f"--ckpt_path={ckpt}"])
+    single = main(
+        ["validate", *tiny(tmp_path / "one", temporal_set, "--run_id=v", *window), f"--ckpt_path={ckpt}"]
+    )
     reference = {k: float(v) for k, v in single.trainer.callback_metrics.items() if "mAP" in k}
     two = json.loads((tmp_path / "two" / "v" / "predictions_val.json").read_text())["results"]
     one = json.loads((tmp_path / "one" / "v" / "predictions_val.json").read_text())["results"]
