@@ -38,8 +38,10 @@ class VideoTask(L.LightningModule):
     """Base LightningModule: subclasses build their model in ``__init__`` and implement the steps.
 
     Schedule: linear warmup over ``warmup_epochs`` from ``warmup_start_factor`` x lr, then a cosine down to
-    ``min_lr_ratio`` x lr reaching its end after ``schedule_epochs`` (default: ``trainer.max_epochs``), stepped
-    every optimiser step.
+    ``min_lr_ratio`` x lr reaching its end after ``schedule_epochs`` (default: ``trainer.max_epochs``), updated
+    every optimiser step (``lr_interval: step``) or once per epoch (``epoch``, as mmengine's ``by_epoch``
+    schedulers: HaltingVT's official LinearLR(0.1, 5 epochs) + CosineAnnealingLR(T_max=20, begin=5) is
+    ``warmup_epochs: 5, warmup_start_factor: 0.1, schedule_epochs: 25, min_lr_ratio: 0, lr_interval: epoch``).
     """
 
     def __init__(
@@ -52,8 +54,11 @@ class VideoTask(L.LightningModule):
         warmup_start_factor: float = 0.01,
         min_lr_ratio: float = 0.01,
         schedule_epochs: float | None = None,
+        lr_interval: Literal["step", "epoch"] = "step",
     ):
         super().__init__()
+        if lr_interval not in ("step", "epoch"):
+            raise ValueError(f"lr_interval must be 'step' or 'epoch', got {lr_interval!r}")
         self.lr = lr
         self.weight_decay = weight_decay
         self.optimizer_name = optimizer
@@ -62,6 +67,7 @@ class VideoTask(L.LightningModule):
         self.warmup_start_factor = warmup_start_factor
         self.min_lr_ratio = min_lr_ratio
         self.schedule_epochs = schedule_epochs
+        self.lr_interval = lr_interval
 
     def load_backbone(self, backbone: nn.Module, pretrained: str | None) -> None:
         if pretrained:
@@ -82,12 +88,15 @@ class VideoTask(L.LightningModule):
         groups = self.optimizer_groups()
         cls = torch.optim.AdamW if self.optimizer_name == "adamw" else torch.optim.Adam
         opt = cls(groups, lr=self.lr, betas=self.betas)
-        steps = max(int(self.trainer.estimated_stepping_batches), 1)
         epochs = max(self.trainer.max_epochs or 1, 1)
-        warmup = int(steps * self.warmup_epochs / epochs)
-        # The cosine may span more epochs than are trained (AdaTAD on THUMOS: a 100-epoch cosine stopped at 60).
-        total = int(steps * self.schedule_epochs / epochs) if self.schedule_epochs else steps
+        if self.lr_interval == "epoch":
+            warmup, total = self.warmup_epochs, self.schedule_epochs or epochs
+        else:
+            steps = max(int(self.trainer.estimated_stepping_batches), 1)
+            warmup = int(steps * self.warmup_epochs / epochs)
+            # The cosine may span more epochs than are trained (AdaTAD on THUMOS: a 100-epoch cosine stopped at 60).
+            total = int(steps * self.schedule_epochs / epochs) if self.schedule_epochs else steps
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: warmup_cosine(s, warmup, total, self.warmup_start_factor, self.min_lr_ratio)
         )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.lr_interval}}

@@ -18,8 +18,11 @@ from models.flops import count_macs
 class VideoClassifier(VideoTask):
     """Any backbone that maps (B, 3, T, H, W) to a (B, D) clip feature, with a linear classifier on top.
 
-    Evaluation averages the softmax (sigmoid for multi-label) scores of all views of a video (clips x crops) and
-    logs the mean GFLOPs (multiply-accumulates) per clip; a dense model's cost is counted once per clip shape.
+    Multi-label targets train with per-class sigmoid BCE (``multilabel_loss: bce``) or with softmax
+    cross-entropy on the normalised multi-hot target (``softmax_ce``, HaltingVT's ActivityNet protocol).
+    Evaluation averages the scores of all views of a video (clips x crops), with the activation the loss used
+    (softmax; sigmoid for ``bce``), and logs the mean GFLOPs (multiply-accumulates) per clip; a dense model's
+    cost is counted once per clip shape.
     """
 
     def __init__(
@@ -30,6 +33,7 @@ class VideoClassifier(VideoTask):
         head_dropout: float = 0.0,
         label_smoothing: float = 0.0,
         multilabel: bool = False,
+        multilabel_loss: Literal["bce", "softmax_ce"] = "bce",
         top_k: tuple[int, ...] = (1, 5),
         lr: float = 1e-3,
         weight_decay: float = 0.05,
@@ -38,8 +42,13 @@ class VideoClassifier(VideoTask):
         warmup_epochs: float = 1.0,
         warmup_start_factor: float = 0.01,
         min_lr_ratio: float = 0.01,
+        schedule_epochs: float | None = None,
+        lr_interval: Literal["step", "epoch"] = "step",
     ):
-        super().__init__(lr, weight_decay, optimizer, betas, warmup_epochs, warmup_start_factor, min_lr_ratio)
+        super().__init__(
+            lr, weight_decay, optimizer, betas, warmup_epochs, warmup_start_factor, min_lr_ratio, schedule_epochs,
+            lr_interval,
+        )  # fmt: skip
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self.load_backbone(backbone, pretrained)
@@ -47,7 +56,10 @@ class VideoClassifier(VideoTask):
         nn.init.trunc_normal_(self.head[1].weight, std=0.02)
         nn.init.zeros_(self.head[1].bias)
         self.num_classes = num_classes
+        if multilabel_loss not in ("bce", "softmax_ce"):
+            raise ValueError(f"multilabel_loss must be 'bce' or 'softmax_ce', got {multilabel_loss!r}")
         self.multilabel = multilabel
+        self.multilabel_loss = multilabel_loss
         self.label_smoothing = label_smoothing
         self.val_scores = VideoClassificationScores(num_classes, top_k, multilabel)
         self.test_scores = VideoClassificationScores(num_classes, top_k, multilabel)
@@ -60,6 +72,10 @@ class VideoClassifier(VideoTask):
         return self.head(self.backbone(video))
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        if self.multilabel and self.multilabel_loss == "softmax_ce":
+            # Softmax cross-entropy on the multi-hot target normalised to sum 1 (HaltingVT on ActivityNet).
+            target = target.float()
+            return F.cross_entropy(logits, target / target.sum(-1, keepdim=True).clamp_min(1.0))
         if self.multilabel:
             return F.binary_cross_entropy_with_logits(logits, target.float())
         return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
@@ -94,7 +110,7 @@ class VideoClassifier(VideoTask):
         """(B, views, 3, T, H, W) -> (B, num_classes) view-averaged probabilities."""
         b, v = video.shape[:2]
         logits = self.clip_logits(video.flatten(0, 1), stage).unflatten(0, (b, v))
-        probs = logits.sigmoid() if self.multilabel else logits.softmax(-1)
+        probs = logits.sigmoid() if self.multilabel and self.multilabel_loss == "bce" else logits.softmax(-1)
         return probs.mean(1)
 
     def _eval_step(self, batch: dict[str, Any], metric: VideoClassificationScores, prefix: str) -> None:

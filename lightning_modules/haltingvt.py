@@ -19,6 +19,14 @@ def depth_prior(layers: int, mean: float, std: float) -> Tensor:
     return (target / target.sum()).float()
 
 
+def prior_kl(halting: Tensor, prior: Tensor) -> Tensor:
+    """A-ViT's distribution-prior loss: the per-layer halting scores (L,) normalised to sum 1 and clamped to
+    [0.01, 0.99], then KL(prior || q) averaged over the L layers (A-ViT's ``KLDivLoss(reduction="batchmean")`` on
+    an (L,) vector). Finite when every score is 0 (all tokens halted, or scores underflowing)."""
+    q = (halting / halting.sum().clamp_min(torch.finfo(halting.dtype).tiny)).clamp(0.01, 0.99)
+    return F.kl_div(q.log(), prior, reduction="sum") / len(q)
+
+
 class HaltingVTClassifier(VideoClassifier):
     """HaltingVT on a ``HaltingViT`` backbone.
 
@@ -27,7 +35,9 @@ class HaltingVTClassifier(VideoClassifier):
     ``motion_weight`` x cross-entropy of the 2-way motion head (real 1 vs static 0). Static clips carry the real
     clip's label, and their classification loss counts ``static_label_weight`` times a real clip's (1, the
     official mean over both; 0 where a class cannot be told from one frame, e.g. left vs right motion).
-    Evaluation removes halted tokens and logs the mean GFLOPs (multiply-accumulates) per clip beside top-1/top-5.
+    Training keeps halted tokens masked in place (``training_path: masked``) or removes them as evaluation does
+    (``compact``, packed with autograd: a step costs what its active tokens cost; same loss and gradients). Evaluation removes halted tokens and logs the mean GFLOPs (multiply-accumulates) per clip beside
+    top-1/top-5.
     """
 
     def __init__(
@@ -41,9 +51,11 @@ class HaltingVTClassifier(VideoClassifier):
         prior_std: float = 1.0,
         motion_weight: float = 1.0,
         static_label_weight: float = 1.0,
+        training_path: Literal["compact", "masked"] = "masked",
         head_dropout: float = 0.0,
         label_smoothing: float = 0.0,
         multilabel: bool = False,
+        multilabel_loss: Literal["bce", "softmax_ce"] = "bce",
         top_k: tuple[int, ...] = (1, 5),
         lr: float = 1e-5,
         weight_decay: float = 1e-5,
@@ -52,15 +64,21 @@ class HaltingVTClassifier(VideoClassifier):
         warmup_epochs: float = 5.0,
         warmup_start_factor: float = 0.1,
         min_lr_ratio: float = 0.0,
+        schedule_epochs: float | None = None,
+        lr_interval: Literal["step", "epoch"] = "step",
     ):
         super().__init__(
-            backbone, num_classes, pretrained, head_dropout, label_smoothing, multilabel, top_k, lr, weight_decay,
-            optimizer, betas, warmup_epochs, warmup_start_factor, min_lr_ratio,
+            backbone, num_classes, pretrained, head_dropout, label_smoothing, multilabel, multilabel_loss, top_k, lr,
+            weight_decay, optimizer, betas, warmup_epochs, warmup_start_factor, min_lr_ratio, schedule_epochs,
+            lr_interval,
         )  # fmt: skip
         self.ponder_weight = ponder_weight
         self.prior_weight = prior_weight
         self.motion_weight = motion_weight
         self.static_label_weight = static_label_weight
+        if training_path not in ("compact", "masked"):
+            raise ValueError(f"training_path must be 'compact' or 'masked', got {training_path!r}")
+        self.training_path = training_path
         # Only built when used: under DDP every parameter must take part in the loss.
         self.motion_head = nn.Linear(backbone.embed_dim, 2) if motion_weight > 0 else None
         self.register_buffer(
@@ -80,7 +98,10 @@ class HaltingVTClassifier(VideoClassifier):
         if paired:
             video = torch.cat([video, batch["static"]])
             label = torch.cat([label, label])
-        out: HaltingOutput = self.backbone.forward_masked(video)
+        if self.training_path == "compact":
+            out: HaltingOutput = self.backbone.forward_compact(video, losses=True)
+        else:
+            out = self.backbone.forward_masked(video)
         logits = self.head(out.feature)
         n = batch["batch_size"]
         if paired:
@@ -93,8 +114,7 @@ class HaltingVTClassifier(VideoClassifier):
         loss = loss_cls + self.ponder_weight * loss_ponder
         self.log_dict({"train/loss_cls": loss_cls, "train/ponder": loss_ponder}, batch_size=n)
         if self.prior_weight > 0:
-            q = (out.halting / out.halting.sum()).clamp_min(1e-8)
-            loss_prior = F.kl_div(q.log(), self.prior, reduction="sum")  # KL(prior || q)
+            loss_prior = prior_kl(out.halting, self.prior)
             loss = loss + self.prior_weight * loss_prior
             self.log("train/prior_kl", loss_prior, batch_size=n)
         if paired:

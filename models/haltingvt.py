@@ -11,10 +11,12 @@
 
 Two forward paths compute the same function:
 
-- ``forward_masked`` (training): all tokens stay in the tensor; halted tokens are neither updated nor attended to.
-- ``forward_compact`` (inference): halted tokens are physically removed. Token-wise layers run on the active tokens
-  of the whole batch packed together and attention runs per sample, so the cost follows the active token counts
-  whatever their spread over the batch.
+- ``forward_masked``: all tokens stay in the tensor; halted tokens are neither updated nor attended to. The
+  reference for training.
+- ``forward_compact``: halted tokens are physically removed. Token-wise layers run on the active tokens of the
+  whole batch packed together and attention runs per sample, so the cost follows the active token counts
+  whatever their spread over the batch. Used at inference, and in training (``losses=True``, with autograd):
+  a halted token has no further effect on the output, so its loss and gradients are the masked path's.
 """
 
 from __future__ import annotations
@@ -102,11 +104,13 @@ class HaltingOutput:
     """What a halting forward returns.
 
     ``feature`` (B, C) normalised class feature; ``ponder`` (B, N) per-token ponder cost rho (layers run +
-    remainder); ``active`` (B, L) number of tokens each joint layer processed per sample; ``halting`` (L,) mean
-    halting score per joint layer over the batch's tokens that were active there (for the distribution prior);
+    remainder); ``active`` (B, L) number of tokens each joint layer processed per sample; ``halting`` (L,) the
+    distribution prior's per-layer halting score as A-ViT defines it: the score before the last layer's forced
+    h = 1, averaged over all of the batch's tokens, a token that halted earlier counting 0 (A-ViT zeroes halted
+    tokens, whose score is then about sigmoid(-halt_center));
     ``depth`` (B, N) how many joint layers each token ran through (token order: class token, then time-major
-    kept patches). The inference path (``forward_compact``) leaves ``ponder``, ``halting`` and ``depth`` empty:
-    they only feed losses and pictures.
+    kept patches). ``forward_compact`` without ``losses`` (inference) leaves ``ponder``, ``halting`` and
+    ``depth`` empty: they only feed losses and pictures.
     """
 
     feature: Tensor
@@ -224,8 +228,10 @@ class HaltingViT(InflatedViT):
             keys = active | ~active.any(1, keepdim=True)
             y = block(x, attn_mask=keys[:, None, None, :])
             x = torch.where(active[..., None], y, x)
-            h = self.halting_score(x, last=i == len(joint) - 1) * active
-            halting.append(h.sum() / active.sum())
+            score = self.halting_score(x, last=False)
+            # A-ViT's layer mean for the prior: the unforced score over all tokens, a halted one counting 0.
+            halting.append((score * active).sum() / active.numel())
+            h = (torch.ones_like(score) if i == len(joint) - 1 else score) * active
             cum = cum + h
             reached = active & (cum >= 1.0 - self.halt_eps)
             running = active & ~reached
@@ -236,33 +242,49 @@ class HaltingViT(InflatedViT):
             active = running
         return HaltingOutput(self.norm(feature), ponder, torch.stack(counts, 1), torch.stack(halting), depth)
 
-    def forward_compact(self, video: Tensor) -> HaltingOutput:
-        """Halting with halted tokens removed: packed token-wise layers, per-sample attention."""
-        x = self.glimpse(video)
+    def forward_compact(self, video: Tensor, losses: bool = False) -> HaltingOutput:
+        """Halting with halted tokens removed: packed token-wise layers, per-sample attention.
+
+        Differentiable: with ``losses`` it also returns what training needs (``ponder``, ``halting``, ``depth``),
+        so a training step costs what the active tokens cost; its loss and gradients are the masked path's.
+        """
+        return self.halt_compact(self.glimpse(video), losses)
+
+    def halt_compact(self, x: Tensor, losses: bool = False) -> HaltingOutput:
+        """The joint blocks of ``forward_compact`` on Glimpser output ``x`` (B, N, C)."""
         b, n, c = x.shape
         joint = self.joint_blocks
         tokens = x.reshape(b * n, c)  # packed active tokens, sample by sample, class token first
-        owner = torch.arange(b, device=x.device).repeat_interleave(n)
-        is_cls = torch.zeros(b * n, dtype=torch.bool, device=x.device)
-        is_cls[::n] = True
+        position = torch.arange(b * n, device=x.device)  # each packed token's place in the (B, N) grid
+        owner = position // n
+        is_cls = position % n == 0
         cum = x.new_zeros(b * n)
         remainder = x.new_ones(b * n)
         feature = x.new_zeros(b, c)
-        counts = []
+        ponder = x.new_zeros(b * n)
+        depth = torch.zeros(b * n, dtype=torch.long, device=x.device)
+        counts, halting = [], []
         for i, block in enumerate(joint):
             lengths = torch.bincount(owner, minlength=b)
             counts.append(lengths)
-            tokens = packed_block(block, tokens, lengths)
-            h = self.halting_score(tokens, last=i == len(joint) - 1)
+            tokens = packed_block(block, tokens, lengths, owner)
+            score = self.halting_score(tokens, last=False)
+            h = torch.ones_like(score) if i == len(joint) - 1 else score
             cum = cum + h
             reached = cum >= 1.0 - self.halt_eps
             weight = torch.where(reached, remainder, h)
             cls_rows = is_cls.nonzero().squeeze(1)
             feature = feature.index_add(0, owner[cls_rows], weight[cls_rows, None] * tokens[cls_rows])
+            if losses:
+                halting.append(score.sum() / (b * n))  # as halt_masked: halted tokens count 0
+                depth[position] += 1
+                # A token halting here ran i + 1 layers and keeps its remainder as the rest of its ponder cost.
+                ponder = ponder.index_put((position[reached],), (i + 1) + remainder[reached])
             remainder = remainder - torch.where(reached, 0.0, h)
             keep = ~reached
-            tokens, owner, is_cls, cum, remainder = (
+            tokens, position, owner, is_cls, cum, remainder = (
                 tokens[keep],
+                position[keep],
                 owner[keep],
                 is_cls[keep],
                 cum[keep],
@@ -270,9 +292,18 @@ class HaltingViT(InflatedViT):
             )
             if tokens.shape[0] == 0:
                 counts += [torch.zeros_like(lengths)] * (len(joint) - 1 - i)
+                halting += [x.new_zeros(())] * ((len(joint) - 1 - i) if losses else 0)
                 break
-        empty = x.new_zeros(0)
-        return HaltingOutput(self.norm(feature), empty, torch.stack(counts, 1), empty, empty)
+        if not losses:
+            empty = x.new_zeros(0)
+            return HaltingOutput(self.norm(feature), empty, torch.stack(counts, 1), empty, empty)
+        return HaltingOutput(
+            self.norm(feature),
+            ponder.view(b, n),
+            torch.stack(counts, 1),
+            torch.stack(halting),
+            depth.view(b, n),
+        )
 
     @torch.no_grad()
     def halting_map(self, video: Tensor) -> tuple[HaltingMap, HaltingOutput]:
@@ -309,10 +340,12 @@ class HaltingViT(InflatedViT):
         return (self.forward_masked(video) if self.training else self.forward_compact(video)).feature
 
 
-def packed_block(block: Block, tokens: Tensor, lengths: Tensor) -> Tensor:
+def packed_block(block: Block, tokens: Tensor, lengths: Tensor, owner: Tensor | None = None) -> Tensor:
     """Run a joint block on the packed tokens (M, C) of several samples (``lengths`` tokens each).
 
-    Norms, projections and the MLP see all M tokens at once; attention runs within each sample.
+    Norms, projections and the MLP see all M tokens at once; attention runs within each sample. In training,
+    stochastic depth drops a residual branch per sample (``owner`` (M,) names each token's sample), drawing
+    its random numbers as ``Block`` does on the unpacked batch, so both paths drop the same samples.
     """
     attn = block.attn
     qkv = F.linear(block.norm1(tokens), attn.qkv.weight, attn._qkv_bias())
@@ -322,5 +355,19 @@ def packed_block(block: Block, tokens: Tensor, lengths: Tensor) -> Tensor:
             continue
         q, k, v = rearrange(part, "n (three h d) -> three 1 h n d", three=3, h=attn.num_heads)
         outs.append(rearrange(F.scaled_dot_product_attention(q, k, v), "1 h n d -> n (h d)"))
-    tokens = tokens + attn.proj(torch.cat(outs))
-    return tokens + block.mlp(block.norm2(tokens))
+    tokens = tokens + _packed_drop_path(block, attn.proj(torch.cat(outs)), len(lengths), owner)
+    return tokens + _packed_drop_path(block, block.mlp(block.norm2(tokens)), len(lengths), owner)
+
+
+def _packed_drop_path(block: Block, y: Tensor, samples: int, owner: Tensor | None) -> Tensor:
+    """timm's per-sample ``DropPath`` of ``block`` on packed rows: one draw per sample, spread over its tokens."""
+    drop = block.drop_path
+    if not (isinstance(drop, DropPath) and drop.training and drop.drop_prob > 0):
+        return y
+    if owner is None:
+        raise ValueError("packed stochastic depth needs each token's sample (owner)")
+    keep = 1.0 - drop.drop_prob
+    mask = y.new_empty(samples, 1, 1).bernoulli_(keep)
+    if keep > 0 and drop.scale_by_keep:
+        mask.div_(keep)
+    return y * mask.view(samples, 1)[owner]

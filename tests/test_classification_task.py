@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
+import pytest
 import torch
 
 from datamodules.classification import VideoClassificationDataModule
@@ -78,3 +80,64 @@ def test_all_skipped_batch_gives_zero_loss_touching_every_parameter():
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None and p.grad.abs().max() == 0 for p in model.parameters())
+
+
+def test_softmax_ce_multilabel_loss_and_scores():
+    """``softmax_ce``: cross-entropy of the softmax against the multi-hot target normalised to sum 1, scored with
+    softmax; ``bce``: per-class sigmoid BCE, scored with sigmoids."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5)
+    target = torch.tensor([[1, 0, 0, 1, 0], [0, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.float32)
+    soft = tiny_classifier(5, multilabel=True, multilabel_loss="softmax_ce")
+    by_hand = (
+        sum(
+            -sum(
+                math.log(math.exp(logits[i, c]) / sum(math.exp(v) for v in logits[i]))
+                for c in range(5)
+                if target[i, c]
+            )
+            / target[i].sum().item()
+            for i in range(3)
+        )
+        / 3
+    )
+    assert soft.loss(logits, target).item() == pytest.approx(by_hand, rel=1e-5)
+    bce = tiny_classifier(5, multilabel=True)
+    assert bce.loss(logits, target).item() == pytest.approx(
+        torch.nn.BCEWithLogitsLoss()(logits, target).item(), rel=1e-6
+    )
+    video = torch.randn(2, 1, 3, 8, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(soft.video_scores(video).sum(-1), torch.ones(2), atol=1e-5)
+        logits = bce(video[:, 0])
+        assert torch.allclose(bce.video_scores(video), logits.sigmoid(), atol=1e-6)
+    with pytest.raises(ValueError, match="multilabel_loss"):
+        tiny_classifier(5, multilabel=True, multilabel_loss="softmax")
+
+
+def test_per_epoch_schedule_is_haltingvt_official():
+    """``lr_interval: epoch`` with warmup 5 from 0.1 and a cosine ending at epoch 25 over 20 epochs gives the
+    official schedule, which mmengine builds as LinearLR(0.1, 5 epochs) then CosineAnnealingLR(T_max=20,
+    begin=5); PyTorch's own LinearLR + CosineAnnealingLR are the reference. The last epoch runs at 0.21x."""
+    task = tiny_classifier(
+        lr=1e-5, optimizer="adam", warmup_epochs=5, warmup_start_factor=0.1, min_lr_ratio=0.0, schedule_epochs=25,
+        lr_interval="epoch",
+    )  # fmt: skip
+    task._trainer = SimpleNamespace(max_epochs=20, estimated_stepping_batches=20 * 7)
+    config = task.configure_optimizers()
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "epoch"
+    ref_opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-5)
+    ref = torch.optim.lr_scheduler.SequentialLR(
+        ref_opt,
+        [torch.optim.lr_scheduler.LinearLR(ref_opt, 0.1, 1.0, total_iters=5),
+         torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=20, eta_min=0.0)],
+        milestones=[5],
+    )  # fmt: skip
+    ours, theirs = [], []
+    for _ in range(20):
+        ours.append(opt.param_groups[0]["lr"])
+        theirs.append(ref_opt.param_groups[0]["lr"])
+        opt.step(), sched.step(), ref_opt.step(), ref.step()
+    assert ours == pytest.approx(theirs, rel=1e-6)
+    assert ours[-1] / 1e-5 == pytest.approx(0.206, abs=1e-3)

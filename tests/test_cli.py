@@ -50,7 +50,7 @@ def test_haltingvt_variants_stack_on_the_base_recipe(variant, capsys):
 @pytest.mark.parametrize(
     "recipe,message",
     [
-        ("haltingvt_minik.yaml", r"(?s)mini_kinetics_train.txt not found.*AR-Net"),
+        ("haltingvt_minik.yaml", r"(?s)mini_kinetics_(train|val).txt not found.*AR-Net"),
         ("haltingvt_anet.yaml", r"activity_net.v1-3.min.json not found: download .* from the ActivityNet"),
     ],
 )

@@ -7,11 +7,13 @@ import math
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.checkpoint import load_pretrained
-from models.haltingvt import HaltingViT
+from models.haltingvt import HaltingOutput, HaltingViT
 
 
 def tiny(**kwargs) -> HaltingViT:
@@ -127,3 +129,92 @@ def test_halting_map_matches_removal_counts_and_class_attention_selection():
         patches = (hmap.depth > layer).flatten(1).sum(1)
         assert torch.equal(patches + (cls_depth > layer).long(), compact.active[:, layer])
     assert (hmap.depth >= 1).all() and (hmap.depth <= hmap.layers).all()
+
+
+def test_inference_residual_stream_keeps_its_dtype_under_bf16_autocast():
+    """The in-place residual adds of inference (no grad) and the out-of-place ones (grad enabled) give the same
+    fp32 stream under bf16 autocast, so halting decided at inference is the halting of the same numbers."""
+    model = tiny(glimpse_ratio=0.5, halt_scale=10.0, halt_center=-2.0)
+    video = torch.randn(3, 3, 4, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            inplace = model.forward_compact(video)
+            x = model.glimpse(video)
+            block_inplace = model.blocks[-1](x)
+        with torch.enable_grad():
+            reference = model.forward_compact(video)
+            block_reference = model.blocks[-1](x)
+    assert block_inplace.dtype == block_reference.dtype == torch.float32
+    assert torch.equal(block_inplace, block_reference)
+    assert torch.equal(inplace.active, reference.active)
+    assert torch.equal(inplace.feature, reference.feature.detach())
+
+
+def test_prior_halting_scores_follow_avit():
+    """A-ViT's per-layer score for the prior: the sigmoid score of every token after each joint layer, the last
+    one too (before its forced h = 1), averaged over all tokens. With no token halting early it is the dense
+    forward's mean score, computed here directly."""
+    model = tiny(glimpse_ratio=0.5, halt_scale=1.0, halt_center=12.0)
+    video = torch.randn(2, 3, 4, 64, 64)
+    with torch.no_grad():
+        out = model.forward_masked(video)
+        x = model.glimpse(video)
+        expected = []
+        for block in model.joint_blocks:
+            x = block(x)
+            expected.append(torch.sigmoid(1.0 * x[..., 0] - 12.0).mean())
+    assert (out.active == out.active[:, :1]).all(), "the reference needs every token to reach the last layer"
+    assert torch.allclose(out.halting, torch.stack(expected), rtol=1e-5, atol=1e-7)
+
+
+def test_prior_scores_when_every_token_halts_at_the_first_layer():
+    model = tiny(glimpse_ratio=0.5, halt_scale=1.0, halt_center=-1e4)
+    with torch.no_grad():
+        out = model.forward_masked(torch.randn(2, 3, 4, 64, 64))
+    assert (out.active[:, 1:] == 0).all()
+    assert torch.equal(out.halting, torch.tensor([1.0] + [0.0] * (len(model.joint_blocks) - 1)))
+
+
+def test_compacted_training_step_has_the_masked_steps_loss_and_gradients():
+    """Training with halted tokens removed (packed, with autograd) against the masked reference: same loss
+    (classification + ponder + prior terms) and the same gradient on every parameter, with stochastic depth on,
+    many halts and per-sample token counts that differ."""
+    model = tiny(glimpse_ratio=0.5, halt_scale=10.0, halt_center=-2.0).train()
+    head = torch.nn.Linear(model.embed_dim, 5)
+    video, label = torch.randn(4, 3, 4, 64, 64), torch.tensor([0, 3, 1, 4])
+    prior = torch.softmax(torch.randn(len(model.joint_blocks)), 0)
+
+    def step(path: str) -> tuple[Tensor, dict[str, Tensor], HaltingOutput]:
+        model.zero_grad(), head.zero_grad()
+        torch.manual_seed(7)  # the same stochastic-depth draws on both paths
+        out = model.forward_masked(video) if path == "masked" else model.forward_compact(video, losses=True)
+        q = out.halting / out.halting.sum()
+        loss = (
+            F.cross_entropy(head(out.feature), label)
+            + 0.05 * out.ponder.mean()
+            + 0.1 * F.kl_div(q.clamp(0.01, 0.99).log(), prior, reduction="sum")
+        )
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in [*model.named_parameters(), *head.named_parameters()]}
+        return loss.detach(), grads, out
+
+    loss_m, grads_m, masked = step("masked")
+    loss_c, grads_c, compact = step("compact")
+    assert (masked.active[:, -1] < masked.active[:, 0] / 4).all(), "the test needs many halted tokens"
+    assert len(set(masked.active[:, 1].tolist())) > 1, "and samples that differ in how many"
+    assert torch.equal(masked.active, compact.active) and torch.equal(masked.depth, compact.depth)
+    assert (masked.ponder - compact.ponder).abs().max() <= 1e-5
+    assert (loss_m - loss_c).abs() <= 1e-5
+    assert grads_m.keys() == grads_c.keys()
+    worst = max((grads_m[n] - grads_c[n]).abs().max().item() for n in grads_m)
+    print(
+        f"compacted vs masked: loss diff {(loss_m - loss_c).abs().item():.2e}, worst gradient diff {worst:.2e}"
+    )
+    assert worst <= 1e-5, worst
+    # Gradients reach the embedding, the Glimpser and the first joint block (later ones may see none: their
+    # tokens' outputs reach the loss only while the class token runs).
+    early = [
+        n for n in grads_m if n.startswith(("patch_embed", "blocks.0.", "blocks.1.", "blocks.2.", "head."))
+    ]
+    zero = [n for n in early if not grads_m[n].abs().sum() and "temporal_fc" not in n]
+    assert len(early) > 30 and not zero, zero

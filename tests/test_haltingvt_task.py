@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from datamodules.classification import VideoClassificationDataModule
 from lightning_modules.cli import main
-from lightning_modules.haltingvt import HaltingVTClassifier, depth_prior
+from lightning_modules.haltingvt import HaltingVTClassifier, depth_prior, prior_kl
 from lightning_modules.visualise import plot_accuracy_vs_gflops, read_run_result
 from models.haltingvt import HaltingViT
 from tests.quick import quick_overrides
@@ -144,3 +145,42 @@ def test_two_process_ddp_fit_without_the_motion_loss(tmp_path, synthetic_classif
     assert cli.model.motion_head is None
     assert metrics["val/num_samples"] == 8  # the 8 validation videos, each once, though split over 2 ranks
     assert float(metrics["val/gflops"]) > 0
+
+
+def test_prior_kl_is_avits_and_finite_when_every_score_is_zero():
+    prior = depth_prior(4, mean=2.0, std=1.0)
+    scores = torch.tensor([0.3, 0.05, 0.0, 0.6])
+    q = (scores / scores.sum()).clamp(0.01, 0.99)
+    avit = torch.nn.KLDivLoss(reduction="batchmean")(q.log(), prior)  # A-ViT's call on the (L,) vector
+    assert prior_kl(scores, prior).item() == pytest.approx(avit.item(), rel=1e-6)
+    zeros = torch.zeros(4, requires_grad=True)
+    loss = prior_kl(zeros, prior)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(zeros.grad).all()
+
+
+def test_training_paths_give_the_same_step():
+    """``training_path`` compact (halted tokens removed) and masked: the same loss terms and gradients on a
+    batch with static clips, the motion loss and the prior."""
+    video = torch.randn(2, 3, 4, 64, 64)
+    batch = {
+        "video": video,
+        "static": video[:, :, :1].expand_as(video),
+        "label": torch.tensor([1, 2]),
+        "batch_size": 2,
+    }
+    results = {}
+    for path in ("masked", "compact"):
+        task = tiny_task(prior_weight=1e-3, motion_weight=1.0, ponder_weight=0.05, training_path=path).train()
+        logged = {}
+        task.log = lambda name, value, **kw: logged.__setitem__(name, float(value))  # type: ignore[method-assign]
+        task.log_dict = lambda d, **kw: logged.update({k: float(v) for k, v in d.items()})  # type: ignore[method-assign]
+        torch.manual_seed(3)
+        task.training_step(batch, 0).backward()
+        results[path] = logged, {n: p.grad for n, p in task.named_parameters() if p.grad is not None}
+    (logged_m, grads_m), (logged_c, grads_c) = results["masked"], results["compact"]
+    assert logged_m.keys() == logged_c.keys()
+    for key in logged_m:
+        assert logged_c[key] == pytest.approx(logged_m[key], abs=1e-5), key
+    assert grads_m.keys() == grads_c.keys()
+    assert max((grads_m[n] - grads_c[n]).abs().max().item() for n in grads_m) <= 1e-5
