@@ -44,18 +44,23 @@ def test_static_clips_repeat_one_frame(synthetic_classification):
     assert not (video == video[:, :, :1]).all()  # the real clip moves (or rotates)
 
 
-def test_training_loss_has_all_terms_and_gradients():
-    task = tiny_task(prior_weight=1e-3, motion_weight=1.0)
-    video = torch.randn(2, 3, 4, 64, 64)
-    batch = {
-        "video": video,
-        "static": video[:, :, :1].expand_as(video),
-        "label": torch.tensor([1, 2]),
-        "batch_size": 2,
-    }
-    logged = {}
+def paired_batch(video: torch.Tensor) -> dict:
+    """Two clips, each paired with a static clip of its first frame."""
+    return {"video": video, "static": video[:, :, :1].expand_as(video), "label": torch.tensor([1, 2]), "batch_size": 2}
+
+
+def capture_logs(task: HaltingVTClassifier) -> dict[str, float]:
+    """What the task logs, as floats, without a trainer."""
+    logged: dict[str, float] = {}
     task.log = lambda name, value, **kw: logged.__setitem__(name, float(value))  # type: ignore[method-assign]
     task.log_dict = lambda d, **kw: logged.update({k: float(v) for k, v in d.items()})  # type: ignore[method-assign]
+    return logged
+
+
+def test_training_loss_has_all_terms_and_gradients():
+    task = tiny_task(prior_weight=1e-3, motion_weight=1.0)
+    batch = paired_batch(torch.randn(2, 3, 4, 64, 64))
+    logged = capture_logs(task)
     task.train()
     loss = task.training_step(batch, 0)
     loss.backward()
@@ -162,19 +167,11 @@ def test_prior_kl_is_avits_and_finite_when_every_score_is_zero():
 def test_training_paths_give_the_same_step():
     """``training_path`` compact (halted tokens removed) and masked: the same loss terms and gradients on a
     batch with static clips, the motion loss and the prior."""
-    video = torch.randn(2, 3, 4, 64, 64)
-    batch = {
-        "video": video,
-        "static": video[:, :, :1].expand_as(video),
-        "label": torch.tensor([1, 2]),
-        "batch_size": 2,
-    }
+    batch = paired_batch(torch.randn(2, 3, 4, 64, 64))
     results = {}
     for path in ("masked", "compact"):
         task = tiny_task(prior_weight=1e-3, motion_weight=1.0, ponder_weight=0.05, training_path=path).train()
-        logged = {}
-        task.log = lambda name, value, **kw: logged.__setitem__(name, float(value))  # type: ignore[method-assign]
-        task.log_dict = lambda d, **kw: logged.update({k: float(v) for k, v in d.items()})  # type: ignore[method-assign]
+        logged = capture_logs(task)
         torch.manual_seed(3)
         task.training_step(batch, 0).backward()
         results[path] = logged, {n: p.grad for n, p in task.named_parameters() if p.grad is not None}
