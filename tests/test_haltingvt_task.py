@@ -46,7 +46,12 @@ def test_static_clips_repeat_one_frame(synthetic_classification):
 
 def paired_batch(video: torch.Tensor) -> dict:
     """Two clips, each paired with a static clip of its first frame."""
-    return {"video": video, "static": video[:, :, :1].expand_as(video), "label": torch.tensor([1, 2]), "batch_size": 2}
+    return {
+        "video": video,
+        "static": video[:, :, :1].expand_as(video),
+        "label": torch.tensor([1, 2]),
+        "batch_size": 2,
+    }
 
 
 def capture_logs(task: HaltingVTClassifier) -> dict[str, float]:
