@@ -171,6 +171,10 @@ def test_demo_tad_starts_the_detector_from_the_backbone_it_trained(
     second = demo([*args, *detector("second")])
     assert second["backbone"]["reused"] and second["backbone"]["checkpoint"] == str(ckpt)
     assert ckpt.stat().st_mtime_ns == stamp
+    # Without the demo's record, the finished run resumes as a no-op fit and still names its checkpoint.
+    (tmp_path / "demo" / "backbone.json").unlink()
+    third = demo([*args, *detector("third")])
+    assert third["backbone"]["checkpoint"] == str(ckpt) and not third["backbone"]["reused"]
 
 
 def test_ddp_fit_validates_like_a_single_process(tmp_path_factory, tmp_path):
