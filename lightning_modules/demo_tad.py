@@ -54,17 +54,13 @@ def train_backbone(out: Path, overrides: Sequence[str]) -> dict:
     start = time.perf_counter()
     cli = cli_main(["fit", "--config", str(BACKBONE_RECIPE), f"--run_id={BACKBONE_RUN}", *overrides])
     minutes = (time.perf_counter() - start) / 60
-    # A run finished earlier resumes as a no-op fit: its last.ckpt is then where the run directory keeps it.
-    fallback = Path(cli.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-    last = next((c.last_model_path for c in cli.trainer.checkpoint_callbacks if c.last_model_path), "")
-    last = last or (str(fallback) if fallback.exists() else "")
-    if not last:
-        raise RuntimeError(
-            f"{BACKBONE_RECIPE.name}: fit ended without a last checkpoint to start the detector from"
-        )
+    # Where every run keeps it (also when a run finished earlier resumes as a no-op fit).
+    last = Path(cli.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        raise RuntimeError(f"{BACKBONE_RECIPE.name}: fit ended without {last} to start the detector from")
     top1 = cli.trainer.callback_metrics.get("val/top1")
     record = {
-        "checkpoint": last,
+        "checkpoint": str(last),
         "val_top1": None if top1 is None else float(top1),
         "minutes": minutes,
         "overrides": list(overrides),

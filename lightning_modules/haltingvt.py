@@ -36,8 +36,8 @@ class HaltingVTClassifier(VideoClassifier):
     clip's label, and their classification loss counts ``static_label_weight`` times a real clip's (1, the
     official mean over both; 0 where a class cannot be told from one frame, e.g. left vs right motion).
     Training keeps halted tokens masked in place (``training_path: masked``) or removes them as evaluation does
-    (``compact``, packed with autograd: a step costs what its active tokens cost; same loss and gradients). Evaluation removes halted tokens and logs the mean GFLOPs (multiply-accumulates) per clip beside
-    top-1/top-5.
+    (``compact``, packed with autograd: a step costs what its active tokens cost; same loss and gradients).
+    Evaluation removes halted tokens and logs the mean GFLOPs (multiply-accumulates) per clip beside top-1/top-5.
     """
 
     def __init__(

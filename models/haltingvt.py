@@ -292,7 +292,8 @@ class HaltingViT(InflatedViT):
             )
             if tokens.shape[0] == 0:
                 counts += [torch.zeros_like(lengths)] * (len(joint) - 1 - i)
-                halting += [x.new_zeros(())] * ((len(joint) - 1 - i) if losses else 0)
+                if losses:
+                    halting += [x.new_zeros(())] * (len(joint) - 1 - i)
                 break
         if not losses:
             empty = x.new_zeros(0)

@@ -131,22 +131,17 @@ class Block(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, hook: BlockHook | None = None) -> Tensor:
         need = hook is not None and hook.needs_attention
         y, attn = self.attn(self.norm1(x), attn_mask, need_weights=need)
-        if torch.is_grad_enabled() or self.training:
-            x = x + self.drop_path(y)
-            if hook is not None:
-                x = hook(x, attn)
-            return x + self.drop_path(self.mlp(self.norm2(x)))
         # Inference adds each residual in place, sparing a (B, N, C) allocation. The residual stream keeps its
         # dtype: under autocast the branches return bf16/fp16 while the stream stays fp32, so the first sum is
-        # a new stream tensor (never written into: the input may be held elsewhere) and the second goes into it
-        # unless a hook may hold it.
-        if y.dtype == x.dtype:
-            x = y.add_(x)
-        else:
-            x = x + y
+        # then a new stream tensor (never written into: the input may be held elsewhere) and the second goes into
+        # it unless a hook may hold it.
+        train = torch.is_grad_enabled() or self.training
+        x = x + self.drop_path(y) if train or y.dtype != x.dtype else y.add_(x)
         if hook is not None:
             x = hook(x, attn)
         y = self.mlp(self.norm2(x))
+        if train:
+            return x + self.drop_path(y)
         if y.dtype == x.dtype:
             return y.add_(x)
         return x + y if hook is not None else x.add_(y)

@@ -96,9 +96,8 @@ def test_external_class_scores_formats(tmp_path):
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("tad_*.yaml")), ids=lambda p: p.stem)
 def test_missing_dataset_says_what_to_download(tmp_path, recipe):
-    no_weights = (
-        tmp_path / "no_weights.yaml"
-    )  # the recipes name local VideoMAE checkpoints this machine lacks
+    # The recipes name local VideoMAE checkpoints this machine lacks.
+    no_weights = tmp_path / "no_weights.yaml"
     no_weights.write_text("model:\n  init_args:\n    backbone:\n      init_args:\n        pretrained: null\n")
     with pytest.raises(Exception, match=r"(?s)not found.*(THUMOS14|ActivityNet-1.3)"):
         main(["fit", "--config", str(recipe), "--config", str(no_weights), f"--data.init_args.root={tmp_path}",
