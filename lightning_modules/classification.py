@@ -63,8 +63,9 @@ class VideoClassifier(VideoTask):
         self.label_smoothing = label_smoothing
         self.val_scores = VideoClassificationScores(num_classes, top_k, multilabel)
         self.test_scores = VideoClassificationScores(num_classes, top_k, multilabel)
-        self._macs: dict[str, list[Tensor]] = {"val": [], "test": []}  # this batch's clips
-        self._video_macs: dict[str, list[Tensor]] = {"val": [], "test": []}  # (id, MACs of its views, views)
+        # Per stage and figure name ("gflops", ...): this batch's clips, and rows (id, MACs of its views, views).
+        self._macs: dict[str, dict[str, list[Tensor]]] = {"val": {}, "test": {}}
+        self._video_macs: dict[str, dict[str, list[Tensor]]] = {"val": {}, "test": {}}
         self._dense_macs: dict[tuple[int, ...], int] = {}
 
     def forward(self, video: Tensor) -> Tensor:
@@ -101,10 +102,14 @@ class VideoClassifier(VideoTask):
             self.record_macs(stage, torch.full((len(clips),), self._dense_macs[shape], device=clips.device))
         return self(clips)
 
-    def record_macs(self, stage: str, macs: Tensor) -> None:
-        """Multiply-accumulates of each evaluated clip (N,), averaged into ``<stage>/gflops`` at epoch end."""
+    def record_macs(self, stage: str, macs: Tensor, name: str = "gflops") -> None:
+        """Multiply-accumulates of each evaluated clip (N,), averaged into ``<stage>/<name>`` (G) at epoch end."""
         if stage in self._macs:
-            self._macs[stage].append(macs.detach().double())
+            self._macs[stage].setdefault(name, []).append(macs.detach().double())
+
+    def macs_names(self) -> tuple[str, ...]:
+        """The cost figures ``clip_logits`` records, each logged as ``<stage>/<name>``."""
+        return ("gflops",)
 
     def video_scores(self, video: Tensor, stage: str | None = None) -> Tensor:
         """(B, views, 3, T, H, W) -> (B, num_classes) view-averaged probabilities."""
@@ -122,12 +127,13 @@ class VideoClassifier(VideoTask):
 
     def _macs_per_video(self, stage: str, ids: Tensor, views: int) -> None:
         """Turn the batch's per-clip figures (clips flattened video by video) into one row per video."""
-        if not self._macs.get(stage):
-            return
-        macs = torch.cat(self._macs[stage]).view(len(ids), views)  # (B, views)
-        self._macs[stage].clear()
-        rows = torch.stack([ids.to(macs), macs.sum(1), torch.full_like(macs[:, 0], views)], 1)
-        self._video_macs[stage].append(rows)
+        for name, clips in self._macs.get(stage, {}).items():
+            if not clips:
+                continue
+            macs = torch.cat(clips).view(len(ids), views)  # (B, views)
+            clips.clear()
+            rows = torch.stack([ids.to(macs), macs.sum(1), torch.full_like(macs[:, 0], views)], 1)
+            self._video_macs[stage].setdefault(name, []).append(rows)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.val_scores, "val")
@@ -139,16 +145,17 @@ class VideoClassifier(VideoTask):
         # Every rank takes part in the gather, even one whose batches were all skipped; a video the
         # distributed sampler's padding repeated counts once (as in the metric), and a video evaluated with
         # several views costs views x the per-clip figure.
-        rows = self._video_macs[prefix]
-        rows = torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
-        self._video_macs[prefix].clear()
-        rows = rows.to(self.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            rows = torch.cat(gather_all_tensors(rows))
-        rows = rows[first_occurrences(rows[:, 0].long())]
-        if len(rows):
-            gflops = rows[:, 1].sum() / rows[:, 2].sum() / 1e9
-            self.log(f"{prefix}/gflops", gflops.float(), rank_zero_only=False)
+        # The figure names are fixed by the model, so every rank gathers the same ones in the same order.
+        for name in self.macs_names():
+            rows = self._video_macs[prefix].pop(name, [])
+            rows = torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+            rows = rows.to(self.device)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                rows = torch.cat(gather_all_tensors(rows))
+            rows = rows[first_occurrences(rows[:, 0].long())]
+            if len(rows):
+                gflops = rows[:, 1].sum() / rows[:, 2].sum() / 1e9
+                self.log(f"{prefix}/{name}", gflops.float(), rank_zero_only=False)
         if not metric.update_called:
             return
         for name, value in metric.compute().items():

@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import io
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -73,6 +74,21 @@ class VideoCLI(LightningCLI):
             "checkpoint); 'never' refuses to reuse the directory.",
         )  # fmt: skip
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._raw_args = (
+            list(sys.argv[1:] if args is None else args) if not isinstance(args, dict | Namespace) else []
+        )
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model's arguments with the checkpoint's hyperparameters (so the architecture
+        matches the weights); model arguments given on the command line then still win, as a user expects of
+        e.g. ``validate --ckpt_path ... --model.init_args.early_exit=true``."""
+        super()._parse_ckpt_path()
+        overrides = _model_overrides(self._raw_args)
+        if overrides and self.config.get("subcommand"):
+            self.config = self.parser.parse_args([self.config.subcommand, *overrides], namespace=self.config)
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         root = cfg.trainer.default_root_dir
@@ -102,14 +118,19 @@ class VideoCLI(LightningCLI):
                 cfg.ckpt_path = str(previous)
                 rank_zero_info(f"resuming run {self.run.run_id} from {previous}")
         if cfg.trainer.enable_checkpointing is not False:
-            self.trainer_defaults["callbacks"] = [LastCheckpoint(self.run.checkpoints), RunState(self.run.checkpoints)]
+            self.trainer_defaults["callbacks"] = [
+                LastCheckpoint(self.run.checkpoints),
+                RunState(self.run.checkpoints),
+            ]
 
     def _place_loggers(self, cfg: Namespace) -> None:
         loggers = _as_list(cfg.trainer.logger)
         for i, lg in enumerate(loggers):
             cls = _class_of(lg.class_path)
             if issubclass(cls, CSVLogger) and not issubclass(cls, RunCSVLogger):
-                loggers[i] = lg = Namespace(class_path=f"{RunCSVLogger.__module__}.RunCSVLogger", init_args=Namespace())
+                loggers[i] = lg = Namespace(
+                    class_path=f"{RunCSVLogger.__module__}.RunCSVLogger", init_args=Namespace()
+                )
                 cls = RunCSVLogger
             if issubclass(cls, (RunCSVLogger, WandbLogger)):
                 lg.init_args.save_dir = str(self.run.path)
@@ -131,6 +152,17 @@ class VideoCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+def _model_overrides(args: list[str]) -> list[str]:
+    """The ``--model...`` arguments of a command line, each with its value (``--model.x=1`` or ``--model.x 1``)."""
+    out = []
+    for i, arg in enumerate(args):
+        if arg.startswith(("--model.", "--model=")) or arg == "--model":
+            out.append(arg)
+            if "=" not in arg and i + 1 < len(args):
+                out.append(args[i + 1])
+    return out
 
 
 def main(args: list[str] | None = None, run: bool = True, epilog: str | None = None) -> VideoCLI:

@@ -37,7 +37,13 @@ class HaltingVTClassifier(VideoClassifier):
     official mean over both; 0 where a class cannot be told from one frame, e.g. left vs right motion).
     Training keeps halted tokens masked in place (``training_path: masked``) or removes them as evaluation does
     (``compact``, packed with autograd: a step costs what its active tokens cost; same loss and gradients).
-    Evaluation removes halted tokens and logs the mean GFLOPs (multiply-accumulates) per clip beside top-1/top-5.
+    Evaluation removes halted tokens and logs, beside top-1/top-5, the mean multiply-accumulates per clip (G):
+    ``<stage>/gflops`` as the paper counts them (every layer's active tokens) and ``<stage>/gflops_early_exit``,
+    what inference costs when a sample stops at its class token's halt (its output is final there).
+    ``early_exit: true`` evaluates and predicts that way (same scores, less compute); the paper's figure needs
+    the tokens early exit skips, so it is then not logged — validate with ``early_exit: false`` for it. With
+    ``early_exit: false`` both figures come from the one full pass (the early-exit one counted up to each
+    sample's exit, exactly what the early-exit pass computes).
     """
 
     def __init__(
@@ -52,6 +58,7 @@ class HaltingVTClassifier(VideoClassifier):
         motion_weight: float = 1.0,
         static_label_weight: float = 1.0,
         training_path: Literal["compact", "masked"] = "masked",
+        early_exit: bool = False,
         head_dropout: float = 0.0,
         label_smoothing: float = 0.0,
         multilabel: bool = False,
@@ -79,6 +86,7 @@ class HaltingVTClassifier(VideoClassifier):
         if training_path not in ("compact", "masked"):
             raise ValueError(f"training_path must be 'compact' or 'masked', got {training_path!r}")
         self.training_path = training_path
+        self.early_exit = early_exit
         # Only built when used: under DDP every parameter must take part in the loss.
         self.motion_head = nn.Linear(backbone.embed_dim, 2) if motion_weight > 0 else None
         self.register_buffer(
@@ -126,9 +134,16 @@ class HaltingVTClassifier(VideoClassifier):
         self.log("train/active_last", out.active[:, -1].float().mean(), batch_size=n)
         return loss
 
+    def macs_names(self) -> tuple[str, ...]:
+        return ("gflops_early_exit",) if self.early_exit else ("gflops", "gflops_early_exit")
+
     def clip_logits(self, clips: Tensor, stage: str | None) -> Tensor:
-        out: HaltingOutput = self.backbone.forward_compact(clips)
+        out: HaltingOutput = self.backbone.forward_compact(clips, early_exit=self.early_exit)
         if stage is not None:
-            macs = self.backbone.macs(out.active, self.backbone.token_grid(clips.shape))
-            self.record_macs(stage, macs + self.backbone.embed_dim * self.num_classes)
+            grid = self.backbone.token_grid(clips.shape)
+            head = self.backbone.embed_dim * self.num_classes
+            if not self.early_exit:
+                self.record_macs(stage, self.backbone.macs(out.active, grid) + head)
+            executed = self.backbone.macs(out.early_exit_active(), grid) + head
+            self.record_macs(stage, executed, "gflops_early_exit")
         return self.head(out.feature)

@@ -16,7 +16,9 @@ Two forward paths compute the same function:
 - ``forward_compact``: halted tokens are physically removed. Token-wise layers run on the active tokens of the
   whole batch packed together and attention runs per sample, so the cost follows the active token counts
   whatever their spread over the batch. Used at inference, and in training (``losses=True``, with autograd):
-  a halted token has no further effect on the output, so its loss and gradients are the masked path's.
+  a halted token has no further effect on the output, so its loss and gradients are the masked path's. At
+  inference ``early_exit=True`` also stops a whole sample once its class token has halted (its feature is final
+  then): the same output for fewer operations than the paper's accounting counts.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from einops import rearrange
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
-from models.layers import Attention, Block, QKVBias
+from models.layers import Attention, Block, QKVBias, trunc_normal_init
 from models.vit import InflatedViT, Size
 
 
@@ -109,8 +111,10 @@ class HaltingOutput:
     h = 1, averaged over all of the batch's tokens, a token that halted earlier counting 0 (A-ViT zeroes halted
     tokens, whose score is then about sigmoid(-halt_center));
     ``depth`` (B, N) how many joint layers each token ran through (token order: class token, then time-major
-    kept patches). ``forward_compact`` without ``losses`` (inference) leaves ``ponder``, ``halting`` and
-    ``depth`` empty: they only feed losses and pictures.
+    kept patches); ``exit_depth`` (B,) how many joint layers the class token ran through: the sample's output
+    is final after them. ``forward_compact`` without ``losses`` (inference) leaves ``ponder``, ``halting`` and
+    ``depth`` empty: they only feed losses and pictures. With early exit, ``active`` counts the tokens that
+    were computed (none after ``exit_depth``).
     """
 
     feature: Tensor
@@ -118,6 +122,12 @@ class HaltingOutput:
     active: Tensor
     halting: Tensor
     depth: Tensor
+    exit_depth: Tensor
+
+    def early_exit_active(self) -> Tensor:
+        """(B, L) the tokens per joint layer that early exit computes: ``active`` up to each sample's exit."""
+        layers = torch.arange(self.active.shape[1], device=self.active.device)
+        return self.active * (layers < self.exit_depth[:, None])
 
 
 @dataclass
@@ -138,6 +148,10 @@ class HaltingViT(InflatedViT):
 
     Keys follow DeiT/timm naming, so ``load_pretrained`` takes DeiT-S weights directly; the divided blocks'
     temporal attention is initialised from their spatial attention when the checkpoint has none.
+
+    ``glimpser_init`` (training from scratch): ``trunc_normal`` initialises the Glimpser blocks as the joint
+    blocks and the official model (truncated normal 0.02, zero temporal_fc); ``torch_default`` leaves PyTorch's
+    default Linear initialisation in them (larger weights; the small quickstart escapes the chance plateau with it).
     """
 
     def __init__(
@@ -161,6 +175,7 @@ class HaltingViT(InflatedViT):
         halt_eps: float = 0.01,
         tubelet_size: int = 1,
         pos_init: Literal["trunc_normal", "sinusoid"] = "trunc_normal",
+        glimpser_init: Literal["trunc_normal", "torch_default"] = "trunc_normal",
     ):
         super().__init__(
             size, embed_dim, depth, num_heads, img_size, num_frames, patch_size, in_chans,
@@ -184,6 +199,14 @@ class HaltingViT(InflatedViT):
             self.blocks[i] = DividedBlock(
                 self.embed_dim, self.num_heads, mlp_ratio, qkv_bias, dpr, norm_eps, keep
             )
+            if glimpser_init == "trunc_normal":  # as the joint blocks (and the official model)
+                self.blocks[i].apply(trunc_normal_init)
+                nn.init.zeros_(self.blocks[i].temporal_fc.weight)
+                nn.init.zeros_(self.blocks[i].temporal_fc.bias)
+            elif glimpser_init != "torch_default":
+                raise ValueError(
+                    f"glimpser_init must be 'trunc_normal' or 'torch_default', got {glimpser_init!r}"
+                )
 
     @property
     def joint_blocks(self) -> list[Block]:
@@ -240,18 +263,24 @@ class HaltingViT(InflatedViT):
             remainder = remainder - torch.where(running, h, 0.0)
             feature = feature + weight[:, :1] * x[:, 0]
             active = running
-        return HaltingOutput(self.norm(feature), ponder, torch.stack(counts, 1), torch.stack(halting), depth)
+        return HaltingOutput(
+            self.norm(feature), ponder, torch.stack(counts, 1), torch.stack(halting), depth, depth[:, 0]
+        )
 
-    def forward_compact(self, video: Tensor, losses: bool = False) -> HaltingOutput:
+    def forward_compact(self, video: Tensor, losses: bool = False, early_exit: bool = False) -> HaltingOutput:
         """Halting with halted tokens removed: packed token-wise layers, per-sample attention.
 
         Differentiable: with ``losses`` it also returns what training needs (``ponder``, ``halting``, ``depth``),
         so a training step costs what the active tokens cost; its loss and gradients are the masked path's.
+        ``early_exit`` (inference) also removes every token of a sample once its class token has halted: the
+        sample's feature is then final, so the output is the same and only ``active`` differs.
         """
-        return self.halt_compact(self.glimpse(video), losses)
+        return self.halt_compact(self.glimpse(video), losses, early_exit)
 
-    def halt_compact(self, x: Tensor, losses: bool = False) -> HaltingOutput:
+    def halt_compact(self, x: Tensor, losses: bool = False, early_exit: bool = False) -> HaltingOutput:
         """The joint blocks of ``forward_compact`` on Glimpser output ``x`` (B, N, C)."""
+        if losses and early_exit:
+            raise ValueError("early_exit is for inference: the ponder loss needs every token's halting")
         b, n, c = x.shape
         joint = self.joint_blocks
         tokens = x.reshape(b * n, c)  # packed active tokens, sample by sample, class token first
@@ -263,6 +292,7 @@ class HaltingViT(InflatedViT):
         feature = x.new_zeros(b, c)
         ponder = x.new_zeros(b * n)
         depth = torch.zeros(b * n, dtype=torch.long, device=x.device)
+        exit_depth = torch.full((b,), len(joint), dtype=torch.long, device=x.device)
         counts, halting = [], []
         for i, block in enumerate(joint):
             lengths = torch.bincount(owner, minlength=b)
@@ -275,6 +305,8 @@ class HaltingViT(InflatedViT):
             weight = torch.where(reached, remainder, h)
             cls_rows = is_cls.nonzero().squeeze(1)
             feature = feature.index_add(0, owner[cls_rows], weight[cls_rows, None] * tokens[cls_rows])
+            exited = cls_rows[reached[cls_rows]]
+            exit_depth[owner[exited]] = i + 1
             if losses:
                 halting.append(score.sum() / (b * n))  # as halt_masked: halted tokens count 0
                 depth[position] += 1
@@ -282,6 +314,9 @@ class HaltingViT(InflatedViT):
                 ponder = ponder.index_put((position[reached],), (i + 1) + remainder[reached])
             remainder = remainder - torch.where(reached, 0.0, h)
             keep = ~reached
+            if early_exit:  # a sample whose class token halted is final: drop all of its tokens
+                done = torch.zeros(b, dtype=torch.bool, device=x.device).index_fill_(0, owner[exited], True)
+                keep &= ~done[owner]
             tokens, position, owner, is_cls, cum, remainder = (
                 tokens[keep],
                 position[keep],
@@ -297,13 +332,14 @@ class HaltingViT(InflatedViT):
                 break
         if not losses:
             empty = x.new_zeros(0)
-            return HaltingOutput(self.norm(feature), empty, torch.stack(counts, 1), empty, empty)
+            return HaltingOutput(self.norm(feature), empty, torch.stack(counts, 1), empty, empty, exit_depth)
         return HaltingOutput(
             self.norm(feature),
             ponder.view(b, n),
             torch.stack(counts, 1),
             torch.stack(halting),
             depth.view(b, n),
+            exit_depth,
         )
 
     @torch.no_grad()

@@ -105,6 +105,20 @@ def test_fit_then_resume_then_validate(tmp_path, synthetic_classification):
     assert abs(float(metrics["val/gflops"]) - macs / 1e9) < 1e-6
 
 
+def test_checkpoint_hyperparameters_yield_to_the_command_line(tmp_path, synthetic_classification):
+    """validate/test with a checkpoint take the model's arguments from the checkpoint (what it was trained
+    with), except those given on the command line."""
+    fit = ["fit", *quick_args(tmp_path, synthetic_classification, "--trainer.max_epochs=1")]
+    main([*fit, "--model.init_args.label_smoothing=0.3", "--model.init_args.head_dropout=0.2"])
+    (last,) = tmp_path.rglob("last.ckpt")
+    args = quick_args(tmp_path, synthetic_classification, f"--ckpt_path={last}")
+    plain = main(["validate", *args])
+    given = main(["validate", *args, "--model.init_args.head_dropout", "0.5"])
+    assert plain.model.label_smoothing == given.model.label_smoothing == 0.3  # from the checkpoint
+    assert plain.model.head[0].p == 0.2 and given.model.head[0].p == 0.5
+    assert given.config.validate.trainer.limit_val_batches == 2  # the rest of the command line intact
+
+
 def test_cli_errors_name_the_missing_list(tmp_path):
     with pytest.raises(Exception, match=r"not found.*one video per line"):
         main(["fit", *quick_args(tmp_path, tmp_path, "--trainer.max_epochs=1"),
@@ -112,5 +126,7 @@ def test_cli_errors_name_the_missing_list(tmp_path):
 
 
 def test_missing_data_root_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"data root .*nowhere does not exist: set data.init_args.root"):
+    with pytest.raises(
+        FileNotFoundError, match=r"data root .*nowhere does not exist: set data.init_args.root"
+    ):
         main(["fit", *quick_args(tmp_path, tmp_path / "nowhere", "--trainer.max_epochs=1")])

@@ -14,6 +14,7 @@ def test_verdict_applies_both_targets():
     assert not verdict(dense, RunResult("h", 0.9550, 0.0300))["met"]  # -2.25 points
     assert not verdict(dense, RunResult("h", 0.9800, 0.0410))["met"]  # 61.1% of the GFLOPs
     assert "NOT met" in report(dense, RunResult("h", 0.5, 0.05))
+    assert "0.0200 GFLOPs/clip executed, 50.0% of" in report(dense, RunResult("h", 0.96, 0.04), 0.02)
 
 
 def test_demo_runs_both_recipes_and_draws(tmp_path, synthetic_classification):
@@ -26,6 +27,7 @@ def test_demo_runs_both_recipes_and_draws(tmp_path, synthetic_classification):
     assert saved == summary
     assert 0 < summary["haltingvt"]["gflops"] and 0 < summary["dense"]["gflops"]
     assert summary["gflops_fraction"] == summary["haltingvt"]["gflops"] / summary["dense"]["gflops"]
+    assert 0 < summary["haltingvt_early_exit_gflops"] <= summary["haltingvt"]["gflops"] * (1 + 1e-6)
     assert (tmp_path / "demo" / "accuracy_vs_gflops.png").stat().st_size > 0
     maps = sorted(p.name for p in (tmp_path / "demo" / "halting_maps").glob("*.png"))
     assert len(maps) == 3 and len({m.split("_")[0] for m in maps}) == 3  # three different classes

@@ -18,6 +18,7 @@ from models.haltingvt import HaltingOutput, HaltingViT
 
 def tiny(**kwargs) -> HaltingViT:
     torch.manual_seed(0)
+    kwargs.setdefault("glimpser_init", "torch_default")  # the halting spreads below were found with it
     model = HaltingViT(
         size=None, embed_dim=64, depth=6, num_heads=4, img_size=64, num_frames=4, **kwargs
     ).eval()
@@ -76,6 +77,67 @@ def test_masked_training_and_token_removal_agree_with_many_halts():
     assert (masked.feature - compact.feature).abs().max() <= 1e-4
     # Ponder: every token ran at least one joint layer, at most all of them (+ remainder <= 1).
     assert masked.ponder.min() >= 1.0 and masked.ponder.max() <= len(model.joint_blocks) + 1
+
+
+def test_glimpser_blocks_are_initialised_as_the_joint_blocks():
+    """From scratch, every block's Linear weights are truncated normal 0.02 with zero biases (the temporal
+    branch's output projection zero), as the official model; ``torch_default`` keeps PyTorch's larger init."""
+    torch.manual_seed(0)
+    model = HaltingViT(size=None, embed_dim=192, depth=4, num_heads=3, img_size=64, num_frames=4)
+    for i, block in enumerate(model.blocks):
+        for name, m in block.named_modules():
+            if not isinstance(m, torch.nn.Linear):
+                continue
+            if name == "temporal_fc":
+                assert not m.weight.any() and not m.bias.any()
+                continue
+            assert abs(m.weight.std().item() - 0.02) < 0.002, (i, name, m.weight.std().item())
+            assert m.weight.abs().mean().item() < 0.02 and not m.bias.any(), (i, name)
+    torch.manual_seed(0)
+    default = HaltingViT(
+        size=None,
+        embed_dim=192,
+        depth=4,
+        num_heads=3,
+        img_size=64,
+        num_frames=4,
+        glimpser_init="torch_default",
+    )
+    bound = 1 / math.sqrt(192)  # kaiming-uniform(a=sqrt(5)) bound of a 192-input Linear
+    qkv = default.blocks[0].attn.qkv.weight
+    assert abs(qkv.abs().max().item() - bound) < 0.01 * bound
+    assert abs(default.blocks[2].attn.qkv.weight.std().item() - 0.02) < 0.002  # joint blocks as before
+    with pytest.raises(ValueError, match="glimpser_init"):
+        HaltingViT(size=None, embed_dim=24, depth=3, num_heads=2, glimpser_init="xavier")
+
+
+def test_early_exit_stops_a_sample_at_its_class_token_halt():
+    """Early exit: the features are those of the full pass, and the tokens computed per layer are those of the
+    masked reference up to the layer where the sample's class token halts (and none after)."""
+    model = tiny(glimpse_ratio=0.5, halt_scale=10.0, halt_center=1.0)
+    with torch.no_grad():  # a class token near its halting threshold, clips of different contrast:
+        model.cls_token[..., 0] = 0.5  # class tokens halt early, at different layers
+    torch.manual_seed(1)
+    video = torch.randn(6, 3, 4, 64, 64) * torch.linspace(0.1, 4, 6)[:, None, None, None, None]
+    with torch.no_grad():
+        masked = model.forward_masked(video)
+        full = model.forward_compact(video)
+        early = model.forward_compact(video, early_exit=True)
+    layers = len(model.joint_blocks)
+    cls_depth = masked.depth[:, 0]
+    assert (cls_depth < layers).any() and len(set(cls_depth.tolist())) > 1, "the test needs early class halts"
+    # Reference: token j is computed at layer l while it is active (depth > l) and its sample has not exited.
+    runs = masked.depth[:, :, None] > torch.arange(layers)  # (B, N, L)
+    expected = (runs & (torch.arange(layers) < cls_depth[:, None, None])).sum(1)
+    assert torch.equal(early.active, expected)
+    assert torch.equal(early.exit_depth, cls_depth) and torch.equal(full.exit_depth, cls_depth)
+    assert torch.equal(full.early_exit_active(), expected)
+    assert (early.active.sum() < full.active.sum()).item(), "early exit must skip tokens here"
+    assert (early.feature - full.feature).abs().max() <= 1e-5
+    grid = model.token_grid(video.shape)
+    assert (model.macs(early.active, grid) < model.macs(full.active, grid)).any()
+    with pytest.raises(ValueError, match="early_exit"):
+        model.forward_compact(video, losses=True, early_exit=True)
 
 
 def test_macs_match_flop_counter_on_actual_inference():
