@@ -31,6 +31,7 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from models.blockdrop import drop_blocks as remove_blocks
 from models.checkpoint import load_pretrained
 from models.lora import add_lora
 from models.vit import VideoMAEViT
@@ -86,6 +87,8 @@ class ChunkedVideoBackbone(nn.Module):
     whole window), bounding the transient memory of attention and MLP. ``activation_checkpointing``
     recomputes each block and adapter in the backward pass instead of storing its activations.
     ``pretrained`` is loaded into ``vit`` before LoRA or adapters are added, while its keys still match.
+    ``drop_blocks`` (original block indices) are then removed: the layout of a block-drop-compressed model, whose
+    checkpoints number the remaining blocks 0..depth-k-1 (``vit.block_ids`` keeps their original indices).
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class ChunkedVideoBackbone(nn.Module):
         activation_checkpointing: bool = False,
         chunk_batch: int | None = None,
         pretrained: str | None = None,
+        drop_blocks: list[int] | None = None,
     ):
         super().__init__()
         if finetune not in ("frozen", "full", "lora", "adapter"):
@@ -120,6 +124,8 @@ class ChunkedVideoBackbone(nn.Module):
         self.chunk_batch = chunk_batch
         if pretrained:
             load_pretrained(vit, pretrained)
+        if drop_blocks:
+            remove_blocks(vit, drop_blocks)
 
         vit.requires_grad_(finetune == "full")
         if vit.fc_norm is not None:

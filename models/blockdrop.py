@@ -1,0 +1,163 @@
+"""Progressive block drop on any block stack of the shared core: removal, scoring views, alignment losses.
+
+A "stack" is a module with an ``nn.ModuleList`` named ``blocks`` that its forward runs in order (``VideoMAEViT``,
+``InflatedViT``, the ViT inside the TAD backbone). Removing a block deletes it from the list, so the model really
+runs one block fewer; the stack's ``block_ids`` attribute keeps the original index of every remaining block, for
+reports and for aligning each kept block with the teacher's block of the same original index.
+
+- ``drop_blocks(stack, ids)``: remove blocks for good (by original index).
+- ``without_blocks(stack, ids)``: remove them only inside a ``with`` (scoring candidate drops on one model).
+- ``BlockOutputs(stack)``: records each block's output by original index during a forward (a block run on
+  several micro-batches contributes their concatenation).
+- ``feature_alignment``, ``class_alignment``, ``segment_alignment``: the recovery's alignment losses against
+  the teacher (block features, class scores, and for detectors the regressed segments).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.actionformer import ActionFormerOutputs, diou_loss_1d
+
+
+def block_ids(stack: nn.Module) -> list[int]:
+    """Original indices of ``stack.blocks`` (0..depth-1 until a block is dropped)."""
+    ids = getattr(stack, "block_ids", None)
+    return list(range(len(stack.blocks))) if ids is None else list(ids)
+
+
+def _positions(stack: nn.Module, ids: Iterable[int]) -> list[int]:
+    current = block_ids(stack)
+    ids = list(ids)
+    unknown = [i for i in ids if i not in current]
+    if unknown:
+        raise ValueError(f"blocks {unknown} are not in the model (its blocks, by original index: {current})")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"block ids repeat: {ids}")
+    if len(ids) >= len(current):
+        raise ValueError(f"dropping {ids} would leave no block (the model has {current})")
+    return [current.index(i) for i in ids]
+
+
+def _set_blocks(stack: nn.Module, keep: list[int], ids: list[int]) -> None:
+    stack.blocks = nn.ModuleList(stack.blocks[p] for p in keep)
+    stack.block_ids = ids
+    if hasattr(stack, "depth"):
+        stack.depth = len(ids)
+
+
+def drop_blocks(stack: nn.Module, ids: Iterable[int]) -> nn.Module:
+    """Remove the blocks with original indices ``ids`` from ``stack`` in place; return ``stack``."""
+    drop = set(_positions(stack, ids))
+    current = block_ids(stack)
+    keep = [p for p in range(len(current)) if p not in drop]
+    _set_blocks(stack, keep, [current[p] for p in keep])
+    return stack
+
+
+@contextmanager
+def without_blocks(stack: nn.Module, ids: Iterable[int]) -> Iterator[nn.Module]:
+    """Inside the ``with``, ``stack`` runs without the blocks ``ids``; afterwards it is as it was (same modules)."""
+    blocks, previous = stack.blocks, getattr(stack, "block_ids", None)
+    depth = getattr(stack, "depth", None)
+    drop_blocks(stack, ids)
+    try:
+        yield stack
+    finally:
+        stack.blocks = blocks
+        if previous is None:
+            del stack.block_ids
+        else:
+            stack.block_ids = previous
+        if depth is not None:
+            stack.depth = depth
+
+
+class BlockOutputs:
+    """Records every block's output during forwards, by original block index.
+
+    ``with BlockOutputs(stack) as outputs: model(x)`` leaves ``outputs.features`` ``{original index: tensor}``;
+    a block called on several micro-batches (the chunked TAD backbone) contributes their concatenation along
+    dimension 0, in call order.
+    """
+
+    def __init__(self, stack: nn.Module):
+        self.stack = stack
+        self.features: dict[int, Tensor] = {}
+        self._parts: dict[int, list[Tensor]] = {}
+        self._handles = []
+
+    def __enter__(self) -> BlockOutputs:
+        self._parts = {}
+        for block, index in zip(self.stack.blocks, block_ids(self.stack), strict=True):
+            self._handles.append(block.register_forward_hook(self._record(index)))
+        return self
+
+    def _record(self, index: int):
+        def hook(module: nn.Module, args, output: Tensor) -> None:
+            self._parts.setdefault(index, []).append(output)
+
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.features = {i: p[0] if len(p) == 1 else torch.cat(p) for i, p in self._parts.items()}
+        self._parts = {}
+
+
+def feature_alignment(student: dict[int, Tensor], teacher: dict[int, Tensor]) -> Tensor:
+    """Mean over the student's blocks of the MSE between its output and the teacher's block of the same
+    original index (the teacher has every block the student kept)."""
+    missing = sorted(set(student) - set(teacher))
+    if missing:
+        raise KeyError(f"the teacher has no output for blocks {missing}: it must be the larger model")
+    losses = [F.mse_loss(out.float(), teacher[i].float()) for i, out in student.items()]
+    return torch.stack(losses).mean()
+
+
+def class_alignment(student: Tensor, teacher: Tensor, temperature: float = 3.5) -> Tensor:
+    """Knowledge distillation on class scores: KL(teacher || student) of the softmax over classes at
+    ``temperature``, averaged over the rows (points, clips) and scaled by T^2 (Hinton et al.)."""
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student scores {tuple(student.shape)} and teacher scores {tuple(teacher.shape)} differ"
+        )
+    log_p = F.log_softmax(student.float() / temperature, dim=-1)
+    q = F.softmax(teacher.float() / temperature, dim=-1)
+    rows = max(student.numel() // student.shape[-1], 1)
+    return (
+        F.kl_div(log_p.reshape(-1, student.shape[-1]), q.reshape(-1, student.shape[-1]), reduction="sum")
+        / rows
+        * temperature**2
+    )
+
+
+def segment_alignment(student: Tensor, teacher: Tensor, positive: Tensor) -> Tensor:
+    """Mean DIoU loss between the student's and the teacher's decoded segments (B, P, 2) at the ``positive``
+    points (B, P) (those the ground truth assigns a segment); 0, still in the graph, when there is none."""
+    pred = student[positive].float()
+    if pred.shape[0] == 0:
+        return student.sum() * 0.0
+    return diou_loss_1d(pred, teacher[positive].float()).mean()
+
+
+def detector_alignment(
+    student: ActionFormerOutputs, teacher: ActionFormerOutputs, positive: Tensor, temperature: float = 3.5
+) -> dict[str, Tensor]:
+    """The prediction alignment of a temporal detector: ``class_kl`` over the class logits of every valid point
+    of every pyramid level, ``segment_diou`` at the positive points. With a one-class head (class-agnostic
+    ActivityNet) the softmax over classes is constant, so ``class_kl`` is 0, as in the block-drop paper's code."""
+    valid = torch.cat(student.masks, dim=1)
+    logits = torch.cat(student.cls_logits, dim=1)[valid]
+    teacher_logits = torch.cat(teacher.cls_logits, dim=1)[valid]
+    return {
+        "class_kl": class_alignment(logits, teacher_logits, temperature),
+        "segment_diou": segment_alignment(student.segments(), teacher.segments(), positive & valid),
+    }

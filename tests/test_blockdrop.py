@@ -1,0 +1,200 @@
+"""Block drop on the shared core: removal, temporary removal for scoring, block taps, alignment losses."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from models.blockdrop import (
+    BlockOutputs,
+    block_ids,
+    class_alignment,
+    detector_alignment,
+    drop_blocks,
+    feature_alignment,
+    segment_alignment,
+    without_blocks,
+)
+from models.temporal_backbone import ChunkedVideoBackbone
+from models.vit import VideoMAEViT
+
+
+def tiny_vit(depth: int = 5) -> VideoMAEViT:
+    torch.manual_seed(0)
+    return VideoMAEViT(size=None, embed_dim=32, depth=depth, num_heads=2, img_size=32, num_frames=4).eval()
+
+
+def skipping_forward(vit: VideoMAEViT, video: torch.Tensor, skip: set[int]) -> torch.Tensor:
+    """The reference: the full model's own blocks, run in order except ``skip``."""
+    x = vit.embed(video)
+    for i, block in enumerate(vit.blocks):
+        if i not in skip:
+            x = block(x)
+    return vit.norm(x)
+
+
+def test_dropped_blocks_are_gone_and_the_rest_run_in_order():
+    vit = tiny_vit()
+    video = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        expected = skipping_forward(vit, video, {1, 3})
+        drop_blocks(vit, [3, 1])
+        out = vit.forward_features(video)
+        assert block_ids(vit) == [0, 2, 4] and vit.depth == 3 and len(vit.blocks) == 3
+        assert torch.equal(out, expected)
+        drop_blocks(vit, [4])  # a later round names blocks by their original index
+        assert block_ids(vit) == [0, 2]
+        assert torch.equal(vit.forward_features(video), skipping_forward(tiny_vit(), video, {1, 3, 4}))
+    assert sorted({k.split(".")[1] for k in vit.state_dict() if k.startswith("blocks.")}) == ["0", "1"]
+
+
+@pytest.mark.parametrize(
+    "ids,message", [([7], "not in the model"), ([1, 1], "repeat"), ([0, 1, 2, 3, 4], "no block")]
+)
+def test_drop_names_what_is_wrong(ids, message):
+    with pytest.raises(ValueError, match=message):
+        drop_blocks(tiny_vit(), ids)
+
+
+def test_without_blocks_is_temporary():
+    vit = tiny_vit()
+    video = torch.randn(2, 3, 4, 32, 32)
+    blocks = list(vit.blocks)
+    with torch.no_grad():
+        full = vit.forward_features(video)
+        with without_blocks(vit, [2]):
+            inside = vit.forward_features(video)
+            assert block_ids(vit) == [0, 1, 3, 4]
+        assert torch.equal(inside, skipping_forward(vit, video, {2}))
+        assert torch.equal(vit.forward_features(video), full)
+    assert all(a is b for a, b in zip(vit.blocks, blocks, strict=True)) and vit.depth == 5
+    assert not hasattr(vit, "block_ids")
+    drop_blocks(vit, [0])
+    with without_blocks(vit, [4]):
+        assert block_ids(vit) == [1, 2, 3]
+    assert block_ids(vit) == [1, 2, 3, 4]
+
+
+def test_block_outputs_by_original_index_match_the_models_own_taps():
+    vit = tiny_vit()
+    video = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        _, taps = vit.forward_blocks(vit.embed(video), return_layers=(0, 1, 2, 3, 4))
+        drop_blocks(vit, [1])
+        _, kept_taps = vit.forward_blocks(vit.embed(video), return_layers=(0, 1, 2, 3))
+        with BlockOutputs(vit) as outputs:
+            vit.forward_features(video)
+    assert sorted(outputs.features) == [0, 2, 3, 4]
+    assert torch.equal(outputs.features[0], taps[0])  # before the dropped block: the full model's output
+    for position, index in enumerate([0, 2, 3, 4]):
+        assert torch.equal(outputs.features[index], kept_taps[position])
+    assert all(not block._forward_hooks for block in vit.blocks)  # hooks removed on exit
+
+
+def test_block_outputs_of_micro_batched_chunks_are_whole():
+    vit = tiny_vit(depth=3)
+    video = torch.randn(2, 3, 8, 32, 32)  # 2 videos x 2 chunks of 4 frames
+    whole = ChunkedVideoBackbone(
+        copy.deepcopy(vit), chunk_frames=4, head_length=None, finetune="frozen"
+    ).eval()
+    parts = ChunkedVideoBackbone(
+        vit, chunk_frames=4, head_length=None, finetune="frozen", chunk_batch=1
+    ).eval()
+    with torch.no_grad(), BlockOutputs(whole.vit) as a, BlockOutputs(parts.vit) as b:
+        whole(video)
+        parts(video)
+    assert sorted(a.features) == sorted(b.features) == [0, 1, 2]
+    for i in range(3):
+        assert a.features[i].shape == (4, 2 * 2 * 2, 32)
+        assert torch.allclose(a.features[i], b.features[i], atol=1e-6)
+
+
+def test_feature_alignment_is_the_mean_blockwise_mse_at_the_same_original_index():
+    torch.manual_seed(0)
+    teacher = {i: torch.randn(2, 5, 4) for i in range(4)}
+    student = {0: torch.randn(2, 5, 4), 3: torch.randn(2, 5, 4)}
+    expected = (
+        ((student[0] - teacher[0]) ** 2).sum() / student[0].numel()
+        + ((student[3] - teacher[3]) ** 2).sum() / student[3].numel()
+    ) / 2
+    assert torch.isclose(feature_alignment(student, teacher), expected)
+    assert feature_alignment(teacher, teacher) == 0
+    with pytest.raises(KeyError, match="no output for blocks \\[5\\]"):
+        feature_alignment({5: torch.zeros(1)}, teacher)
+
+
+def test_class_alignment_is_hintons_kd_loss():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 5), torch.randn(6, 5)
+    t = 3.5
+    total = 0.0
+    for s_row, t_row in zip(student.tolist(), teacher.tolist(), strict=True):
+        zs = sum(math.exp(v / t) for v in s_row)
+        zt = sum(math.exp(v / t) for v in t_row)
+        for s, q in zip(s_row, t_row, strict=True):
+            p_t, p_s = math.exp(q / t) / zt, math.exp(s / t) / zs
+            total += p_t * (math.log(p_t) - math.log(p_s))
+    expected = total / 6 * t * t
+    assert abs(class_alignment(student, teacher, t).item() - expected) < 1e-5
+    # (B, points, C) is the same as its rows flattened; identical scores cost nothing.
+    assert torch.isclose(
+        class_alignment(student.view(2, 3, 5), teacher.view(2, 3, 5), t), torch.tensor(expected), atol=1e-5
+    )
+    assert class_alignment(teacher, teacher).abs() < 1e-6
+
+
+def test_segment_alignment_is_the_mean_diou_at_positive_points():
+    student = torch.tensor([[[0.0, 4.0], [1.0, 2.0], [5.0, 9.0]]], requires_grad=True)
+    teacher = torch.tensor([[[2.0, 6.0], [7.0, 8.0], [5.0, 9.0]]])
+    positive = torch.tensor([[True, False, True]])
+    # [0, 4] vs [2, 6]: IoU 2/6, centres 2 apart in a 6-long hull -> 1 - 1/3 + 4/36; identical segments -> 0.
+    expected = (1 - 1 / 3 + 4 / 36 + 0.0) / 2
+    loss = segment_alignment(student, teacher, positive)
+    assert abs(loss.item() - expected) < 1e-6
+    none = segment_alignment(student, teacher, torch.zeros(1, 3, dtype=torch.bool))
+    none.backward()  # no positive point: zero, and still differentiable
+    assert none.item() == 0 and student.grad is not None
+
+
+def test_detector_alignment_reads_every_valid_point_of_every_level():
+    from models.actionformer import ActionFormerOutputs
+
+    torch.manual_seed(0)
+
+    def outputs(scale: float) -> ActionFormerOutputs:
+        logits = [torch.randn(2, 8, 3) * scale, torch.randn(2, 4, 3) * scale]
+        offsets = [torch.rand(2, 8, 2) * 2, torch.rand(2, 4, 2) * 2]
+        masks = [torch.arange(8).expand(2, 8) < 6, torch.arange(4).expand(2, 4) < 3]
+        points = [torch.arange(8.0), torch.arange(4.0) * 2]
+        return ActionFormerOutputs(logits, offsets, masks, points, (1, 2))
+
+    student, teacher = outputs(1.0), outputs(2.0)
+    positive = torch.zeros(2, 12, dtype=torch.bool)
+    positive[:, [1, 9, 11]] = True  # point 11 lies in the padded tail: not aligned
+    terms = detector_alignment(student, teacher, positive, temperature=2.0)
+    valid = torch.cat(student.masks, 1)
+    rows_s = torch.cat(student.cls_logits, 1)[valid]
+    rows_t = torch.cat(teacher.cls_logits, 1)[valid]
+    assert rows_s.shape == (2 * (6 + 3), 3)
+    assert torch.isclose(terms["class_kl"], class_alignment(rows_s, rows_t, 2.0))
+    keep = positive & valid
+    expected = segment_alignment(student.segments(), teacher.segments(), keep)
+    assert keep.sum() == 4 and torch.isclose(terms["segment_diou"], expected)
+
+
+def test_a_compressed_backbone_is_rebuilt_from_its_dropped_blocks():
+    """The layout the TAD commands load a compressed model into: ``drop_blocks`` at construction."""
+    video = torch.randn(1, 3, 8, 32, 32)
+    compressed = ChunkedVideoBackbone(tiny_vit(), chunk_frames=4, head_length=None, finetune="lora").eval()
+    drop_blocks(compressed.vit, [1, 3])
+    rebuilt = ChunkedVideoBackbone(
+        VideoMAEViT(size=None, embed_dim=32, depth=5, num_heads=2, img_size=32, num_frames=4),
+        chunk_frames=4, head_length=None, finetune="lora", drop_blocks=[1, 3],
+    ).eval()  # fmt: skip
+    rebuilt.load_state_dict(compressed.state_dict())  # strict: the same keys
+    assert block_ids(rebuilt.vit) == [0, 2, 4]
+    with torch.no_grad():
+        assert torch.equal(rebuilt(video), compressed(video))
