@@ -12,6 +12,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_modules.base import VideoTask
 from lightning_modules.metrics import VideoClassificationScores, first_occurrences
+from models.blockdrop import class_alignment
 from models.flops import count_macs
 
 
@@ -84,13 +85,22 @@ class VideoClassifier(VideoTask):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if batch["batch_size"] == 0:
             return self.empty_batch_loss()
-        logits = self(batch["video"])
-        loss = self.loss(logits, batch["label"])
+        logits, terms = self.aligned(lambda task: task(batch["video"]), self._score_alignment)
         n = batch["batch_size"]
+        loss = self.loss(logits, batch["label"]) + self.log_alignment(terms, n)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         if not self.multilabel:
             self.log("train/top1", (logits.argmax(-1) == batch["label"]).float().mean(), batch_size=n)
         return loss
+
+    def block_stack(self) -> nn.Module:
+        return self.backbone
+
+    def _score_alignment(self, student: Tensor, teacher: Tensor) -> dict[str, Tensor]:
+        if self.alignment.prediction <= 0:
+            return {}
+        kl = class_alignment(student, teacher, self.alignment.temperature)
+        return {"class_kl": self.alignment.prediction * kl}
 
     def clip_logits(self, clips: Tensor, stage: str | None) -> Tensor:
         """(N, 3, T, H, W) -> (N, num_classes) at evaluation; with ``stage`` ("val"/"test") the clips' cost is

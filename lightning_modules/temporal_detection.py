@@ -26,12 +26,14 @@ from torch import Tensor, nn
 
 from lightning_modules.base import VideoTask, param_groups
 from lightning_modules.tad_metrics import THUMOS_TIOUS, TemporalDetectionMAP, map_key
-from models.actionformer import ActionFormerHead
+from models.actionformer import ActionFormerHead, ActionFormerOutputs
+from models.blockdrop import detector_alignment
 from models.tad_postprocess import Detections, TADPostProcessor
 from models.temporal_backbone import ChunkedVideoBackbone
 from models.temporal_detector import TemporalActionDetector
 
 HeadFactory = Callable[[int, int], ActionFormerHead]
+_WEIGHT = {"class_kl": "prediction", "segment_diou": "segment"}  # alignment term -> its weight
 
 
 def read_class_scores(path: str | Path, video_ids: list[str], class_names: list[str]) -> dict[int, Tensor]:
@@ -40,7 +42,9 @@ def read_class_scores(path: str | Path, video_ids: list[str], class_names: list[
     (the CUHK classifier files AdaTAD uses); ids with or without a ``v_`` prefix."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"external_class_scores {path} not found: give a JSON of per-video class scores")
+        raise FileNotFoundError(
+            f"external_class_scores {path} not found: give a JSON of per-video class scores"
+        )
     content = json.loads(path.read_text())
     order = content.get("class") if isinstance(content.get("class"), list) else None  # CUHK's own class order
     content = content.get("results", content)
@@ -57,7 +61,9 @@ def read_class_scores(path: str | Path, video_ids: list[str], class_names: list[
                 raise ValueError(f"{path}: video {video!r} scores unknown classes {sorted(unknown)[:3]}")
             entry = [float(entry.get(name, 0.0)) for name in class_names]
         if len(entry) != len(class_names):
-            raise ValueError(f"{path}: video {video!r} has {len(entry)} scores for {len(class_names)} classes")
+            raise ValueError(
+                f"{path}: video {video!r} has {len(entry)} scores for {len(class_names)} classes"
+            )
         out[index] = torch.tensor(entry, dtype=torch.float32)
     return out
 
@@ -90,7 +96,14 @@ class TemporalActionDetection(VideoTask):
         schedule_epochs: float | None = None,
     ):
         super().__init__(
-            lr, weight_decay, optimizer, betas, warmup_epochs, warmup_start_factor, min_lr_ratio, schedule_epochs
+            lr,
+            weight_decay,
+            optimizer,
+            betas,
+            warmup_epochs,
+            warmup_start_factor,
+            min_lr_ratio,
+            schedule_epochs,
         )
         self.save_hyperparameters(ignore=["backbone", "head", "postprocess"])
         self.detector = TemporalActionDetector(backbone, head(backbone.embed_dim, num_classes))
@@ -118,14 +131,45 @@ class TemporalActionDetection(VideoTask):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         if batch["batch_size"] == 0:
             return self.empty_batch_loss()
-        outputs = self(batch["video"], batch["valid"])
-        length = outputs.masks[0].shape[1]
         labels = [lb.to(self.device) for lb in batch["labels"]]
-        losses = self.detector.head.loss(outputs, self.head_segments(batch, length), labels, self._mean_over_ranks)
+        outputs, terms = self.aligned(
+            lambda task: task(batch["video"], batch["valid"]),
+            lambda student, teacher: self._prediction_alignment(student, teacher, batch, labels),
+        )
+        length = outputs.masks[0].shape[1]
+        losses = self.detector.head.loss(
+            outputs, self.head_segments(batch, length), labels, self._mean_over_ranks
+        )
         n = batch["batch_size"]
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=n)
-        self.log_dict({"train/cls_loss": losses["cls_loss"], "train/reg_loss": losses["reg_loss"]}, batch_size=n)
-        return losses["loss"]
+        loss = losses["loss"] + self.log_alignment(terms, n)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log_dict(
+            {"train/cls_loss": losses["cls_loss"], "train/reg_loss": losses["reg_loss"]}, batch_size=n
+        )
+        return loss
+
+    def block_stack(self) -> nn.Module:
+        return self.detector.backbone.vit
+
+    def _prediction_alignment(
+        self,
+        student: ActionFormerOutputs,
+        teacher: ActionFormerOutputs,
+        batch: dict[str, Any],
+        labels: list[Tensor],
+    ) -> dict[str, Tensor]:
+        """Class-score KL over the valid points and segment DIoU at the ground truth's positive points."""
+        a = self.alignment
+        if a.prediction <= 0 and a.segment <= 0:
+            return {}
+        length = student.masks[0].shape[1]
+        cls_targets, _ = self.detector.head.targets(student, self.head_segments(batch, length), labels)
+        terms = detector_alignment(student, teacher, cls_targets.sum(-1) > 0, a.temperature)
+        weighted = {
+            "class_kl": a.prediction * terms["class_kl"],
+            "segment_diou": a.segment * terms["segment_diou"],
+        }
+        return {name: value for name, value in weighted.items() if getattr(a, _WEIGHT[name]) > 0}
 
     # ------------------------------------------------------------------------------------------- evaluation
 
@@ -189,14 +233,18 @@ class TemporalActionDetection(VideoTask):
                 "a class-agnostic detector needs video-level class scores to name its detections: set "
                 "model.init_args.external_class_scores to a JSON of per-video class scores"
             )
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        rank, world = (
+            (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        )
         metric = self.metrics[stage]
         metric.class_names = list(dm.class_names)  # labels of the written predictions
         empty = Detections(torch.zeros(0, 2), torch.zeros(0), torch.zeros(0, dtype=torch.long))
         for video in sorted(truth):
             if video % world != rank:  # each rank scores its share; the metric gathers them
                 continue
-            dets = self.video_detections(by_video[video], class_scores.get(video)) if by_video[video] else empty
+            dets = (
+                self.video_detections(by_video[video], class_scores.get(video)) if by_video[video] else empty
+            )
             metric.update([{"segments": dets.segments, "scores": dets.scores, "labels": dets.labels}],
                           [truth[video]], [video])  # fmt: skip
         scores = metric.compute()

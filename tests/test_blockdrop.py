@@ -198,3 +198,111 @@ def test_a_compressed_backbone_is_rebuilt_from_its_dropped_blocks():
     assert block_ids(rebuilt.vit) == [0, 2, 4]
     with torch.no_grad():
         assert torch.equal(rebuilt(video), compressed(video))
+
+
+# ------------------------------------------------------------------------------ recovery against a teacher
+
+
+def logs_of(task) -> dict[str, float]:
+    """What the task logs, as floats, without a trainer."""
+    logged: dict[str, float] = {}
+    task.log = lambda name, value, **kw: logged.__setitem__(name, float(value.detach()))
+    task.log_dict = lambda d, **kw: logged.update({k: float(v.detach()) for k, v in d.items()})
+    return logged
+
+
+def tiny_classifier():
+    from lightning_modules.classification import VideoClassifier
+
+    return VideoClassifier(tiny_vit(), num_classes=4).train()
+
+
+def test_classifier_recovery_adds_the_weighted_alignment_terms():
+    from lightning_modules.base import Alignment
+
+    teacher = tiny_classifier()
+    student = copy.deepcopy(teacher)
+    drop_blocks(student.backbone, [2])
+    batch = {"video": torch.randn(3, 3, 4, 32, 32), "label": torch.tensor([0, 1, 3]), "batch_size": 3}
+    alignment = Alignment(feature=0.5, prediction=2.0, temperature=2.0)
+    student.set_teacher(teacher, alignment)
+    logged = logs_of(student)
+    loss = student.training_step(batch, 0)
+    loss.backward()
+    # Reference: the same quantities from separate forwards.
+    with torch.no_grad():
+        student.eval()  # no dropout in these tiny models: train and eval agree
+        s_logits, t_logits = student(batch["video"]), teacher(batch["video"])
+        _, s_taps = student.backbone.forward_blocks(
+            student.backbone.embed(batch["video"]), return_layers=(0, 1, 2, 3)
+        )
+        _, t_taps = teacher.backbone.forward_blocks(
+            teacher.backbone.embed(batch["video"]), return_layers=(0, 1, 3, 4)
+        )
+    ce = torch.nn.functional.cross_entropy(s_logits, batch["label"])
+    mse = sum(torch.nn.functional.mse_loss(a, b) for a, b in zip(s_taps, t_taps, strict=True)) / 4
+    kl = class_alignment(s_logits, t_logits, 2.0)
+    assert abs(logged["train/align_feature_mse"] - 0.5 * mse.item()) < 1e-6
+    assert abs(logged["train/align_class_kl"] - 2.0 * kl.item()) < 1e-6
+    assert abs(loss.item() - (ce + 0.5 * mse + 2.0 * kl).item()) < 1e-5
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher only answers
+    assert not any(k.startswith("teacher") or "_teacher" in k for k in student.state_dict())
+    # Switched off terms are not computed; without a teacher the loss is the task's own.
+    student.set_teacher(teacher, Alignment(feature=0.0, prediction=0.0))
+    logged.clear()
+    student.training_step(batch, 0)
+    assert not any(k.startswith("train/align_") for k in logged)
+    student.set_teacher(None)
+    assert abs(student.training_step(batch, 0).item() - ce.item()) < 1e-5
+
+
+def test_alignment_weights_are_checked():
+    from lightning_modules.base import Alignment
+
+    with pytest.raises(ValueError, match="feature must be >= 0"):
+        Alignment(feature=-1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        Alignment(temperature=0.0)
+
+
+def test_detector_recovery_aligns_features_scores_and_segments():
+    from lightning_modules.base import Alignment
+    from lightning_modules.temporal_detection import TemporalActionDetection
+    from models.actionformer import ActionFormerHead
+
+    def head(dim: int, classes: int) -> ActionFormerHead:
+        return ActionFormerHead(dim, classes, embed_dim=16, num_heads=2, max_seq_len=64, head_channels=16,
+                                drop_path=0.0)  # fmt: skip
+
+    backbone = ChunkedVideoBackbone(tiny_vit(depth=4), chunk_frames=4, head_length=64, finetune="lora")
+    teacher = TemporalActionDetection(backbone, head, num_classes=3)
+    student = copy.deepcopy(teacher)
+    drop_blocks(student.block_stack(), [1])
+    torch.manual_seed(1)
+    batch = {
+        "video": torch.randn(2, 3, 16, 32, 32), "valid": torch.ones(2, 16, dtype=torch.bool),
+        "segments": [torch.tensor([[2.0, 9.0]]), torch.tensor([[0.0, 5.0], [8.0, 15.0]])],
+        "labels": [torch.tensor([1]), torch.tensor([0, 2])], "batch_size": 2,
+    }  # fmt: skip
+    student.set_teacher(teacher, Alignment(feature=1.0, prediction=1.0, segment=3.0))
+    logged = logs_of(student)
+    student.train()
+    loss = student.training_step(batch, 0)
+    loss.backward()
+    assert {"train/align_feature_mse", "train/align_class_kl", "train/align_segment_diou"} <= set(logged)
+    # Reference from separate forwards (eval mode: no dropout or drop path in these models).
+    student.eval()
+    with torch.no_grad():
+        s_out, t_out = student(batch["video"], batch["valid"]), teacher(batch["video"], batch["valid"])
+        segments = [s * 64 / 16 for s in batch["segments"]]
+        cls_targets, _ = student.detector.head.targets(s_out, segments, batch["labels"])
+        positive = cls_targets.sum(-1) > 0
+        terms = detector_alignment(s_out, t_out, positive, 3.5)
+    assert positive.any() and terms["segment_diou"] > 0
+    assert abs(logged["train/align_class_kl"] - terms["class_kl"].item()) < 1e-5
+    assert abs(logged["train/align_segment_diou"] - 3.0 * terms["segment_diou"].item()) < 1e-5
+    task_loss = logged["train/cls_loss"] + logged["train/reg_loss"]
+    aligned = sum(v for k, v in logged.items() if k.startswith("train/align_"))
+    assert abs(loss.item() - task_loss - aligned) < 1e-4
+    lora = [p for n, p in student.named_parameters() if "lora_B" in n]
+    assert lora and all(p.grad is not None for p in lora)
