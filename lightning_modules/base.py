@@ -111,6 +111,10 @@ class VideoTask(L.LightningModule):
         """The block stack (a module with ``blocks``) whose outputs feature alignment compares."""
         raise NotImplementedError(f"{type(self).__name__} does not name its block stack for alignment")
 
+    def batch_loss(self, batch: dict[str, Any]) -> Tensor:
+        """The task's own loss on a batch, nothing logged: what the ``train_loss`` block-drop metric scores."""
+        raise NotImplementedError(f"{type(self).__name__} has no batch_loss")
+
     def on_fit_start(self) -> None:
         if self.teacher is not None:
             self.teacher.to(self.device)

@@ -96,6 +96,10 @@ class VideoClassifier(VideoTask):
     def block_stack(self) -> nn.Module:
         return self.backbone
 
+    def batch_loss(self, batch: dict[str, Any]) -> Tensor:
+        """The task's loss on a batch, nothing logged (block-drop scoring)."""
+        return self.loss(self(batch["video"]), batch["label"])
+
     def _score_alignment(self, student: Tensor, teacher: Tensor) -> dict[str, Tensor]:
         if self.alignment.prediction <= 0:
             return {}

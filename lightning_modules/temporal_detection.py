@@ -151,6 +151,14 @@ class TemporalActionDetection(VideoTask):
     def block_stack(self) -> nn.Module:
         return self.detector.backbone.vit
 
+    def batch_loss(self, batch: dict[str, Any]) -> Tensor:
+        """Focal + DIoU loss on a batch, normalised by its own positive count, nothing logged (block-drop
+        scoring; in eval mode the running normaliser is left as it is)."""
+        outputs = self(batch["video"], batch["valid"])
+        labels = [lb.to(self.device) for lb in batch["labels"]]
+        segments = self.head_segments(batch, outputs.masks[0].shape[1])
+        return self.detector.head.loss(outputs, segments, labels)["loss"]
+
     def _prediction_alignment(
         self,
         student: ActionFormerOutputs,

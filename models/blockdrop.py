@@ -11,18 +11,25 @@ reports and for aligning each kept block with the teacher's block of the same or
   several micro-batches contributes their concatenation).
 - ``feature_alignment``, ``class_alignment``, ``segment_alignment``: the recovery's alignment losses against
   the teacher (block features, class scores, and for detectors the regressed segments).
+- ``prepare_recovery(model, stack, mode)``: what trains while the model recovers from a drop (LoRA through peft
+  on the attention projections + norms + patch embedding, everything, or nothing) and whether the parts
+  outside the stack (the head) train; ``merge_lora`` folds the LoRA back before the next round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.actionformer import ActionFormerOutputs, diou_loss_1d
+from models.lora import add_lora, lora_parameters, merge_lora
+
+Recovery = Literal["lora", "full", "none"]
 
 
 def block_ids(stack: nn.Module) -> list[int]:
@@ -161,3 +168,53 @@ def detector_alignment(
         "class_kl": class_alignment(logits, teacher_logits, temperature),
         "segment_diou": segment_alignment(student.segments(), teacher.segments(), positive & valid),
     }
+
+
+def prepare_recovery(
+    model: nn.Module,
+    stack: nn.Module,
+    mode: Recovery = "lora",
+    head_trainable: bool = True,
+    lora_rank: int | None = None,
+) -> list[nn.Parameter]:
+    """Set what trains in ``model`` while it recovers from a drop; return the trainable parameters.
+
+    ``lora``: LoRA (peft, rank ``lora_rank`` or embed dim / 4, fresh: B = 0) on every block's attention ``qkv``
+    and ``proj``, plus the stack's LayerNorms and patch embedding, the other stack weights frozen (the block-drop
+    paper's recipe; LoRA already in the model, e.g. from the previous round, is merged first). ``full``: every
+    stack weight. ``none``: nothing in the stack (no fine-tuning after the drop). Everything outside the stack
+    (the head, the detector's neck) trains when ``head_trainable``.
+    """
+    if mode not in ("lora", "full", "none"):
+        raise ValueError(f"recovery mode must be 'lora', 'full' or 'none', got {mode!r}")
+    # A clip-pooling norm the model does not use (the TAD backbone froze VideoMAE's fc_norm) stays frozen: under
+    # DDP a trainable parameter without a gradient is an error.
+    fc_norm = getattr(stack, "fc_norm", None)
+    fc_norm_used = fc_norm is not None and any(p.requires_grad for p in fc_norm.parameters())
+    merge_lora(model)
+    model.requires_grad_(head_trainable)
+    stack.requires_grad_(mode == "full")
+    if mode == "lora":
+        dim = getattr(stack, "embed_dim", None) or stack.blocks[0].attn.qkv.in_features
+        add_lora(stack, rank=lora_rank or dim // 4)
+        for module in stack.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.requires_grad_(True)
+        if hasattr(stack, "patch_embed"):
+            stack.patch_embed.requires_grad_(True)
+    if fc_norm is not None:
+        fc_norm.requires_grad_(fc_norm_used and mode != "none")
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def lora_tensors(model: nn.Module) -> list[nn.Parameter]:
+    """The LoRA A and B tensors in ``model`` (for reports: trainable LoRA parameters per round)."""
+    return list(lora_parameters(model))
+
+
+def choose_block(scores: dict[int, float], higher_is_better: bool) -> int:
+    """The candidate with the best score; ties go to the lowest original index."""
+    if not scores:
+        raise ValueError("no candidate block was scored")
+    best = max(scores.values()) if higher_is_better else min(scores.values())
+    return min(i for i, v in scores.items() if v == best)

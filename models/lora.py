@@ -70,6 +70,7 @@ def merge_lora(module: nn.Module) -> nn.Module:
         layer.merge()
         parent_name, _, child_name = name.rpartition(".")
         setattr(module.get_submodule(parent_name), child_name, layer.get_base_layer())
-    if hasattr(module, "peft_config"):  # left by the injection; peft drops it on unload as well
-        del module.peft_config
+    for m in module.modules():  # left by the injection (on whichever module it ran); peft drops it on unload too
+        if "peft_config" in vars(m):
+            del m.peft_config
     return module

@@ -11,10 +11,12 @@ import torch
 from models.blockdrop import (
     BlockOutputs,
     block_ids,
+    choose_block,
     class_alignment,
     detector_alignment,
     drop_blocks,
     feature_alignment,
+    prepare_recovery,
     segment_alignment,
     without_blocks,
 )
@@ -306,3 +308,112 @@ def test_detector_recovery_aligns_features_scores_and_segments():
     assert abs(loss.item() - task_loss - aligned) < 1e-4
     lora = [p for n, p in student.named_parameters() if "lora_B" in n]
     assert lora and all(p.grad is not None for p in lora)
+
+
+# ------------------------------------------------------------------------------ scoring and recovery set-up
+
+
+def classifier_batches(n: int = 2) -> list[dict]:
+    torch.manual_seed(3)
+    return [
+        {"video": torch.randn(2, 3, 4, 32, 32), "label": torch.randint(0, 4, (2,)), "batch_size": 2}
+        for _ in range(n)
+    ]
+
+
+def test_train_loss_and_feature_mse_scores_match_separately_dropped_models():
+    from lightning_modules.blockdrop import score_candidates
+
+    task = tiny_classifier()
+    batches = classifier_batches()
+    losses = score_candidates(task, "train_loss", batches=batches, progress=False)
+    mses = score_candidates(task, "feature_mse", candidates=[1, 4], batches=batches, progress=False)
+    assert task.training and block_ids(task.backbone) == [0, 1, 2, 3, 4]  # left as it was
+    for block in range(5):
+        other = copy.deepcopy(task).eval()
+        drop_blocks(other.backbone, [block])
+        with torch.no_grad():
+            expected = sum(
+                torch.nn.functional.cross_entropy(other(b["video"]), b["label"]).item() for b in batches
+            ) / len(batches)
+            assert abs(losses[block] - expected) < 1e-5
+            if block in mses:
+                diffs = []
+                for b in batches:
+                    x_full = task.backbone.embed(b["video"])
+                    _, full = task.backbone.forward_blocks(x_full, return_layers=(4,))
+                    _, dropped = other.backbone.forward_blocks(
+                        other.backbone.embed(b["video"]), return_layers=(3,)
+                    )
+                    diffs.append(((dropped[0] - full[0]) ** 2).mean().item())
+                assert abs(mses[block] - sum(diffs) / len(diffs)) < 1e-6
+    assert sorted(mses) == [1, 4] and all(v > 0 for v in mses.values())
+
+
+def test_map_scoring_evaluates_each_candidate_without_its_block():
+    from lightning_modules.blockdrop import score_candidates
+
+    task = tiny_classifier()
+    drop_blocks(task.backbone, [0])
+    seen = []
+
+    def evaluate(t) -> float:
+        ids = block_ids(t.block_stack())
+        seen.append(ids)
+        return 10.0 - len(ids) + (0.5 if 3 not in ids else 0.0)  # best when block 3 is the one left out
+
+    scores = score_candidates(task, "map", evaluate=evaluate, progress=False)
+    assert seen == [[2, 3, 4], [1, 3, 4], [1, 2, 4], [1, 2, 3]]
+    assert choose_block(scores, higher_is_better=True) == 3
+    assert block_ids(task.backbone) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="needs evaluate"):
+        score_candidates(task, "map")
+
+
+def test_choice_breaks_ties_towards_the_lowest_index():
+    assert choose_block({5: 0.3, 2: 0.3, 7: 0.1}, higher_is_better=True) == 2
+    assert choose_block({5: 0.1, 2: 0.3, 7: 0.1}, higher_is_better=False) == 5
+
+
+def test_recovery_trains_lora_norms_patch_embedding_and_head_only():
+    task = tiny_classifier()
+    stack = task.block_stack()
+    video = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        before = task.eval()(video)
+    trainable = prepare_recovery(task, stack, "lora")
+    names = {n for n, p in task.named_parameters() if p.requires_grad}
+    assert {p.data_ptr() for p in trainable} == {p.data_ptr() for p in task.parameters() if p.requires_grad}
+    for name in names:
+        assert "lora_" in name or "norm" in name or name.startswith(("backbone.patch_embed", "head.")), name
+    assert any("lora_A" in n for n in names) and "backbone.blocks.0.norm1.weight" in names
+    assert "backbone.blocks.0.attn.qkv.base_layer.weight" not in names and "backbone.fc_norm.weight" in names
+    assert not any(n.startswith("backbone.blocks.0.mlp") for n in names)
+    lora_b = [p for n, p in task.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 2 * 5 and lora_b[0].shape[1] == 32 // 4  # qkv and proj of 5 blocks, rank dim/4
+    with torch.no_grad():
+        assert torch.allclose(task(video), before, atol=1e-6)  # fresh LoRA changes nothing
+        for p in lora_b:
+            p.normal_(std=0.1)
+        adapted = task(video)
+    # A second round merges the trained LoRA first (same function), then adds a fresh one.
+    prepare_recovery(task, stack, "lora", head_trainable=False)
+    with torch.no_grad():
+        assert torch.allclose(task(video), adapted, atol=1e-5)
+    assert not any(p.requires_grad for p in task.head.parameters())
+    assert all(not p.any() for n, p in task.named_parameters() if "lora_B" in n)
+
+
+def test_recovery_modes_full_and_none_and_the_unused_pooling_norm():
+    task = tiny_classifier()
+    prepare_recovery(task, task.backbone, "full")
+    assert all(p.requires_grad for p in task.parameters())
+    prepare_recovery(task, task.backbone, "none")
+    assert [n for n, p in task.named_parameters() if p.requires_grad] == ["head.1.weight", "head.1.bias"]
+    detector_backbone = ChunkedVideoBackbone(tiny_vit(), chunk_frames=4, head_length=None, finetune="lora")
+    holder = torch.nn.ModuleDict({"backbone": detector_backbone, "head": torch.nn.Linear(32, 2)})
+    for mode in ("lora", "full"):
+        prepare_recovery(holder, detector_backbone.vit, mode)
+        assert not detector_backbone.vit.fc_norm.weight.requires_grad  # the TAD path never runs it
+    with pytest.raises(ValueError, match="recovery mode"):
+        prepare_recovery(holder, detector_backbone.vit, "partial")
