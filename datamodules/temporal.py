@@ -367,6 +367,7 @@ class TemporalDetectionDataModule(VideoDataModule):
     dropped silently, as OpenTAD does, and duplicates are kept once (as the ActivityNet evaluation does).
     Training leaves out videos with no segment left (after ``min_segment_fraction``, OpenTAD's ``filter_gt``).
     In sliding-window mode the evaluation videos are opened at setup to plan their windows.
+    ``eval_max_videos`` evaluates the first N videos of the evaluation subset only (JSON order).
 
     ``synthetic=True`` writes the synthetic temporal set (``datamodules.synthetic.generate_temporal``) to
     ``root`` on first use, and again when the ``synthetic_*`` arguments change, but never into a non-empty
@@ -411,6 +412,7 @@ class TemporalDetectionDataModule(VideoDataModule):
         synthetic_max_segments: int = 3,
         synthetic_seed: int = 0,
         download_hint: str | None = None,
+        eval_max_videos: int | None = None,
         batch_size: int = 2,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
@@ -462,6 +464,11 @@ class TemporalDetectionDataModule(VideoDataModule):
             "max_segments": synthetic_max_segments, "seed": synthetic_seed,
         }  # fmt: skip
         self.download_hint = download_hint
+        if eval_max_videos is not None and eval_max_videos < 1:
+            raise ValueError(
+                f"eval_max_videos must be a positive number of videos or None, got {eval_max_videos}"
+            )
+        self.eval_max_videos = eval_max_videos
         self._database: dict[str, dict[str, Any]] | None = None
         self._class_names: list[str] | None = None
         self._video_files: dict[str, Path] | None = None
@@ -656,6 +663,8 @@ class TemporalDetectionDataModule(VideoDataModule):
         train = stage == "train"
         opened = self.mode == "sliding_window" and not train
         videos = self.subset_videos(self.subsets[stage], opened=opened)
+        if not train and self.eval_max_videos is not None:
+            videos = videos[: self.eval_max_videos]  # e.g. block drop scoring on part of the training set
         if train:
             videos = [self._training_segments(v) for v in videos]
             videos = [v for v in videos if len(v.segments)]

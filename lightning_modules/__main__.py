@@ -10,6 +10,11 @@ from lightning_modules.cli import main
 
 #: Commands beside the Lightning CLI's: name -> (module with ``main(argv)``, one-line description).
 TOOLS = {
+    "compress": (
+        "lightning_modules.compress",
+        "progressive block drop of a trained task: score candidate drops, remove the chosen block, recover with "
+        "LoRA and alignment losses, round by round, resumable; writes a report and the compressed model",
+    ),
     "evaluate-tad": (
         "lightning_modules.evaluate_tad",
         "score temporal detections (ActivityNet results JSON) against a ground truth (ActivityNet JSON or "

@@ -115,6 +115,14 @@ class VideoTask(L.LightningModule):
         """The task's own loss on a batch, nothing logged: what the ``train_loss`` block-drop metric scores."""
         raise NotImplementedError(f"{type(self).__name__} has no batch_loss")
 
+    def cost_inputs(self, batch: dict[str, Any]) -> tuple[Tensor, ...]:
+        """The inputs of one clip (or window) of an evaluation batch, for MACs and latency."""
+        raise NotImplementedError(f"{type(self).__name__} has no cost_inputs")
+
+    def compressed_config(self, dropped: list[int]) -> str:
+        """A YAML recipe override that rebuilds this task with the ``dropped`` blocks removed."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be rebuilt compressed")
+
     def on_fit_start(self) -> None:
         if self.teacher is not None:
             self.teacher.to(self.device)

@@ -59,14 +59,18 @@ class BadVideoReport(L.Callback):
                 "Fix or replace the files, or point the data module at the right folder and lists"
             )
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             return  # every rank stops by itself (and saves), or Lightning ends the ranks it started
         launcher = trainer.strategy.launcher
         started = launcher.procs if isinstance(launcher, _SubprocessScriptLauncher) else []
         running = [p for p in started if p.poll() is None]
         if running:
-            log.error("run failed: stopping the DDP ranks this process started (pids %s)", [p.pid for p in running])
+            log.error(
+                "run failed: stopping the DDP ranks this process started (pids %s)", [p.pid for p in running]
+            )
         for p in running:
             p.kill()  # SIGKILL, as Lightning's launcher does: SIGTERM does not end a rank in a collective
         for p in running:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+import yaml
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,6 +14,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from lightning_modules.base import VideoTask
 from lightning_modules.metrics import VideoClassificationScores, first_occurrences
 from models.blockdrop import class_alignment
+from models.blockdrop import drop_blocks as remove_blocks
 from models.flops import count_macs
 
 
@@ -45,6 +47,7 @@ class VideoClassifier(VideoTask):
         min_lr_ratio: float = 0.01,
         schedule_epochs: float | None = None,
         lr_interval: Literal["step", "epoch"] = "step",
+        drop_blocks: list[int] | None = None,
     ):
         super().__init__(
             lr, weight_decay, optimizer, betas, warmup_epochs, warmup_start_factor, min_lr_ratio, schedule_epochs,
@@ -53,6 +56,8 @@ class VideoClassifier(VideoTask):
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self.load_backbone(backbone, pretrained)
+        if drop_blocks:  # a block-drop-compressed model: blocks removed after the pretrained weights are in
+            remove_blocks(backbone, drop_blocks)
         self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(backbone.embed_dim, num_classes))
         nn.init.trunc_normal_(self.head[1].weight, std=0.02)
         nn.init.zeros_(self.head[1].bias)
@@ -99,6 +104,14 @@ class VideoClassifier(VideoTask):
     def batch_loss(self, batch: dict[str, Any]) -> Tensor:
         """The task's loss on a batch, nothing logged (block-drop scoring)."""
         return self.loss(self(batch["video"]), batch["label"])
+
+    def cost_inputs(self, batch: dict[str, Any]) -> tuple[Tensor, ...]:
+        """One clip of an evaluation batch (B, views, 3, T, H, W), as ``forward`` takes it."""
+        return (batch["video"][0, :1],)
+
+    def compressed_config(self, dropped: list[int]) -> str:
+        """The recipe override that rebuilds this task with ``dropped`` blocks removed."""
+        return yaml.safe_dump({"model": {"init_args": {"drop_blocks": list(dropped), "pretrained": None}}})
 
     def _score_alignment(self, student: Tensor, teacher: Tensor) -> dict[str, Tensor]:
         if self.alignment.prediction <= 0:

@@ -84,10 +84,14 @@ class VideoCLI(LightningCLI):
         """Lightning replaces the model's arguments with the checkpoint's hyperparameters (so the architecture
         matches the weights); model arguments given on the command line then still win, as a user expects of
         e.g. ``validate --ckpt_path ... --model.init_args.early_exit=true``."""
+        subcommand = self.config.get("subcommand")
+        before = self.config[subcommand].model.clone() if subcommand else None
         super()._parse_ckpt_path()
         overrides = _model_overrides(self._raw_args)
-        if overrides and self.config.get("subcommand"):
-            self.config = self.parser.parse_args([self.config.subcommand, *overrides], namespace=self.config)
+        # Only when the checkpoint changed the model's arguments: otherwise the first parse already honoured the
+        # command line (re-parsing would apply a list append twice and reorder it against later --config files).
+        if overrides and subcommand and self.config[subcommand].model != before:
+            self.config = self.parser.parse_args([subcommand, *overrides], namespace=self.config)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
@@ -124,34 +128,45 @@ class VideoCLI(LightningCLI):
             ]
 
     def _place_loggers(self, cfg: Namespace) -> None:
-        loggers = _as_list(cfg.trainer.logger)
-        for i, lg in enumerate(loggers):
-            cls = _class_of(lg.class_path)
-            if issubclass(cls, CSVLogger) and not issubclass(cls, RunCSVLogger):
-                loggers[i] = lg = Namespace(
-                    class_path=f"{RunCSVLogger.__module__}.RunCSVLogger", init_args=Namespace()
-                )
-                cls = RunCSVLogger
-            if issubclass(cls, (RunCSVLogger, WandbLogger)):
-                lg.init_args.save_dir = str(self.run.path)
-            if issubclass(cls, WandbLogger):
-                lg.init_args.id = self.run.run_id
-        if loggers:
-            cfg.trainer.logger = loggers if isinstance(cfg.trainer.logger, list) else loggers[0]
+        place_loggers(cfg.trainer, self.run)
 
     def _place_checkpoints(self, cfg: Namespace) -> None:
-        for cb in _as_list(cfg.trainer.callbacks):
-            if issubclass(_class_of(cb.class_path), ModelCheckpoint):
-                if cb.init_args.get("dirpath") is None:
-                    cb.init_args.dirpath = str(self.run.checkpoints)
-                if self.subcommand == "fit" and cb.init_args.get("save_last"):
-                    cb.init_args.save_last = False  # LastCheckpoint writes last.ckpt every epoch instead
+        place_checkpoints(cfg.trainer, self.run, fit=self.subcommand == "fit")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+def place_loggers(trainer: Namespace, run: RunDirectory) -> None:
+    """Point the CSV and W&B loggers of a trainer config at ``run`` (its directory; W&B run id = run id)."""
+    loggers = _as_list(trainer.logger)
+    for i, lg in enumerate(loggers):
+        cls = _class_of(lg.class_path)
+        if issubclass(cls, CSVLogger) and not issubclass(cls, RunCSVLogger):
+            loggers[i] = lg = Namespace(
+                class_path=f"{RunCSVLogger.__module__}.RunCSVLogger", init_args=Namespace()
+            )
+            cls = RunCSVLogger
+        if issubclass(cls, (RunCSVLogger, WandbLogger)):
+            lg.init_args.save_dir = str(run.path)
+        if issubclass(cls, WandbLogger):
+            lg.init_args.id = run.run_id
+    if loggers:
+        trainer.logger = loggers if isinstance(trainer.logger, list) else loggers[0]
+
+
+def place_checkpoints(trainer: Namespace, run: RunDirectory, fit: bool) -> None:
+    """Point a trainer config's ModelCheckpoints at ``run``'s checkpoint folder; in fit, last.ckpt is
+    ``LastCheckpoint``'s alone."""
+    for cb in _as_list(trainer.callbacks):
+        if issubclass(_class_of(cb.class_path), ModelCheckpoint):
+            if cb.init_args.get("dirpath") is None:
+                cb.init_args.dirpath = str(run.checkpoints)
+            if fit and cb.init_args.get("save_last"):
+                cb.init_args.save_last = False  # LastCheckpoint writes last.ckpt every epoch instead
 
 
 def _model_overrides(args: list[str]) -> list[str]:

@@ -144,6 +144,8 @@ class HaltingVTClassifier(VideoClassifier):
             head = self.backbone.embed_dim * self.num_classes
             if not self.early_exit:
                 self.record_macs(stage, self.backbone.macs(out.active, grid) + head)
-            executed = self.backbone.macs(out.early_exit_active(), grid) + head
+            # With early exit ``active`` holds what ran; a full pass derives it from each clip's exit layer.
+            ran = out.active if self.early_exit else out.early_exit_active()
+            executed = self.backbone.macs(ran, grid) + head
             self.record_macs(stage, executed, "gflops_early_exit")
         return self.head(out.feature)

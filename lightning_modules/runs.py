@@ -86,7 +86,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in the same directory, then renames it into place: a process
     killed mid-write leaves the previous checkpoint intact, never a truncated one."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
@@ -202,7 +204,13 @@ class RunState(L.Callback):
             return
         states = dict(state_dict["rng"])
         n = states["numpy"]
-        states["numpy"] = (n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"])
+        states["numpy"] = (
+            n["kind"],
+            n["keys"].numpy().astype("uint32"),
+            n["pos"],
+            n["has_gauss"],
+            n["gauss"],
+        )
         p = states["python"]
         states["python"] = (p["version"], tuple(p["state"]), p["gauss"])
         _set_rng_states(states)
@@ -213,9 +221,13 @@ class RunState(L.Callback):
                 if isinstance(lg, RunCSVLogger):
                     dropped = lg.experiment.drop_rows_from(trainer.global_step)
                     if dropped:
-                        rank_zero_info(f"resumed at step {trainer.global_step}: dropped {dropped} later CSV rows")
+                        rank_zero_info(
+                            f"resumed at step {trainer.global_step}: dropped {dropped} later CSV rows"
+                        )
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
             path = self.checkpoint_dir / "last.ckpt"
             trainer.save_checkpoint(path)

@@ -113,10 +113,14 @@ def plan(
             )
         gpus = gpus_per_node or devices
         if gpus is None:
-            raise SubmitError(f"{recipe} sets trainer.devices={trainer.get('devices')!r}: pass --gpus-per-node")
+            raise SubmitError(
+                f"{recipe} sets trainer.devices={trainer.get('devices')!r}: pass --gpus-per-node"
+            )
         tasks = gpus
     else:
-        raise SubmitError(f"{recipe}: trainer.accelerator={accelerator!r} is not something SLURM allocates here")
+        raise SubmitError(
+            f"{recipe}: trainer.accelerator={accelerator!r} is not something SLURM allocates here"
+        )
     script = SINGLE_NODE_SCRIPT if recipe_nodes == 1 else MULTI_NODE_SCRIPT
     return Allocation(recipe_nodes, tasks, gpus, script, extra)
 
@@ -186,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("recipe", type=Path)
     parser.add_argument("--nodes", type=int, help="nodes (must equal trainer.num_nodes)")
-    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (must equal trainer.devices; 0: CPU tasks)")
+    parser.add_argument(
+        "--gpus-per-node", type=int, help="GPUs per node (must equal trainer.devices; 0: CPU tasks)"
+    )
     parser.add_argument("--cpus-per-task", type=int, help="CPU cores per task (the scripts ask for 10)")
     parser.add_argument("--time", help="time limit, HH:MM:SS or D-HH:MM:SS (the scripts ask for 48:00:00)")
     parser.add_argument("--partition", help="SLURM partition")
@@ -207,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         print(shlex.join(cmd))
         return 0
     (REPO / OUTPUT_DIR).mkdir(parents=True, exist_ok=True)  # sbatch cannot create the output file's directory
-    done = subprocess.run([cmd[0], "--parsable", *cmd[1:]], check=False, cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [cmd[0], "--parsable", *cmd[1:]], check=False, cwd=REPO, capture_output=True, text=True
+    )
     if done.returncode != 0:
         print(f"error: sbatch failed: {done.stderr.strip()}", file=sys.stderr)
         return done.returncode

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -150,6 +151,16 @@ class TemporalActionDetection(VideoTask):
 
     def block_stack(self) -> nn.Module:
         return self.detector.backbone.vit
+
+    def cost_inputs(self, batch: dict[str, Any]) -> tuple[Tensor, ...]:
+        """One window of an evaluation batch, as ``forward`` takes it."""
+        return batch["video"][:1], batch["valid"][:1]
+
+    def compressed_config(self, dropped: list[int]) -> str:
+        """The recipe override that rebuilds this detector with ``dropped`` blocks removed and the LoRA merged
+        (plain weights: ``finetune: full``; no pretrained backbone to read)."""
+        backbone = {"drop_blocks": list(dropped), "finetune": "full", "pretrained": None}
+        return yaml.safe_dump({"model": {"init_args": {"backbone": {"init_args": backbone}}}})
 
     def batch_loss(self, batch: dict[str, Any]) -> Tensor:
         """Focal + DIoU loss on a batch, normalised by its own positive count, nothing logged (block-drop

@@ -99,7 +99,7 @@ class BlockOutputs:
         self._parts: dict[int, list[Tensor]] = {}
         self._handles = []
 
-    def __enter__(self) -> BlockOutputs:
+    def __enter__(self) -> BlockOutputs:  # noqa: PYI034 (a plain class, not meant for subclassing)
         self._parts = {}
         for block, index in zip(self.stack.blocks, block_ids(self.stack), strict=True):
             self._handles.append(block.register_forward_hook(self._record(index)))

@@ -130,3 +130,11 @@ def test_missing_data_root_is_named(tmp_path):
         FileNotFoundError, match=r"data root .*nowhere does not exist: set data.init_args.root"
     ):
         main(["fit", *quick_args(tmp_path, tmp_path / "nowhere", "--trainer.max_epochs=1")])
+
+
+def test_command_line_applies_once_without_a_checkpoint(tmp_path, synthetic_classification):
+    """Without checkpoint hyperparameters the command line is parsed once: a list append stays one append."""
+    args = quick_args(tmp_path, synthetic_classification, "--trainer.limit_val_batches=1")
+    cli = main(["validate", *args, "--model.init_args.drop_blocks+=2"])
+    assert cli.config.validate.model.init_args.drop_blocks == [2]
+    assert cli.model.backbone.block_ids == [0, 1, 3]  # the quickstart ViT's 4 blocks, block 2 removed

@@ -1,0 +1,414 @@
+"""``python -m lightning_modules compress``: progressive block drop of a trained task, round by round.
+
+One YAML recipe drives it: the task's own recipe (``model``, ``data``, ``trainer``: what the recovery fits use)
+stacked with a block-drop recipe (``compress``: the ``BlockDrop`` settings), e.g.
+
+    python -m lightning_modules compress --config recipes/tad_thumos_videomae_s.yaml \\
+        --config recipes/blockdrop_thumos_videomae_s.yaml --compress.checkpoint runs/.../last.ckpt
+
+Each round scores every candidate drop of the current model on the scoring subset (``compress.metric``),
+removes the chosen block for good, recovers with a Lightning fit (LoRA + norms + patch embedding + head by
+default, with the alignment losses against the teacher), merges the LoRA and evaluates. Everything lands in
+``compress.out_dir``::
+
+    rounds.json, report.md, report.png      one record per round (round 0 = the uncompressed model)
+    round_K/choice.json                      candidate scores and the chosen block(s)
+    round_K/recovery/                        the recovery fit's run directory (last.ckpt every epoch)
+    round_K/model.pt                         the merged model after recovery
+    compressed.ckpt, compressed.yaml         the kept model, loadable by ``validate --config <task recipe>
+                                             --config compressed.yaml --ckpt_path compressed.ckpt``
+
+Every file is written atomically, and each step is skipped when its file exists: killed at any point, the same
+command resumes at the round, and inside a recovery at the epoch, it reached.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from jsonargparse import ActionConfigFile, Namespace
+from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
+
+from lightning_modules.base import Alignment, VideoTask
+from lightning_modules.blockdrop import HIGHER_IS_BETTER, score_candidates
+from lightning_modules.cli import place_checkpoints, place_loggers
+from lightning_modules.runs import AtomicCheckpointIO, LastCheckpoint, RunDirectory, RunState
+from models.blockdrop import Recovery, block_ids, choose_block, drop_blocks, prepare_recovery
+from models.flops import count_macs
+from models.lora import merge_lora
+
+
+@dataclass
+class BlockDrop:
+    """The block-drop settings (the recipe's ``compress`` section).
+
+    ``checkpoint``: the trained, uncompressed task (a Lightning checkpoint of the recipe's model).
+    Selection: ``metric`` (``map``: ``score_key`` on the scoring subset, the paper's default; ``train_loss``;
+    ``feature_mse``; ``random``, seeded) or a fixed ``blocks`` order (original indices; overrides ``metric``).
+    The scoring subset is the recipe's data with ``score_data`` applied to ``data.init_args`` (for TAD e.g.
+    ``{eval_subset: training, eval_max_videos: 50}``); ``score_batches`` caps the batches of ``train_loss`` /
+    ``feature_mse``. ``one_shot`` drops ``max_blocks`` blocks at once (the best single-drop scores) with one
+    recovery. Stopping: ``max_blocks`` dropped, MACs at or below ``macs_target`` x the uncompressed model's, or
+    the validation ``score_key`` more than ``score_tolerance`` below the uncompressed model's (that round is
+    rejected and the previous one kept).
+    Recovery: ``recovery`` (``lora``, ``full``, ``none``), ``head_trainable``, ``lora_rank`` (None: dim / 4),
+    ``epochs``, ``lr`` (head) and ``backbone_lr`` (LoRA, norms, patch embedding; None: the recipe's), the
+    ``alignment`` losses against the ``teacher`` (``original``: the uncompressed model; ``previous``: the
+    previous round's). ``latency_repeats`` > 0 also times a forward of one input (min over repeats).
+    """
+
+    checkpoint: str
+    out_dir: str = "runs/blockdrop"
+    metric: Literal["map", "train_loss", "feature_mse", "random"] = "map"
+    blocks: list[int] | None = None
+    max_blocks: int = 3
+    one_shot: bool = False
+    macs_target: float | None = None
+    score_tolerance: float | None = None
+    score_key: str = "val/average_mAP"
+    score_data: dict[str, Any] = field(default_factory=dict)
+    score_batches: int | None = None
+    recovery: Recovery = "lora"
+    head_trainable: bool = True
+    lora_rank: int | None = None
+    epochs: int = 60
+    lr: float | None = None
+    backbone_lr: float | None = None
+    alignment: Alignment = field(default_factory=Alignment)
+    teacher: Literal["original", "previous"] = "original"
+    seed: int = 0
+    latency_repeats: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_blocks < 1:
+            raise ValueError(f"compress.max_blocks must be >= 1, got {self.max_blocks}")
+        if self.metric not in (*HIGHER_IS_BETTER, "random"):
+            raise ValueError(
+                f"compress.metric must be map, train_loss, feature_mse or random, got {self.metric!r}"
+            )
+        if self.epochs < 0:
+            raise ValueError(f"compress.epochs must be >= 0, got {self.epochs}")
+
+
+def write_json(path: Path, content: Any) -> None:
+    """Write JSON atomically (temporary file, then rename): a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp.write_text(json.dumps(content, indent=2))
+    os.replace(tmp, path)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    AtomicCheckpointIO().save_checkpoint(obj, path)
+
+
+def build_parser() -> LightningArgumentParser:
+    parser = LightningArgumentParser(
+        prog="python -m lightning_modules compress", description=__doc__.split("\n")[0], env_prefix="COMPRESS"
+    )
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="recipe(s) in YAML; later ones win")
+    parser.add_argument("--seed_everything", type=int | bool | None, default=0)
+    parser.add_lightning_class_args(L.Trainer, "trainer")
+    parser.add_lightning_class_args(L.LightningModule, "model", subclass_mode=True)
+    parser.add_lightning_class_args(L.LightningDataModule, "data", subclass_mode=True)
+    parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+    parser.link_arguments("data.multilabel", "model.init_args.multilabel", apply_on="instantiate")
+    parser.add_class_arguments(BlockDrop, "compress")
+    return parser
+
+
+class Compressor:
+    def __init__(self, parser: LightningArgumentParser, cfg: Namespace):
+        self.parser = parser
+        self.cfg = cfg
+        settings = cfg.compress.as_dict()
+        settings["alignment"] = Alignment(**(settings.get("alignment") or {}))
+        self.settings = BlockDrop(**settings)
+        self.out = Path(self.settings.out_dir)
+        if not Path(self.settings.checkpoint).is_file():
+            raise FileNotFoundError(
+                f"compress.checkpoint {self.settings.checkpoint} not found: give the trained task's Lightning "
+                "checkpoint (e.g. runs/<recipe>/<run id>/checkpoints/last.ckpt)"
+            )
+
+    # ------------------------------------------------------------------------------------------ building
+
+    def fresh(
+        self, data: dict[str, Any] | None = None, run: RunDirectory | None = None
+    ) -> tuple[Any, Any, dict]:
+        """A new task, data module and trainer arguments from the recipe (data overrides applied; loggers and
+        checkpoints pointed at ``run``)."""
+        cfg = copy.deepcopy(self.cfg)
+        for key, value in (data or {}).items():
+            cfg.data.init_args[key] = value
+        if run is not None:
+            place_loggers(cfg.trainer, run)
+            place_checkpoints(cfg.trainer, run, fit=True)
+        else:
+            cfg.trainer.logger = False
+            cfg.trainer.callbacks = []
+        init = self.parser.instantiate_classes(cfg)
+        return init.model, init.data, dict(init.trainer)
+
+    def load(self, task: VideoTask, source: Path | None) -> VideoTask:
+        """Give ``task`` (fresh from the recipe) the weights of ``source`` (a round's model.pt) or, for None, of
+        the uncompressed checkpoint; LoRA merged, dropped blocks removed."""
+        if source is None:
+            state = torch.load(self.settings.checkpoint, map_location="cpu", weights_only=False)
+            task.load_state_dict(state["state_dict"])  # as trained (LoRA layers included, if any)
+            merge_lora(task)
+            return task
+        saved = torch.load(source, map_location="cpu", weights_only=False)
+        merge_lora(task)
+        if saved["dropped"]:
+            drop_blocks(task.block_stack(), saved["dropped"])
+        task.load_state_dict(saved["state_dict"])
+        return task
+
+    def model_file(self, k: int) -> Path | None:
+        return None if k == 0 else self.out / f"round_{k}" / "model.pt"
+
+    # ---------------------------------------------------------------------------------------- measuring
+
+    @staticmethod
+    def ready(dm: L.LightningDataModule, task: VideoTask, batch: dict[str, Any]) -> dict[str, Any]:
+        """A loader batch as the task sees it in a Trainer: on its device, normalised by the data module."""
+        return dm.on_after_batch_transfer(move_data_to_device(batch, task.device), 0)
+
+    def trainer(self, root: Path, **kwargs: Any) -> L.Trainer:
+        t = self.cfg.trainer
+        return L.Trainer(
+            accelerator=t.accelerator, devices=1, precision=t.precision, logger=False, enable_checkpointing=False,
+            default_root_dir=str(root), enable_model_summary=False, **kwargs,
+        )  # fmt: skip
+
+    def evaluate(self, task: VideoTask, data: dict[str, Any] | None, root: Path) -> float:
+        _, dm, _ = self.fresh(data)
+        results = self.trainer(root, enable_progress_bar=False).validate(task, datamodule=dm, verbose=False)
+        key = self.settings.score_key
+        if key not in results[0]:
+            raise KeyError(f"compress.score_key {key!r} was not logged; the task logs {sorted(results[0])}")
+        return float(results[0][key])
+
+    def costs(self, task: VideoTask) -> dict[str, float]:
+        _, dm, _ = self.fresh()
+        dm.setup("validate")
+        inputs = task.cost_inputs(self.ready(dm, task, next(iter(dm.val_dataloader()))))
+        task.eval()
+        out = {"gmacs": count_macs(task, *inputs) / 1e9}
+        if self.settings.latency_repeats > 0:
+            times = []
+            with torch.inference_mode():
+                for _ in range(self.settings.latency_repeats + 1):
+                    start = time.perf_counter()
+                    task(*inputs)
+                    times.append(time.perf_counter() - start)
+            out["latency_ms"] = 1e3 * min(times[1:])
+        return out
+
+    # ------------------------------------------------------------------------------------------- rounds
+
+    def choose(self, task: VideoTask, k: int, dropped: list[int]) -> dict[str, Any]:
+        s = self.settings
+        stack = task.block_stack()
+        count = s.max_blocks if s.one_shot else 1
+        if s.blocks is not None:
+            return {
+                "chosen": list(s.blocks[: s.max_blocks] if s.one_shot else [s.blocks[k - 1]]),
+                "scores": {},
+            }
+        if s.metric == "random":
+            rng = random.Random(s.seed * 1000 + k)
+            return {"chosen": rng.sample(block_ids(stack), count), "scores": {}}
+        root = self.out / f"round_{k}" / "scoring"
+        if s.metric == "map":
+            scores = score_candidates(task, "map", evaluate=lambda t: self.evaluate(t, s.score_data, root))
+        else:
+            _, dm, _ = self.fresh(s.score_data)
+            dm.setup("validate")
+            batches = [self.ready(dm, task, b) for b in _take(dm.val_dataloader(), s.score_batches)]
+            scores = score_candidates(task, s.metric, batches=batches)
+        higher = HIGHER_IS_BETTER[s.metric]
+        order = sorted(scores, key=lambda b: (-scores[b] if higher else scores[b], b))
+        chosen = order[:count] if s.one_shot else [choose_block(scores, higher)]
+        return {"chosen": chosen, "scores": {str(b): v for b, v in scores.items()}}
+
+    def recover(self, task: VideoTask, teacher: VideoTask | None, k: int) -> dict[str, Any]:
+        s = self.settings
+        trainable = prepare_recovery(task, task.block_stack(), s.recovery, s.head_trainable, s.lora_rank)
+        info = {"trainable_params": sum(p.numel() for p in trainable)}
+        if s.recovery == "none" and not s.head_trainable or s.epochs == 0:
+            return info
+        if s.lr is not None:
+            task.lr = s.lr
+        if s.backbone_lr is not None and hasattr(task, "backbone_lr"):
+            task.backbone_lr = s.backbone_lr
+        aligned = teacher is not None and (
+            s.alignment.feature or s.alignment.prediction or s.alignment.segment
+        )
+        task.set_teacher(teacher if aligned else None, s.alignment)
+        run = RunDirectory(self.out / f"round_{k}", "recovery")
+        model_unused, dm, trainer_args = self.fresh(run=run)
+        del model_unused
+        trainer_args.update(default_root_dir=str(run.path), max_epochs=s.epochs)
+        callbacks = list(trainer_args.get("callbacks") or [])
+        trainer_args["callbacks"] = [*callbacks, LastCheckpoint(run.checkpoints), RunState(run.checkpoints)]
+        trainer = L.Trainer(**trainer_args)
+        if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        resume = run.resume_checkpoint()
+        if resume is not None:
+            rank_zero_info(f"round {k}: resuming the recovery from {resume}")
+        trainer.fit(task, datamodule=dm, ckpt_path=str(resume) if resume else None)
+        task.set_teacher(None)
+        info["recovery_epochs"] = trainer.current_epoch
+        return info
+
+    def run(self) -> list[dict[str, Any]]:
+        s = self.settings
+        records_file = self.out / "rounds.json"
+        records: list[dict[str, Any]] = json.loads(records_file.read_text()) if records_file.is_file() else []
+        if not records:
+            task = self.load(self.fresh()[0], None)
+            record = {"round": 0, "dropped": [], "kept": block_ids(task.block_stack())}
+            record["score"] = self.evaluate(task, None, self.out / "round_0")
+            record.update(self.costs(task))
+            records.append(record)
+            write_json(records_file, records)
+            self.report(records)
+        base = records[0]
+        limit = min(s.max_blocks, len(s.blocks)) if s.blocks is not None else s.max_blocks
+        while True:
+            last = records[-1]
+            accepted = [r for r in records if not r.get("rejected")]
+            if (
+                last.get("rejected")
+                or len(accepted[-1]["dropped"]) >= limit
+                or (s.one_shot and len(records) > 1)
+            ):
+                break
+            if s.macs_target is not None and last["gmacs"] <= s.macs_target * base["gmacs"]:
+                break
+            k = len(records)
+            records.append(self.one_round(k, accepted[-1]))
+            if s.score_tolerance is not None and records[-1]["score"] < base["score"] - s.score_tolerance:
+                records[-1]["rejected"] = True
+            write_json(records_file, records)
+            self.report(records)
+        self.export(records)
+        return records
+
+    def one_round(self, k: int, previous: dict[str, Any]) -> dict[str, Any]:
+        s = self.settings
+        folder = self.out / f"round_{k}"
+        source = self.model_file(previous["round"])
+        choice_file = folder / "choice.json"
+        if not choice_file.is_file():
+            L.seed_everything(s.seed + k, verbose=False)
+            current = self.load(self.fresh()[0], source)
+            write_json(choice_file, self.choose(current, k, previous["dropped"]))
+        choice = json.loads(choice_file.read_text())
+        dropped = [*previous["dropped"], *choice["chosen"]]
+        model_file = folder / "model.pt"
+        info_file = folder / "recovery.json"
+        if not model_file.is_file():
+            L.seed_everything(s.seed + k, verbose=False)
+            student = self.load(self.fresh()[0], source)
+            drop_blocks(student.block_stack(), choice["chosen"])
+            teacher = None
+            if s.recovery != "none" or s.head_trainable:
+                teacher_source = None if s.teacher == "original" else source
+                teacher = self.load(self.fresh()[0], teacher_source)
+            info = self.recover(student, teacher, k)
+            merge_lora(student)
+            save_atomic({"state_dict": student.state_dict(), "dropped": dropped}, model_file)
+            write_json(info_file, info)
+        student = self.load(self.fresh()[0], model_file)
+        record = {"round": k, "dropped": dropped, "kept": block_ids(student.block_stack()), **choice}
+        record.update(json.loads(info_file.read_text()))
+        record["score"] = self.evaluate(student, None, folder)
+        record.update(self.costs(student))
+        rank_zero_info(f"round {k}: dropped {choice['chosen']} -> {s.score_key} {record['score']:.4f}, "
+                       f"{record['gmacs']:.2f} GMACs")  # fmt: skip
+        return record
+
+    # ------------------------------------------------------------------------------------------- output
+
+    def report(self, records: list[dict[str, Any]]) -> None:
+        base = records[0]
+        key = self.settings.score_key
+        lines = [
+            f"| round | dropped | blocks kept | {key} | GMACs | MACs ratio | latency (ms) | trainable params |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in records:
+            latency = f"{r['latency_ms']:.1f}" if "latency_ms" in r else "-"
+            flag = " (rejected)" if r.get("rejected") else ""
+            lines.append(
+                f"| {r['round']}{flag} | {r.get('chosen', '-')} | {len(r['kept'])} | {100 * r['score']:.2f} | "
+                f"{r['gmacs']:.2f} | {r['gmacs'] / base['gmacs']:.3f} | {latency} | {r.get('trainable_params', '-')} |"
+            )
+        (self.out / "report.md").write_text("\n".join(lines) + "\n")
+        self.plot(records)
+
+    def plot(self, records: list[dict[str, Any]]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [r["round"] for r in records]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(rounds, [100 * r["score"] for r in records], "o-", color="tab:blue")
+        ax.set_xlabel("round (blocks dropped)")
+        ax.set_ylabel(self.settings.score_key, color="tab:blue")
+        ax.set_xticks(rounds)
+        twin = ax.twinx()
+        twin.plot(rounds, [r["gmacs"] for r in records], "s--", color="tab:orange")
+        twin.set_ylabel("GMACs", color="tab:orange")
+        ax.set_title("progressive block drop")
+        fig.tight_layout()
+        fig.savefig(self.out / "report.png", dpi=110)
+        plt.close(fig)
+
+    def export(self, records: list[dict[str, Any]]) -> None:
+        kept = [r for r in records if not r.get("rejected")][-1]
+        source = self.model_file(kept["round"])
+        task = self.load(self.fresh()[0], source)
+        save_atomic(
+            {
+                "state_dict": task.state_dict(),
+                "pytorch-lightning_version": L.__version__,
+                "dropped": kept["dropped"],
+            },
+            self.out / "compressed.ckpt",
+        )
+        (self.out / "compressed.yaml").write_text(task.compressed_config(kept["dropped"]))
+
+
+def _take(loader: Any, count: int | None):
+    for i, batch in enumerate(loader):
+        if count is not None and i >= count:
+            return
+        yield batch
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    if cfg.seed_everything is not False and cfg.seed_everything is not None:
+        L.seed_everything(cfg.seed_everything, verbose=False)
+    records = Compressor(parser, cfg).run()
+    print((Path(cfg.compress.out_dir) / "report.md").read_text())
+    return records

@@ -1,0 +1,167 @@
+"""The compress command end to end on a tiny detector: rounds, records, report, export, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.synthetic import generate_temporal
+from lightning_modules.cli import main as cli_main
+from lightning_modules.compress import main as compress
+from tests.quick import tiny_tad
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(run_dir: Path, data: Path) -> list[str]:
+    """The tiny TAD recipe with 3 blocks, no W&B, 2 training batches per epoch."""
+    return [
+        *tiny_tad(run_dir, data), "--model.init_args.backbone.init_args.vit.init_args.depth=3",
+        "--model.init_args.backbone.init_args.finetune=lora", "--model.init_args.head.init_args.embed_dim=16",
+        "--model.init_args.head.init_args.head_channels=16", "--trainer.logger=lightning_modules.runs.RunCSVLogger",
+        f"--trainer.logger.init_args.save_dir={run_dir}", "--trainer.limit_train_batches=2",
+        "--trainer.check_val_every_n_epoch=1", "--trainer.callbacks=[]",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A temporal set and a detector fitted on it for one epoch (its last checkpoint)."""
+    root = tmp_path_factory.mktemp("compress")
+    data = generate_temporal(root / "set", num_videos=6, size=32, seconds=6, fps=10)
+    cli_main(["fit", *tiny(root / "fit", data), "--trainer.max_epochs=1", "--run_id=teacher"])
+    return data, root / "fit" / "teacher" / "checkpoints" / "last.ckpt"
+
+
+def compress_args(out: Path, data: Path, checkpoint: Path, *extra: str) -> list[str]:
+    return [
+        *tiny(out / "runs", data), f"--compress.checkpoint={checkpoint}", f"--compress.out_dir={out}",
+        "--compress.epochs=1", "--compress.score_batches=1",
+        '--compress.score_data={"eval_subset": "training", "eval_max_videos": 2}', *extra,
+    ]  # fmt: skip
+
+
+def test_two_rounds_by_training_loss_record_report_and_export(tmp_path, trained, capsys):
+    data, checkpoint = trained
+    out = tmp_path / "bd"
+    records = compress(
+        compress_args(out, data, checkpoint, "--compress.metric=train_loss", "--compress.max_blocks=2")
+    )
+    printed = capsys.readouterr().out
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert records[0]["kept"] == [0, 1, 2] and len(records[2]["kept"]) == 1
+    for r in records[1:]:
+        scores = {int(b): v for b, v in r["scores"].items()}
+        assert r["chosen"] == [min(scores, key=scores.get)]  # the drop that hurts the training loss least
+        assert set(scores) == set(records[r["round"] - 1]["kept"])
+    assert records[2]["dropped"] == records[1]["chosen"] + records[2]["chosen"]
+    # One block of three fewer: the MACs fall by one block's cost each round.
+    per_block = records[0]["gmacs"] - records[1]["gmacs"]
+    assert (
+        per_block > 0
+        and abs((records[1]["gmacs"] - records[2]["gmacs"]) - per_block) < 1e-6 * records[0]["gmacs"]
+    )
+    assert json.loads((out / "rounds.json").read_text()) == records
+    report = (out / "report.md").read_text()
+    assert report in printed and len(report.strip().splitlines()) == 2 + 3
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    # The exported model is an ordinary TAD checkpoint: validate scores it as the last round did.
+    validated = cli_main([
+        "validate", *tiny(tmp_path / "v", data), "--config", str(out / "compressed.yaml"),
+        f"--ckpt_path={out / 'compressed.ckpt'}",
+    ])  # fmt: skip
+    assert validated.model.block_stack().block_ids == records[2]["kept"]
+    assert abs(float(validated.trainer.callback_metrics["val/average_mAP"]) - records[2]["score"]) < 1e-6
+    # A finished compression re-run does nothing new.
+    again = compress(
+        compress_args(out, data, checkpoint, "--compress.metric=train_loss", "--compress.max_blocks=2")
+    )
+    assert again == records
+
+
+def test_fixed_blocks_and_no_recovery(tmp_path, trained):
+    data, checkpoint = trained
+    out = tmp_path / "fixed"
+    args = compress_args(out, data, checkpoint, "--compress.blocks=[2, 0]", "--compress.max_blocks=2",
+                         "--compress.recovery=none", "--compress.head_trainable=false")  # fmt: skip
+    records = compress(args)
+    assert [r["chosen"] for r in records[1:]] == [[2], [0]] and records[2]["kept"] == [1]
+    assert records[1]["trainable_params"] == 0
+    # Without recovery the model is the original minus the blocks: its weights are the trained ones.
+    state = torch.load(out / "round_2" / "model.pt", weights_only=False)["state_dict"]
+    original = torch.load(checkpoint, weights_only=False)["state_dict"]
+    assert torch.equal(
+        state["detector.backbone.vit.blocks.0.mlp.fc1.weight"],
+        original["detector.backbone.vit.blocks.1.mlp.fc1.weight"],
+    )
+
+
+def test_killed_in_a_recovery_the_same_command_resumes_at_the_round_and_epoch(tmp_path, trained):
+    data, checkpoint = trained
+    settings = ["--compress.metric=feature_mse", "--compress.max_blocks=2", "--compress.epochs=3"]
+    out = tmp_path / "killed"
+    kill = [
+        "--trainer.callbacks+=tests.helpers.KillAt",
+        "--trainer.callbacks.step=3",
+    ]  # round 1, second epoch
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env.pop("EVT_RUN_ID", None)
+    with (tmp_path / "killed.log").open("w") as log:
+        done = subprocess.run(
+            [sys.executable, "-m", "lightning_modules", "compress", *compress_args(out, data, checkpoint, *settings, *kill)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600,
+        )  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+    last = out / "round_1" / "recovery" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 2  # the first epoch's end
+    assert not (out / "round_1" / "model.pt").exists()
+    choice = (out / "round_1" / "choice.json").stat().st_mtime_ns
+
+    records = compress(compress_args(out, data, checkpoint, *settings))
+    assert (out / "round_1" / "choice.json").stat().st_mtime_ns == choice  # scored once
+    rows = (out / "round_1" / "recovery" / "metrics.csv").read_text().splitlines()
+    epochs = sorted({int(r.split(",")[0]) for r in rows[1:] if r.split(",")[0].isdigit()})
+    assert epochs == [0, 1, 2]  # the resumed fit went on from epoch 1, in the same log
+    # The result is the uninterrupted command's.
+    reference = compress(compress_args(tmp_path / "straight", data, checkpoint, *settings))
+    for got, want in zip(records, reference, strict=True):
+        assert got["chosen" if got["round"] else "kept"] == want["chosen" if want["round"] else "kept"]
+        assert abs(got["score"] - want["score"]) < 1e-6 and abs(got["gmacs"] - want["gmacs"]) < 1e-9
+
+
+def test_the_dense_quickstart_classifier_compresses_by_top1_on_training_videos(
+    tmp_path, synthetic_classification
+):
+    """Generic over ViTs: the quickstart classifier, scored by validation top-1 on a training list (the ``map``
+    metric through the task's own evaluation), recovered with LoRA and the class-score alignment."""
+    from tests.quick import quick_overrides
+
+    recipe = REPO / "recipes" / "quickstart" / "synthetic_dense_vit.yaml"
+    base = [
+        "--config", str(recipe), *quick_overrides(tmp_path / "runs", synthetic_classification),
+        "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "--trainer.callbacks=[]",
+    ]  # fmt: skip
+    cli_main(["fit", *base, "--trainer.max_epochs=1", "--run_id=teacher"])
+    checkpoint = tmp_path / "runs" / "teacher" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "bd"
+    records = compress([
+        *base, f"--compress.checkpoint={checkpoint}", f"--compress.out_dir={out}", "--compress.metric=map",
+        "--compress.score_key=val/top1", '--compress.score_data={"val_list": "train.txt"}', "--compress.max_blocks=1",
+        "--compress.epochs=1",
+    ])  # fmt: skip
+    scores = {int(b): v for b, v in records[1]["scores"].items()}
+    assert sorted(scores) == [0, 1, 2, 3] and all(0 <= v <= 1 for v in scores.values())
+    best = max(scores.values())
+    assert records[1]["chosen"] == [min(b for b, v in scores.items() if v == best)]
+    validated = cli_main([
+        "validate", *base, "--config", str(out / "compressed.yaml"), f"--ckpt_path={out / 'compressed.ckpt'}",
+    ])  # fmt: skip
+    assert validated.model.backbone.block_ids == records[1]["kept"]
+    assert abs(float(validated.trainer.callback_metrics["val/top1"]) - records[1]["score"]) < 1e-6
