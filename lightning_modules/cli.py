@@ -140,8 +140,9 @@ class VideoCLI(LightningCLI):
         return trainer
 
 
-def place_loggers(trainer: Namespace, run: RunDirectory) -> None:
-    """Point the CSV and W&B loggers of a trainer config at ``run`` (its directory; W&B run id = run id)."""
+def place_loggers(trainer: Namespace, run: RunDirectory, wandb_id: str | None = None) -> None:
+    """Point the CSV and W&B loggers of a trainer config at ``run`` (its directory; W&B run id = ``wandb_id``,
+    by default the run id)."""
     loggers = _as_list(trainer.logger)
     for i, lg in enumerate(loggers):
         cls = _class_of(lg.class_path)
@@ -153,7 +154,7 @@ def place_loggers(trainer: Namespace, run: RunDirectory) -> None:
         if issubclass(cls, (RunCSVLogger, WandbLogger)):
             lg.init_args.save_dir = str(run.path)
         if issubclass(cls, WandbLogger):
-            lg.init_args.id = run.run_id
+            lg.init_args.id = wandb_id or run.run_id
     if loggers:
         trainer.logger = loggers if isinstance(trainer.logger, list) else loggers[0]
 

@@ -28,6 +28,7 @@ import copy
 import json
 import os
 import random
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from lightning_modules.base import Alignment, VideoTask
 from lightning_modules.blockdrop import HIGHER_IS_BETTER, score_candidates
 from lightning_modules.cli import place_checkpoints, place_loggers
-from lightning_modules.runs import AtomicCheckpointIO, LastCheckpoint, RunDirectory, RunState
+from lightning_modules.runs import AtomicCheckpointIO, LastCheckpoint, RunDirectory, RunState, new_run_id
 from models.blockdrop import Recovery, block_ids, choose_block, drop_blocks, prepare_recovery
 from models.flops import count_macs
 from models.lora import merge_lora
@@ -63,7 +64,8 @@ class BlockDrop:
     the validation ``score_key`` more than ``score_tolerance`` below the uncompressed model's (that round is
     rejected and the previous one kept).
     Recovery: ``recovery`` (``lora``, ``full``, ``none``), ``head_trainable``, ``lora_rank`` (None: dim / 4),
-    ``epochs``, ``lr`` (head) and ``backbone_lr`` (LoRA, norms, patch embedding; None: the recipe's), the
+    ``epochs``, ``lr`` (head) and ``backbone_lr`` (LoRA, norms, patch embedding), ``warmup_epochs`` and
+    ``schedule_epochs`` (the cosine's length, which may exceed ``epochs``; each None: the recipe's), the
     ``alignment`` losses against the ``teacher`` (``original``: the uncompressed model; ``previous``: the
     previous round's). ``latency_repeats`` > 0 also times a forward of one input (min over repeats).
     """
@@ -85,6 +87,8 @@ class BlockDrop:
     epochs: int = 60
     lr: float | None = None
     backbone_lr: float | None = None
+    warmup_epochs: float | None = None
+    schedule_epochs: float | None = None
     alignment: Alignment = field(default_factory=Alignment)
     teacher: Literal["original", "previous"] = "original"
     seed: int = 0
@@ -144,6 +148,14 @@ class Compressor:
 
     # ------------------------------------------------------------------------------------------ building
 
+    @property
+    def compression_id(self) -> str:
+        """This compression's id (kept in ``compress.json``): with the round, the W&B id of each recovery run."""
+        path = self.out / "compress.json"
+        if not path.is_file():
+            write_json(path, {"id": new_run_id()})
+        return json.loads(path.read_text())["id"]
+
     def fresh(
         self, data: dict[str, Any] | None = None, run: RunDirectory | None = None
     ) -> tuple[Any, Any, dict]:
@@ -153,7 +165,7 @@ class Compressor:
         for key, value in (data or {}).items():
             cfg.data.init_args[key] = value
         if run is not None:
-            place_loggers(cfg.trainer, run)
+            place_loggers(cfg.trainer, run, wandb_id=f"{self.compression_id}-{run.root.name}")
             place_checkpoints(cfg.trainer, run, fit=True)
         else:
             cfg.trainer.logger = False
@@ -254,6 +266,10 @@ class Compressor:
             task.lr = s.lr
         if s.backbone_lr is not None and hasattr(task, "backbone_lr"):
             task.backbone_lr = s.backbone_lr
+        if s.warmup_epochs is not None:
+            task.warmup_epochs = s.warmup_epochs
+        if s.schedule_epochs is not None:
+            task.schedule_epochs = s.schedule_epochs
         aligned = teacher is not None and (
             s.alignment.feature or s.alignment.prediction or s.alignment.segment
         )
@@ -404,11 +420,42 @@ def _take(loader: Any, count: int | None):
         yield batch
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def seeds_report(out: Path, runs: dict[int, list[dict[str, Any]]], key: str) -> str:
+    """Mean and standard deviation over seeds of each round's score (rounds every seed reached), as markdown."""
+    rounds = min(len(r) for r in runs.values())
+    lines = [f"| round | {key} mean | std | seeds | blocks dropped per seed |", "|---|---|---|---|---|"]
+    for k in range(rounds):
+        scores = [100 * r[k]["score"] for r in runs.values()]
+        std = statistics.stdev(scores) if len(scores) > 1 else 0.0
+        dropped = "; ".join(f"{seed}: {r[k]['dropped']}" for seed, r in runs.items())
+        lines.append(f"| {k} | {statistics.mean(scores):.2f} | {std:.2f} | {len(scores)} | {dropped} |")
+    text = "\n".join(lines) + "\n"
+    (out / "seeds.md").write_text(text)
+    write_json(out / "seeds.json", {str(seed): r for seed, r in runs.items()})
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | dict[int, list[dict[str, Any]]]:
+    """Run the compression; with ``--seeds 0 1 2`` once per seed (``<out_dir>/seed_<s>``, ``compress.seed`` = s),
+    then the mean and standard deviation of each round's score (``seeds.md``)."""
     parser = build_parser()
+    parser.add_argument(
+        "--seeds", type=list[int] | None, default=None, help="run once per seed, then mean / std"
+    )
     cfg = parser.parse_args(argv)
     if cfg.seed_everything is not False and cfg.seed_everything is not None:
         L.seed_everything(cfg.seed_everything, verbose=False)
-    records = Compressor(parser, cfg).run()
-    print((Path(cfg.compress.out_dir) / "report.md").read_text())
-    return records
+    if not cfg.seeds:
+        records = Compressor(parser, cfg).run()
+        print((Path(cfg.compress.out_dir) / "report.md").read_text())
+        return records
+    out = Path(cfg.compress.out_dir)
+    runs = {}
+    for seed in cfg.seeds:
+        one = copy.deepcopy(cfg)
+        one.compress.seed = seed
+        one.compress.out_dir = str(out / f"seed_{seed}")
+        runs[seed] = Compressor(parser, one).run()
+        print(f"seed {seed}:\n" + (out / f"seed_{seed}" / "report.md").read_text())
+    print(seeds_report(out, runs, cfg.compress.score_key))
+    return runs

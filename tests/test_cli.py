@@ -13,8 +13,21 @@ from tests.quick import quick_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(
-    p for p in (REPO / "recipes").rglob("*.yaml") if not {"sweeps", "haltingvt_variants"} & set(p.parts)
+    p
+    for p in (REPO / "recipes").rglob("*.yaml")
+    if not {"sweeps", "haltingvt_variants", "blockdrop"} & set(p.parts) and "blockdrop" not in p.name
 )
+#: Block-drop recipes (compress) and the task recipe each stacks on.
+BLOCKDROP = {
+    "blockdrop_thumos_videomae_s.yaml": ["tad_thumos_videomae_s.yaml"],
+    "blockdrop_thumos_videomae_l.yaml": ["tad_thumos_videomae_l.yaml"],
+    "blockdrop_anet_videomae_s.yaml": ["tad_anet_videomae_s.yaml"],
+    "quickstart/blockdrop_synthetic.yaml": ["quickstart/tad_synthetic.yaml"],
+    **{
+        f"blockdrop/{p.name}": ["tad_thumos_videomae_s.yaml", "blockdrop_thumos_videomae_s.yaml"]
+        for p in (REPO / "recipes" / "blockdrop").glob("*.yaml")
+    },
+}
 VARIANTS = sorted((REPO / "recipes" / "haltingvt_variants").glob("*.yaml"))
 QUICKSTART = REPO / "recipes" / "quickstart" / "synthetic_dense_vit.yaml"
 
@@ -30,6 +43,30 @@ def print_config(args: list[str], capsys) -> dict:
 def test_every_recipe_parses(recipe, capsys):
     config = print_config(["fit", "--config", str(recipe)], capsys)
     assert config["model"]["class_path"] and config["data"]["class_path"]
+
+
+def test_every_blockdrop_recipe_is_listed():
+    shipped = {str(p.relative_to(REPO / "recipes")) for p in (REPO / "recipes").rglob("*blockdrop*.yaml")}
+    shipped |= {str(p.relative_to(REPO / "recipes")) for p in (REPO / "recipes" / "blockdrop").glob("*.yaml")}
+    assert shipped == set(BLOCKDROP)
+
+
+@pytest.mark.parametrize("recipe", sorted(BLOCKDROP))
+def test_every_blockdrop_recipe_parses_on_its_task_recipe(recipe):
+    from lightning_modules.compress import BlockDrop, build_parser
+
+    configs = [a for base in BLOCKDROP[recipe] for a in ("--config", str(REPO / "recipes" / base))]
+    cfg = build_parser().parse_args(
+        [*configs, "--config", str(REPO / "recipes" / recipe), "--compress.checkpoint=x"]
+    )
+    settings = cfg.compress.as_dict()
+    assert settings["max_blocks"] >= 1 and settings["metric"] in (
+        "map",
+        "train_loss",
+        "feature_mse",
+        "random",
+    )
+    BlockDrop(**{**settings, "alignment": None})  # the checks of the settings pass
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda p: p.stem)

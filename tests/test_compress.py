@@ -165,3 +165,47 @@ def test_the_dense_quickstart_classifier_compresses_by_top1_on_training_videos(
     ])  # fmt: skip
     assert validated.model.backbone.block_ids == records[1]["kept"]
     assert abs(float(validated.trainer.callback_metrics["val/top1"]) - records[1]["score"]) < 1e-6
+
+
+def test_several_seeds_report_mean_and_deviation(tmp_path, trained):
+    import statistics
+
+    data, checkpoint = trained
+    out = tmp_path / "seeds"
+    runs = compress([
+        *compress_args(out, data, checkpoint, "--compress.metric=random", "--compress.max_blocks=1",
+                       "--compress.epochs=0"), "--seeds=[0, 1, 2]",
+    ])  # fmt: skip
+    assert sorted(runs) == [0, 1, 2] and all((out / f"seed_{s}" / "rounds.json").is_file() for s in runs)
+    picks = [runs[s][1]["chosen"] for s in runs]
+    assert all(len(p) == 1 and p[0] in (0, 1, 2) for p in picks)
+    row = (out / "seeds.md").read_text().splitlines()[3]  # round 1
+    scores = [100 * runs[s][1]["score"] for s in runs]
+    assert row.startswith(f"| 1 | {statistics.mean(scores):.2f} | {statistics.stdev(scores):.2f} | 3 |")
+
+
+def test_demo_compresses_the_given_detector_and_judges_the_target(tmp_path, trained):
+    from lightning_modules.demo_blockdrop import main as demo
+    from lightning_modules.demo_blockdrop import report, verdict
+
+    data, checkpoint = trained
+    summary = demo([
+        f"--checkpoint={checkpoint}", f"--out={tmp_path / 'demo'}", "--",
+        *compress_args(tmp_path / "bd", data, checkpoint, "--compress.metric=train_loss"),
+    ])  # fmt: skip
+    assert summary["blocks_dropped"] == 2 and (tmp_path / "bd" / "report.md").is_file()
+    rounds = summary["rounds"]
+    assert (
+        summary["average_mAP_after"] == rounds[2]["score"]
+        and summary["average_mAP_before"] == rounds[0]["score"]
+    )
+    # The verdict on hand-made records: 2 points below is within, 2.5 is not; too slow is not.
+    made = [{"score": 0.70, "gmacs": 1.0, "dropped": []}, {"score": 0.69, "gmacs": 0.8, "dropped": [3]},
+            {"score": 0.68, "gmacs": 0.6, "dropped": [3, 0]}]  # fmt: skip
+    assert verdict(made, 10.0)["met"] and "met" in report(verdict(made, 10.0))
+    made[2]["score"] = 0.675
+    assert not verdict(made, 10.0)["met"]
+    made[2]["score"] = 0.69
+    assert not verdict(made, 15.5)["met"] and "NOT met" in report(verdict(made, 15.5))
+    made[2]["rejected"] = True  # a rejected round does not count: one block kept
+    assert verdict(made, 10.0)["blocks_dropped"] == 1 and not verdict(made, 10.0)["met"]
