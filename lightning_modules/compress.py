@@ -231,7 +231,7 @@ class Compressor:
 
     # ------------------------------------------------------------------------------------------- rounds
 
-    def choose(self, task: VideoTask, k: int, dropped: list[int]) -> dict[str, Any]:
+    def choose(self, task: VideoTask, k: int) -> dict[str, Any]:
         s = self.settings
         stack = task.block_stack()
         count = s.max_blocks if s.one_shot else 1
@@ -260,7 +260,7 @@ class Compressor:
         s = self.settings
         trainable = prepare_recovery(task, task.block_stack(), s.recovery, s.head_trainable, s.lora_rank)
         info = {"trainable_params": sum(p.numel() for p in trainable)}
-        if s.recovery == "none" and not s.head_trainable or s.epochs == 0:
+        if (s.recovery == "none" and not s.head_trainable) or s.epochs == 0:
             return info
         if s.lr is not None:
             task.lr = s.lr
@@ -333,7 +333,7 @@ class Compressor:
         if not choice_file.is_file():
             L.seed_everything(s.seed + k, verbose=False)
             current = self.load(self.fresh()[0], source)
-            write_json(choice_file, self.choose(current, k, previous["dropped"]))
+            write_json(choice_file, self.choose(current, k))
         choice = json.loads(choice_file.read_text())
         dropped = [*previous["dropped"], *choice["chosen"]]
         model_file = folder / "model.pt"

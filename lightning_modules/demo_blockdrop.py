@@ -63,7 +63,7 @@ def report(v: dict) -> str:
     return (
         f"quickstart block drop: {v['blocks_dropped']} blocks dropped in {v['minutes']:.1f} min, average mAP "
         f"{100 * v['average_mAP_before']:.2f}% -> {100 * v['average_mAP_after']:.2f}% "
-        f"({v['map_drop_points']:+.2f} points below) at {100 * v['macs_ratio']:.1f}% of the MACs; target "
+        f"({-v['map_drop_points']:+.2f} points) at {100 * v['macs_ratio']:.1f}% of the MACs; target "
         f"({TARGET_BLOCKS} blocks within {TARGET_MINUTES:.0f} min, <= {100 * MAX_MAP_DROP:.0f} points below): "
         + ("met" if v["met"] else "NOT met")
     )

@@ -174,14 +174,14 @@ def test_several_seeds_report_mean_and_deviation(tmp_path, trained):
     out = tmp_path / "seeds"
     runs = compress([
         *compress_args(out, data, checkpoint, "--compress.metric=random", "--compress.max_blocks=1",
-                       "--compress.epochs=0"), "--seeds=[0, 1, 2]",
+                       "--compress.epochs=0"), "--seeds=[0, 1]",
     ])  # fmt: skip
-    assert sorted(runs) == [0, 1, 2] and all((out / f"seed_{s}" / "rounds.json").is_file() for s in runs)
+    assert sorted(runs) == [0, 1] and all((out / f"seed_{s}" / "rounds.json").is_file() for s in runs)
     picks = [runs[s][1]["chosen"] for s in runs]
     assert all(len(p) == 1 and p[0] in (0, 1, 2) for p in picks)
     row = (out / "seeds.md").read_text().splitlines()[3]  # round 1
     scores = [100 * runs[s][1]["score"] for s in runs]
-    assert row.startswith(f"| 1 | {statistics.mean(scores):.2f} | {statistics.stdev(scores):.2f} | 3 |")
+    assert row.startswith(f"| 1 | {statistics.mean(scores):.2f} | {statistics.stdev(scores):.2f} | 2 |")
 
 
 def test_demo_compresses_the_given_detector_and_judges_the_target(tmp_path, trained):
