@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import yaml
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 from torchmetrics.utilities.distributed import gather_all_tensors
 

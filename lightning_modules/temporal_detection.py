@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 import torch.distributed as dist
+import yaml
 from torch import Tensor, nn
 
 from lightning_modules.base import VideoTask, param_groups
