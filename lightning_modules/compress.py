@@ -60,7 +60,8 @@ class BlockDrop:
     The scoring subset is the recipe's data with ``score_data`` applied to ``data.init_args`` (for TAD e.g.
     ``{eval_subset: training, eval_max_videos: 50}``); ``score_batches`` caps the batches of ``train_loss`` /
     ``feature_mse``. ``one_shot`` drops ``max_blocks`` blocks at once (the best single-drop scores) with one
-    recovery. Stopping: ``max_blocks`` dropped, MACs at or below ``macs_target`` x the uncompressed model's, or
+    recovery. Stopping: ``max_blocks`` dropped, MACs at or below ``macs_target`` x the uncompressed model's,
+    latency at or below ``latency_target`` x its latency (needs ``latency_repeats``), or
     the validation ``score_key`` more than ``score_tolerance`` below the uncompressed model's (that round is
     rejected and the previous one kept).
     Recovery: ``recovery`` (``lora``, ``full``, ``none``), ``head_trainable``, ``lora_rank`` (None: dim / 4),
@@ -77,6 +78,7 @@ class BlockDrop:
     max_blocks: int = 3
     one_shot: bool = False
     macs_target: float | None = None
+    latency_target: float | None = None
     score_tolerance: float | None = None
     score_key: str = "val/average_mAP"
     score_data: dict[str, Any] = field(default_factory=dict)
@@ -103,6 +105,10 @@ class BlockDrop:
             )
         if self.epochs < 0:
             raise ValueError(f"compress.epochs must be >= 0, got {self.epochs}")
+        if self.latency_target is not None and self.latency_repeats < 1:
+            raise ValueError(
+                "compress.latency_target needs measured latencies: set compress.latency_repeats to 1 or more"
+            )
 
 
 def write_json(path: Path, content: Any) -> None:
@@ -315,6 +321,8 @@ class Compressor:
             ):
                 break
             if s.macs_target is not None and last["gmacs"] <= s.macs_target * base["gmacs"]:
+                break
+            if s.latency_target is not None and last["latency_ms"] <= s.latency_target * base["latency_ms"]:
                 break
             k = len(records)
             records.append(self.one_round(k, accepted[-1]))

@@ -209,3 +209,29 @@ def test_demo_compresses_the_given_detector_and_judges_the_target(tmp_path, trai
     assert not verdict(made, 15.5)["met"] and "NOT met" in report(verdict(made, 15.5))
     made[2]["rejected"] = True  # a rejected round does not count: one block kept
     assert verdict(made, 10.0)["blocks_dropped"] == 1 and not verdict(made, 10.0)["met"]
+
+
+def test_stopping_rules_macs_latency_and_score_tolerance(tmp_path, trained):
+    from lightning_modules.compress import BlockDrop
+
+    data, checkpoint = trained
+    fixed = ["--compress.blocks=[2, 0]", "--compress.max_blocks=2", "--compress.epochs=0"]
+    # Already at the latency target: nothing is dropped, the export is the uncompressed model.
+    out = tmp_path / "latency"
+    records = compress(compress_args(out, data, checkpoint, *fixed, "--compress.latency_target=1.0",
+                                     "--compress.latency_repeats=1"))  # fmt: skip
+    assert len(records) == 1 and records[0]["latency_ms"] > 0
+    assert torch.load(out / "compressed.ckpt", weights_only=False)["dropped"] == []
+    # A MACs target one block reaches stops after that block.
+    one_block = records[0]["gmacs"] * 0.95  # any drop of one of the 3 blocks reaches it
+    records = compress(compress_args(tmp_path / "macs", data, checkpoint, *fixed,
+                                     f"--compress.macs_target={one_block / records[0]['gmacs']}"))  # fmt: skip
+    assert [r["round"] for r in records] == [0, 1] and records[1]["gmacs"] <= one_block
+    # A round below the tolerance (here one no score can meet) is rejected and the one before it exported.
+    records = compress(
+        compress_args(tmp_path / "tol", data, checkpoint, *fixed, "--compress.score_tolerance=-1.0")
+    )
+    assert len(records) == 2 and records[1]["rejected"]
+    assert torch.load(tmp_path / "tol" / "compressed.ckpt", weights_only=False)["dropped"] == []
+    with pytest.raises(ValueError, match="latency_repeats"):
+        BlockDrop(checkpoint="x", latency_target=0.8)
