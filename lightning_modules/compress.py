@@ -281,8 +281,7 @@ class Compressor:
         )
         task.set_teacher(teacher if aligned else None, s.alignment)
         run = RunDirectory(self.out / f"round_{k}", "recovery")
-        model_unused, dm, trainer_args = self.fresh(run=run)
-        del model_unused
+        _, dm, trainer_args = self.fresh(run=run)
         trainer_args.update(default_root_dir=str(run.path), max_epochs=s.epochs)
         callbacks = list(trainer_args.get("callbacks") or [])
         trainer_args["callbacks"] = [*callbacks, LastCheckpoint(run.checkpoints), RunState(run.checkpoints)]

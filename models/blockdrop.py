@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.actionformer import ActionFormerOutputs, diou_loss_1d
-from models.lora import add_lora, lora_parameters, merge_lora
+from models.lora import add_lora, merge_lora
 
 Recovery = Literal["lora", "full", "none"]
 
@@ -205,11 +205,6 @@ def prepare_recovery(
     if fc_norm is not None:
         fc_norm.requires_grad_(fc_norm_used and mode != "none")
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def lora_tensors(model: nn.Module) -> list[nn.Parameter]:
-    """The LoRA A and B tensors in ``model`` (for reports: trainable LoRA parameters per round)."""
-    return list(lora_parameters(model))
 
 
 def choose_block(scores: dict[int, float], higher_is_better: bool) -> int:
