@@ -15,6 +15,11 @@ TOOLS = {
         "progressive block drop of a trained task: score candidate drops, remove the chosen block, recover with "
         "LoRA and alignment losses, round by round, resumable; writes a report and the compressed model",
     ),
+    "diagnose-tad": (
+        "lightning_modules.diagnose_tad",
+        "DETAD error analysis of one or more TAD models' predictions against a ground truth: false positives by "
+        "error type, false-negative rates by coverage, length and instance count; PNG plots and one JSON object",
+    ),
     "evaluate-tad": (
         "lightning_modules.evaluate_tad",
         "score temporal detections (ActivityNet results JSON) against a ground truth (ActivityNet JSON or "

@@ -119,8 +119,9 @@ class VideoTask(L.LightningModule):
         """The inputs of one clip (or window) of an evaluation batch, for MACs and latency."""
         raise NotImplementedError(f"{type(self).__name__} has no cost_inputs")
 
-    def compressed_config(self, dropped: list[int]) -> str:
-        """A YAML recipe override that rebuilds this task with the ``dropped`` blocks removed."""
+    def compressed_config(self, dropped: list[int], mlp_activation: str = "gelu") -> str:
+        """A YAML recipe override that rebuilds this task with the ``dropped`` blocks removed (and the MLPs'
+        activation ``mlp_activation``)."""
         raise NotImplementedError(f"{type(self).__name__} cannot be rebuilt compressed")
 
     def on_fit_start(self) -> None:

@@ -13,7 +13,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_modules.base import VideoTask
 from lightning_modules.metrics import VideoClassificationScores, first_occurrences
-from models.blockdrop import class_alignment
+from models.blockdrop import MLPActivation, class_alignment, set_mlp_activation
 from models.blockdrop import drop_blocks as remove_blocks
 from models.flops import count_macs
 
@@ -48,6 +48,7 @@ class VideoClassifier(VideoTask):
         schedule_epochs: float | None = None,
         lr_interval: Literal["step", "epoch"] = "step",
         drop_blocks: list[int] | None = None,
+        mlp_activation: MLPActivation = "gelu",
     ):
         super().__init__(
             lr, weight_decay, optimizer, betas, warmup_epochs, warmup_start_factor, min_lr_ratio, schedule_epochs,
@@ -58,6 +59,8 @@ class VideoClassifier(VideoTask):
         self.load_backbone(backbone, pretrained)
         if drop_blocks:  # a block-drop-compressed model: blocks removed after the pretrained weights are in
             remove_blocks(backbone, drop_blocks)
+        if mlp_activation != "gelu":  # the block-drop supplement's ReLU model
+            set_mlp_activation(backbone, mlp_activation)
         self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(backbone.embed_dim, num_classes))
         nn.init.trunc_normal_(self.head[1].weight, std=0.02)
         nn.init.zeros_(self.head[1].bias)
@@ -109,9 +112,10 @@ class VideoClassifier(VideoTask):
         """One clip of an evaluation batch (B, views, 3, T, H, W), as ``forward`` takes it."""
         return (batch["video"][0, :1],)
 
-    def compressed_config(self, dropped: list[int]) -> str:
-        """The recipe override that rebuilds this task with ``dropped`` blocks removed."""
-        return yaml.safe_dump({"model": {"init_args": {"drop_blocks": list(dropped), "pretrained": None}}})
+    def compressed_config(self, dropped: list[int], mlp_activation: MLPActivation = "gelu") -> str:
+        """The recipe override that rebuilds this task with ``dropped`` blocks removed (and ReLU MLPs)."""
+        args = {"drop_blocks": list(dropped), "pretrained": None, "mlp_activation": mlp_activation}
+        return yaml.safe_dump({"model": {"init_args": args}})
 
     def _score_alignment(self, student: Tensor, teacher: Tensor) -> dict[str, Tensor]:
         if self.alignment.prediction <= 0:

@@ -38,12 +38,14 @@ from lightning_modules.runs import (
 )
 
 
-def _class_of(class_path: str) -> type:
+def class_of(class_path: str) -> type:
+    """The class a config's ``class_path`` names."""
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
 
 
-def _as_list(value: Any) -> list:
+def as_list(value: Any) -> list:
+    """A trainer config's ``logger`` / ``callbacks`` value as a list (None and booleans: empty)."""
     if value is None or isinstance(value, bool):
         return []
     return list(value) if isinstance(value, list) else [value]
@@ -143,9 +145,9 @@ class VideoCLI(LightningCLI):
 def place_loggers(trainer: Namespace, run: RunDirectory, wandb_id: str | None = None) -> None:
     """Point the CSV and W&B loggers of a trainer config at ``run`` (its directory; W&B run id = ``wandb_id``,
     by default the run id)."""
-    loggers = _as_list(trainer.logger)
+    loggers = as_list(trainer.logger)
     for i, lg in enumerate(loggers):
-        cls = _class_of(lg.class_path)
+        cls = class_of(lg.class_path)
         if issubclass(cls, CSVLogger) and not issubclass(cls, RunCSVLogger):
             loggers[i] = lg = Namespace(
                 class_path=f"{RunCSVLogger.__module__}.RunCSVLogger", init_args=Namespace()
@@ -162,8 +164,8 @@ def place_loggers(trainer: Namespace, run: RunDirectory, wandb_id: str | None = 
 def place_checkpoints(trainer: Namespace, run: RunDirectory, fit: bool) -> None:
     """Point a trainer config's ModelCheckpoints at ``run``'s checkpoint folder; in fit, last.ckpt is
     ``LastCheckpoint``'s alone."""
-    for cb in _as_list(trainer.callbacks):
-        if issubclass(_class_of(cb.class_path), ModelCheckpoint):
+    for cb in as_list(trainer.callbacks):
+        if issubclass(class_of(cb.class_path), ModelCheckpoint):
             if cb.init_args.get("dirpath") is None:
                 cb.init_args.dirpath = str(run.checkpoints)
             if fit and cb.init_args.get("save_last"):

@@ -15,8 +15,11 @@ default, with the alignment losses against the teacher), merges the LoRA and eva
     round_K/choice.json                      candidate scores and the chosen block(s)
     round_K/recovery/                        the recovery fit's run directory (last.ckpt every epoch)
     round_K/model.pt                         the merged model after recovery
+    relu/                                    the optional ReLU stage (``relu_stage``): recovery, model.pt
     compressed.ckpt, compressed.yaml         the kept model, loadable by ``validate --config <task recipe>
                                              --config compressed.yaml --ckpt_path compressed.ckpt``
+    compressed_relu.ckpt, compressed_relu.yaml   the ReLU stage's model, loadable the same way
+    wandb/                                   the per-round table and summary, when the recipe logs to W&B
 
 Every file is written atomically, and each step is skipped when its file exists: killed at any point, the same
 command resumes at the round, and inside a recovery at the epoch, it reached.
@@ -28,7 +31,6 @@ import copy
 import json
 import os
 import random
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,9 +45,33 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 
 from lightning_modules.base import Alignment, VideoTask
 from lightning_modules.blockdrop import HIGHER_IS_BETTER, score_candidates
-from lightning_modules.cli import place_checkpoints, place_loggers
-from lightning_modules.runs import AtomicCheckpointIO, LastCheckpoint, RunDirectory, RunState, new_run_id
-from models.blockdrop import Recovery, block_ids, choose_block, drop_blocks, prepare_recovery
+from lightning_modules.cli import as_list, place_checkpoints, place_loggers
+from lightning_modules.compress_report import (
+    finish_wandb,
+    kept_round,
+    log_to_wandb,
+    markdown,
+    plot,
+    seeds_report,
+    write_json,
+)
+from lightning_modules.runs import (
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    RunDirectory,
+    RunState,
+    new_run_id,
+    resolve_run_id,
+)
+from models.blockdrop import (
+    ActivationSparsity,
+    Recovery,
+    block_ids,
+    choose_block,
+    drop_blocks,
+    prepare_recovery,
+    set_mlp_activation,
+)
 from models.flops import count_macs
 from models.lora import merge_lora
 
@@ -69,6 +95,11 @@ class BlockDrop:
     ``schedule_epochs`` (the cosine's length, which may exceed ``epochs``; each None: the recipe's), the
     ``alignment`` losses against the ``teacher`` (``original``: the uncompressed model; ``previous``: the
     previous round's). ``latency_repeats`` > 0 also times a forward of one input (min over repeats).
+    ``relu_stage`` (the supplement's sparse model): after the rounds, the kept model's MLPs get ReLU for GELU and
+    recover as a round does (``relu_epochs``, None: ``epochs``); the share of MLP activations that are exactly
+    zero is measured on ``sparsity_batches`` evaluation inputs (one window or clip of each batch) before and after.
+    ``out_dir`` may hold ``{run_id}``: the W&B sweep trial's run id (``WANDB_RUN_ID``), else the SLURM job id,
+    else a new id (a sweep's trials then never share, nor resume, each other's rounds).
     """
 
     checkpoint: str
@@ -95,6 +126,9 @@ class BlockDrop:
     teacher: Literal["original", "previous"] = "original"
     seed: int = 0
     latency_repeats: int = 0
+    relu_stage: bool = False
+    relu_epochs: int | None = None
+    sparsity_batches: int = 4
 
     def __post_init__(self) -> None:
         if self.max_blocks < 1:
@@ -105,22 +139,23 @@ class BlockDrop:
             )
         if self.epochs < 0:
             raise ValueError(f"compress.epochs must be >= 0, got {self.epochs}")
+        if self.sparsity_batches < 1:
+            raise ValueError(f"compress.sparsity_batches must be >= 1, got {self.sparsity_batches}")
         if self.latency_target is not None and self.latency_repeats < 1:
             raise ValueError(
                 "compress.latency_target needs measured latencies: set compress.latency_repeats to 1 or more"
             )
 
 
-def write_json(path: Path, content: Any) -> None:
-    """Write JSON atomically (temporary file, then rename): a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    tmp.write_text(json.dumps(content, indent=2))
-    os.replace(tmp, path)
-
-
 def save_atomic(obj: Any, path: Path) -> None:
     AtomicCheckpointIO().save_checkpoint(obj, path)
+
+
+def resolve_out_dir(out_dir: str) -> str:
+    """``out_dir`` with ``{run_id}`` replaced: a W&B sweep trial's run id, else the SLURM job id, else a new id."""
+    if "{run_id}" not in out_dir:
+        return out_dir
+    return out_dir.replace("{run_id}", os.environ.get("WANDB_RUN_ID") or resolve_run_id(None))
 
 
 def build_parser() -> LightningArgumentParser:
@@ -191,11 +226,13 @@ class Compressor:
         merge_lora(task)
         if saved["dropped"]:
             drop_blocks(task.block_stack(), saved["dropped"])
+        if saved.get("mlp_activation", "gelu") != "gelu":
+            set_mlp_activation(task.block_stack(), saved["mlp_activation"])
         task.load_state_dict(saved["state_dict"])
         return task
 
-    def model_file(self, k: int) -> Path | None:
-        return None if k == 0 else self.out / f"round_{k}" / "model.pt"
+    def model_file(self, k: int | str) -> Path | None:
+        return None if k == 0 else self.out / ("relu" if k == "relu" else f"round_{k}") / "model.pt"
 
     # ---------------------------------------------------------------------------------------- measuring
 
@@ -235,6 +272,17 @@ class Compressor:
             out["latency_ms"] = 1e3 * min(times[1:])
         return out
 
+    def sparsity(self, task: VideoTask) -> float:
+        """Share of the MLP hidden activations that are exactly zero, over one window or clip of each of the
+        first ``sparsity_batches`` evaluation batches."""
+        _, dm, _ = self.fresh()
+        dm.setup("validate")
+        task.eval()
+        with torch.inference_mode(), ActivationSparsity(task.block_stack()) as counted:
+            for batch in _take(dm.val_dataloader(), self.settings.sparsity_batches):
+                task(*task.cost_inputs(self.ready(dm, task, batch)))
+        return counted.ratio
+
     # ------------------------------------------------------------------------------------------- rounds
 
     def choose(self, task: VideoTask, k: int) -> dict[str, Any]:
@@ -262,11 +310,14 @@ class Compressor:
         chosen = order[:count] if s.one_shot else [choose_block(scores, higher)]
         return {"chosen": chosen, "scores": {str(b): v for b, v in scores.items()}}
 
-    def recover(self, task: VideoTask, teacher: VideoTask | None, k: int) -> dict[str, Any]:
+    def recover(
+        self, task: VideoTask, teacher: VideoTask | None, folder: Path, epochs: int
+    ) -> dict[str, Any]:
+        """Fine-tune ``task`` (its recovery run directory in ``folder``; resumed if one is there)."""
         s = self.settings
         trainable = prepare_recovery(task, task.block_stack(), s.recovery, s.head_trainable, s.lora_rank)
         info = {"trainable_params": sum(p.numel() for p in trainable)}
-        if (s.recovery == "none" and not s.head_trainable) or s.epochs == 0:
+        if (s.recovery == "none" and not s.head_trainable) or epochs == 0:
             return info
         if s.lr is not None:
             task.lr = s.lr
@@ -280,9 +331,9 @@ class Compressor:
             s.alignment.feature or s.alignment.prediction or s.alignment.segment
         )
         task.set_teacher(teacher if aligned else None, s.alignment)
-        run = RunDirectory(self.out / f"round_{k}", "recovery")
+        run = RunDirectory(folder, "recovery")
         _, dm, trainer_args = self.fresh(run=run)
-        trainer_args.update(default_root_dir=str(run.path), max_epochs=s.epochs)
+        trainer_args.update(default_root_dir=str(run.path), max_epochs=epochs)
         callbacks = list(trainer_args.get("callbacks") or [])
         trainer_args["callbacks"] = [*callbacks, LastCheckpoint(run.checkpoints), RunState(run.checkpoints)]
         trainer = L.Trainer(**trainer_args)
@@ -290,8 +341,9 @@ class Compressor:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         resume = run.resume_checkpoint()
         if resume is not None:
-            rank_zero_info(f"round {k}: resuming the recovery from {resume}")
+            rank_zero_info(f"{folder.name}: resuming the recovery from {resume}")
         trainer.fit(task, datamodule=dm, ckpt_path=str(resume) if resume else None)
+        finish_wandb()  # else the next fit's W&B logger would write into this round's run
         task.set_teacher(None)
         info["recovery_epochs"] = trainer.current_epoch
         return info
@@ -308,6 +360,8 @@ class Compressor:
             records.append(record)
             write_json(records_file, records)
             self.report(records)
+        relu = [r for r in records if r["round"] == "relu"]  # a finished run's ReLU stage, kept below
+        records = [r for r in records if r["round"] != "relu"]
         base = records[0]
         limit = min(s.max_blocks, len(s.blocks)) if s.blocks is not None else s.max_blocks
         while True:
@@ -329,8 +383,54 @@ class Compressor:
                 records[-1]["rejected"] = True
             write_json(records_file, records)
             self.report(records)
+        if s.relu_stage:
+            kept = kept_round(records)
+            records.append(
+                relu[0] if relu and relu[0]["from_round"] == kept["round"] else self.relu_round(kept)
+            )
+            write_json(records_file, records)
+            self.report(records)
         self.export(records)
+        log_to_wandb(
+            as_list(self.cfg.trainer.logger),
+            records,
+            self.out,
+            f"{self.compression_id}-rounds",
+            self.out.name,
+        )
         return records
+
+    def relu_round(self, kept: dict[str, Any]) -> dict[str, Any]:
+        """The supplement's sparse model: the kept round's model with ReLU MLPs, recovered as a round is, with the
+        MLP activation sparsity of both."""
+        s = self.settings
+        folder = self.out / "relu"
+        source = self.model_file(kept["round"])
+        model_file, info_file = folder / "model.pt", folder / "recovery.json"
+        if not model_file.is_file():
+            L.seed_everything(s.seed + 1000, verbose=False)
+            student = self.load(self.fresh()[0], source)
+            set_mlp_activation(student.block_stack(), "relu")
+            teacher = None
+            if s.recovery != "none" or s.head_trainable:
+                teacher = self.load(self.fresh()[0], None if s.teacher == "original" else source)
+            info = self.recover(
+                student, teacher, folder, s.epochs if s.relu_epochs is None else s.relu_epochs
+            )
+            merge_lora(student)
+            state = {"state_dict": student.state_dict(), "dropped": kept["dropped"], "mlp_activation": "relu"}
+            save_atomic(state, model_file)
+            write_json(info_file, info)
+        student = self.load(self.fresh()[0], model_file)
+        record = {"round": "relu", "from_round": kept["round"], "dropped": kept["dropped"]}
+        record.update(kept=block_ids(student.block_stack()), **json.loads(info_file.read_text()))
+        record["score"] = self.evaluate(student, None, folder)
+        record.update(self.costs(student))
+        record["sparsity"] = self.sparsity(student)
+        record["sparsity_gelu"] = self.sparsity(self.load(self.fresh()[0], source))
+        rank_zero_info(f"ReLU stage: {s.score_key} {record['score']:.4f}, MLP sparsity "
+                       f"{record['sparsity_gelu']:.4f} -> {record['sparsity']:.4f}")  # fmt: skip
+        return record
 
     def one_round(self, k: int, previous: dict[str, Any]) -> dict[str, Any]:
         s = self.settings
@@ -353,7 +453,7 @@ class Compressor:
             if s.recovery != "none" or s.head_trainable:
                 teacher_source = None if s.teacher == "original" else source
                 teacher = self.load(self.fresh()[0], teacher_source)
-            info = self.recover(student, teacher, k)
+            info = self.recover(student, teacher, folder, s.epochs)
             merge_lora(student)
             save_atomic({"state_dict": student.state_dict(), "dropped": dropped}, model_file)
             write_json(info_file, info)
@@ -369,55 +469,23 @@ class Compressor:
     # ------------------------------------------------------------------------------------------- output
 
     def report(self, records: list[dict[str, Any]]) -> None:
-        base = records[0]
-        key = self.settings.score_key
-        lines = [
-            f"| round | dropped | blocks kept | {key} | GMACs | MACs ratio | latency (ms) | trainable params |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in records:
-            latency = f"{r['latency_ms']:.1f}" if "latency_ms" in r else "-"
-            flag = " (rejected)" if r.get("rejected") else ""
-            lines.append(
-                f"| {r['round']}{flag} | {r.get('chosen', '-')} | {len(r['kept'])} | {100 * r['score']:.2f} | "
-                f"{r['gmacs']:.2f} | {r['gmacs'] / base['gmacs']:.3f} | {latency} | {r.get('trainable_params', '-')} |"
-            )
-        (self.out / "report.md").write_text("\n".join(lines) + "\n")
-        self.plot(records)
-
-    def plot(self, records: list[dict[str, Any]]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rounds = [r["round"] for r in records]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(rounds, [100 * r["score"] for r in records], "o-", color="tab:blue")
-        ax.set_xlabel("round (blocks dropped)")
-        ax.set_ylabel(self.settings.score_key, color="tab:blue")
-        ax.set_xticks(rounds)
-        twin = ax.twinx()
-        twin.plot(rounds, [r["gmacs"] for r in records], "s--", color="tab:orange")
-        twin.set_ylabel("GMACs", color="tab:orange")
-        ax.set_title("progressive block drop")
-        fig.tight_layout()
-        fig.savefig(self.out / "report.png", dpi=110)
-        plt.close(fig)
+        (self.out / "report.md").write_text(markdown(records, self.settings.score_key))
+        plot(records, self.settings.score_key, self.out / "report.png")
 
     def export(self, records: list[dict[str, Any]]) -> None:
-        kept = [r for r in records if not r.get("rejected")][-1]
-        source = self.model_file(kept["round"])
-        task = self.load(self.fresh()[0], source)
-        save_atomic(
-            {
+        """``compressed.ckpt`` + ``.yaml`` from the kept round; ``compressed_relu.*`` from the ReLU stage."""
+        kept = kept_round(records)
+        exports = [("compressed", kept["round"], "gelu")]
+        exports += [("compressed_relu", "relu", "relu") for r in records if r["round"] == "relu"]
+        for name, source, activation in exports:
+            task = self.load(self.fresh()[0], self.model_file(source))
+            state = {
                 "state_dict": task.state_dict(),
                 "pytorch-lightning_version": L.__version__,
                 "dropped": kept["dropped"],
-            },
-            self.out / "compressed.ckpt",
-        )
-        (self.out / "compressed.yaml").write_text(task.compressed_config(kept["dropped"]))
+            }
+            save_atomic(state, self.out / f"{name}.ckpt")
+            (self.out / f"{name}.yaml").write_text(task.compressed_config(kept["dropped"], activation))
 
 
 def _take(loader: Any, count: int | None):
@@ -425,21 +493,6 @@ def _take(loader: Any, count: int | None):
         if count is not None and i >= count:
             return
         yield batch
-
-
-def seeds_report(out: Path, runs: dict[int, list[dict[str, Any]]], key: str) -> str:
-    """Mean and standard deviation over seeds of each round's score (rounds every seed reached), as markdown."""
-    rounds = min(len(r) for r in runs.values())
-    lines = [f"| round | {key} mean | std | seeds | blocks dropped per seed |", "|---|---|---|---|---|"]
-    for k in range(rounds):
-        scores = [100 * r[k]["score"] for r in runs.values()]
-        std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-        dropped = "; ".join(f"{seed}: {r[k]['dropped']}" for seed, r in runs.items())
-        lines.append(f"| {k} | {statistics.mean(scores):.2f} | {std:.2f} | {len(scores)} | {dropped} |")
-    text = "\n".join(lines) + "\n"
-    (out / "seeds.md").write_text(text)
-    write_json(out / "seeds.json", {str(seed): r for seed, r in runs.items()})
-    return text
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | dict[int, list[dict[str, Any]]]:
@@ -450,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | dict[int, 
         "--seeds", type=list[int] | None, default=None, help="run once per seed, then mean / std"
     )
     cfg = parser.parse_args(argv)
+    cfg.compress.out_dir = resolve_out_dir(cfg.compress.out_dir)
     if cfg.seed_everything is not False and cfg.seed_everything is not None:
         L.seed_everything(cfg.seed_everything, verbose=False)
     if not cfg.seeds:

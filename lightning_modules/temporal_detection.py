@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from lightning_modules.base import VideoTask, param_groups
 from lightning_modules.tad_metrics import THUMOS_TIOUS, TemporalDetectionMAP, map_key
 from models.actionformer import ActionFormerHead, ActionFormerOutputs
-from models.blockdrop import detector_alignment
+from models.blockdrop import MLPActivation, detector_alignment
 from models.tad_postprocess import Detections, TADPostProcessor
 from models.temporal_backbone import ChunkedVideoBackbone
 from models.temporal_detector import TemporalActionDetector
@@ -156,10 +156,12 @@ class TemporalActionDetection(VideoTask):
         """One window of an evaluation batch, as ``forward`` takes it."""
         return batch["video"][:1], batch["valid"][:1]
 
-    def compressed_config(self, dropped: list[int]) -> str:
+    def compressed_config(self, dropped: list[int], mlp_activation: MLPActivation = "gelu") -> str:
         """The recipe override that rebuilds this detector with ``dropped`` blocks removed and the LoRA merged
-        (plain weights: ``finetune: full``; no pretrained backbone to read)."""
-        backbone = {"drop_blocks": list(dropped), "finetune": "full", "pretrained": None}
+        (plain weights: ``finetune: full``; no pretrained backbone to read), with ReLU MLPs if asked."""
+        backbone = {
+            "drop_blocks": list(dropped), "finetune": "full", "pretrained": None, "mlp_activation": mlp_activation,
+        }  # fmt: skip
         return yaml.safe_dump({"model": {"init_args": {"backbone": {"init_args": backbone}}}})
 
     def batch_loss(self, batch: dict[str, Any]) -> Tensor:

@@ -14,6 +14,8 @@ reports and for aligning each kept block with the teacher's block of the same or
 - ``prepare_recovery(model, stack, mode)``: what trains while the model recovers from a drop (LoRA through peft
   on the attention projections + norms + patch embedding, everything, or nothing) and whether the parts
   outside the stack (the head) train; ``merge_lora`` folds the LoRA back before the next round.
+- ``set_mlp_activation(stack, "relu")`` and ``ActivationSparsity(stack)``: the supplement's optional stage,
+  GELU swapped for ReLU in every block's MLP, and the share of MLP hidden activations that are exactly zero.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from models.actionformer import ActionFormerOutputs, diou_loss_1d
 from models.lora import add_lora, merge_lora
 
 Recovery = Literal["lora", "full", "none"]
+MLPActivation = Literal["gelu", "relu"]
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
 def block_ids(stack: nn.Module) -> list[int]:
@@ -117,6 +121,50 @@ class BlockOutputs:
         self._handles.clear()
         self.features = {i: p[0] if len(p) == 1 else torch.cat(p) for i, p in self._parts.items()}
         self._parts = {}
+
+
+def set_mlp_activation(stack: nn.Module, activation: MLPActivation) -> nn.Module:
+    """Give every block's MLP of ``stack`` the ``activation`` (a new module in place of ``mlp.act``; the
+    weights are untouched); return ``stack``."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"mlp activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    for block in stack.blocks:
+        block.mlp.act = _ACTIVATIONS[activation]()
+    return stack
+
+
+class ActivationSparsity:
+    """Counts, during the forwards inside the ``with``, how many MLP hidden activations (the output of each
+    block's ``mlp.act``) are exactly zero, and how many there are.
+
+    ``with ActivationSparsity(stack) as sparsity: model(x)`` leaves ``sparsity.zeros`` and ``sparsity.total``
+    summed over blocks and forwards, and ``sparsity.ratio`` = zeros / total (0 before any forward). A ReLU MLP
+    is sparse wherever its input is negative; GELU is zero only at 0 and where it underflows.
+    """
+
+    def __init__(self, stack: nn.Module):
+        self.stack = stack
+        self.zeros = 0
+        self.total = 0
+        self._handles = []
+
+    def __enter__(self) -> ActivationSparsity:  # noqa: PYI034 (a plain class, not meant for subclassing)
+        for block in self.stack.blocks:
+            self._handles.append(block.mlp.act.register_forward_hook(self._count))
+        return self
+
+    def _count(self, module: nn.Module, args, output: Tensor) -> None:
+        self.zeros += int((output == 0).sum())
+        self.total += output.numel()
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def ratio(self) -> float:
+        return self.zeros / self.total if self.total else 0.0
 
 
 def feature_alignment(student: dict[int, Tensor], teacher: dict[int, Tensor]) -> Tensor:

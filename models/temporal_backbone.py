@@ -31,6 +31,7 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from models.blockdrop import MLPActivation, set_mlp_activation
 from models.blockdrop import drop_blocks as remove_blocks
 from models.checkpoint import load_pretrained
 from models.lora import add_lora
@@ -89,6 +90,7 @@ class ChunkedVideoBackbone(nn.Module):
     ``pretrained`` is loaded into ``vit`` before LoRA or adapters are added, while its keys still match.
     ``drop_blocks`` (original block indices) are then removed: the layout of a block-drop-compressed model, whose
     checkpoints number the remaining blocks 0..depth-k-1 (``vit.block_ids`` keeps their original indices).
+    ``mlp_activation: relu`` swaps every block's GELU for ReLU (the block-drop supplement's sparse model).
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class ChunkedVideoBackbone(nn.Module):
         chunk_batch: int | None = None,
         pretrained: str | None = None,
         drop_blocks: list[int] | None = None,
+        mlp_activation: MLPActivation = "gelu",
     ):
         super().__init__()
         if finetune not in ("frozen", "full", "lora", "adapter"):
@@ -126,6 +129,8 @@ class ChunkedVideoBackbone(nn.Module):
             load_pretrained(vit, pretrained)
         if drop_blocks:
             remove_blocks(vit, drop_blocks)
+        if mlp_activation != "gelu":
+            set_mlp_activation(vit, mlp_activation)
 
         vit.requires_grad_(finetune == "full")
         if vit.fc_norm is not None:

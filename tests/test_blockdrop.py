@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models.blockdrop import (
+    ActivationSparsity,
     BlockOutputs,
     block_ids,
     choose_block,
@@ -18,6 +19,7 @@ from models.blockdrop import (
     feature_alignment,
     prepare_recovery,
     segment_alignment,
+    set_mlp_activation,
     without_blocks,
 )
 from models.temporal_backbone import ChunkedVideoBackbone
@@ -417,3 +419,36 @@ def test_recovery_modes_full_and_none_and_the_unused_pooling_norm():
         assert not detector_backbone.vit.fc_norm.weight.requires_grad  # the TAD path never runs it
     with pytest.raises(ValueError, match="recovery mode"):
         prepare_recovery(holder, detector_backbone.vit, "partial")
+
+
+def test_relu_mlps_and_their_activation_sparsity():
+    """With ReLU a block computes fc2(relu(fc1(.))) (checked by hand), and its MLP hidden activations are exactly
+    zero where fc1's output is <= 0: the reference counts those from fc1's outputs, captured by hooks of its own."""
+    vit = tiny_vit(depth=3)
+    video = torch.randn(2, 3, 4, 32, 32)
+    set_mlp_activation(vit, "relu")
+    assert all(isinstance(b.mlp.act, torch.nn.ReLU) for b in vit.blocks)
+    fc1_outputs = []
+    handles = [b.mlp.fc1.register_forward_hook(lambda m, a, out: fc1_outputs.append(out)) for b in vit.blocks]
+    with torch.no_grad():
+        x = vit.embed(video)
+        block = vit.blocks[0]
+        y = x + block.attn(block.norm1(x))[0]
+        by_hand = y + block.mlp.fc2(torch.relu(block.mlp.fc1(block.norm2(y))))
+        assert torch.allclose(block(x), by_hand, atol=1e-5)
+        fc1_outputs.clear()
+        with ActivationSparsity(vit) as counted:
+            vit.forward_features(video)
+            vit.forward_features(video[:1])
+    for h in handles:
+        h.remove()
+    assert len(fc1_outputs) == 6
+    assert counted.total == sum(h.numel() for h in fc1_outputs)
+    assert counted.zeros == sum(int((h <= 0).sum()) for h in fc1_outputs)
+    assert 0.2 < counted.ratio < 0.8  # about half of a random layer's pre-activations are negative
+    # GELU (the model as built) is zero only where it underflows: none of these.
+    with torch.no_grad(), ActivationSparsity(set_mlp_activation(vit, "gelu")) as gelu:
+        vit.forward_features(video)
+    assert gelu.total == counted.total * 2 // 3 and gelu.zeros == 0
+    with pytest.raises(ValueError, match="gelu"):
+        set_mlp_activation(vit, "swish")

@@ -235,3 +235,56 @@ def test_stopping_rules_macs_latency_and_score_tolerance(tmp_path, trained):
     assert torch.load(tmp_path / "tol" / "compressed.ckpt", weights_only=False)["dropped"] == []
     with pytest.raises(ValueError, match="latency_repeats"):
         BlockDrop(checkpoint="x", latency_target=0.8)
+
+
+def test_relu_stage_sparsity_export_and_the_wandb_table(tmp_path, trained, monkeypatch):
+    """The ReLU stage recovers the kept model with ReLU MLPs and measures their sparsity; its export validates
+    to the same score; the per-round table and the summary a sweep optimises land in a real (offline) W&B run."""
+    from lightning_modules.compress_report import COLUMNS, SUMMARY_KEYS
+    from lightning_modules.compress_report import summary as expected_summary
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_RUN_ID", "trial7")  # as a sweep agent sets it
+    data, checkpoint = trained
+    wandb_logger = '--trainer.logger=[{"class_path": "lightning_modules.loggers.AutoWandbLogger"}]'
+    args = compress_args(
+        tmp_path / "bd" / "{run_id}", data, checkpoint, "--compress.blocks=[1]", "--compress.max_blocks=1",
+        "--compress.relu_stage=true", "--compress.relu_epochs=1", "--compress.sparsity_batches=2", wandb_logger,
+    )  # fmt: skip
+    records = compress(args)
+    out = tmp_path / "bd" / "trial7"  # {run_id}: the sweep trial's W&B run id
+    assert [r["round"] for r in records] == [0, 1, "relu"] and json.loads((out / "rounds.json").read_text()) == records
+    relu = records[-1]
+    assert relu["from_round"] == 1 and relu["dropped"] == [1] and relu["recovery_epochs"] == 1
+    assert relu["sparsity_gelu"] < 0.01 < 0.2 < relu["sparsity"]
+    assert "ReLU stage" in (out / "report.md").read_text()
+    validated = cli_main([
+        "validate", *tiny(tmp_path / "v", data), "--config", str(out / "compressed_relu.yaml"),
+        f"--ckpt_path={out / 'compressed_relu.ckpt'}",
+    ])  # fmt: skip
+    stack = validated.model.block_stack()
+    assert stack.block_ids == [0, 2] and all(isinstance(b.mlp.act, torch.nn.ReLU) for b in stack.blocks)
+    assert abs(float(validated.trainer.callback_metrics["val/average_mAP"]) - relu["score"]) < 1e-6
+    # W&B: one run "<compression id>-rounds" with the table and the summary, read back from W&B's own files.
+    (run,) = [p for p in (out / "wandb").glob("offline-run-*") if p.name.endswith("-rounds")]
+    logged = wandb_values(next(run.glob("*.wandb")).read_bytes())
+    for key, value in expected_summary(records).items():
+        assert logged[key] == pytest.approx(value)
+    assert set(SUMMARY_KEYS) <= set(logged)
+    assert logged["compress/score"] == pytest.approx(records[1]["score"])  # the kept round, not the ReLU stage
+    (table_file,) = (run / "files" / "media" / "table" / "compress").glob("rounds_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == list(COLUMNS) and [row[0] for row in table["data"]] == ["0", "1", "relu"]
+    assert [row[2] for row in table["data"]] == [3, 2, 2]
+
+
+def wandb_values(record_file: bytes) -> dict[str, object]:
+    """The last value logged under each ``compress/...`` key in a W&B run file: its history items are protobuf
+    (key, value_json) pairs, the value's field tagged 0x82 0x01 and prefixed by its (one-byte) length."""
+    import re
+
+    values = {}
+    for match in re.finditer(rb"(compress/[a-z_]+)\x82\x01(.)", record_file, flags=re.DOTALL):
+        start, length = match.end(), match.group(2)[0]
+        values[match.group(1).decode()] = json.loads(record_file[start : start + length])
+    return values

@@ -4,6 +4,8 @@ lands on the swept key with the proposed value, and the metric it optimises is o
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import random
 from functools import cache
@@ -16,10 +18,14 @@ from sweeps import RunState, SweepRun, next_run, schema_violations_from_proposed
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 from lightning_modules.cli import main, resolved_config
+from lightning_modules.compress import main as compress_main
+from lightning_modules.compress_report import SUMMARY_KEYS
 from tests.quick import quick_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "recipes" / "sweeps").glob("*.yaml"))
+# Sweeps whose trial is a Lightning fit (the others run `compress`).
+FIT_SWEEPS = [p for p in SWEEPS if "compress" not in yaml.safe_load(p.read_text())["command"]]
 # Task recipes only (a block-drop recipe has no model of its own: it stacks on one).
 QUICKSTARTS = sorted(p for p in (REPO / "recipes" / "quickstart").glob("*.yaml") if "blockdrop" not in p.name)
 PROPOSALS = 3  # the first is random for bayes; the others come from its model of the trials before
@@ -43,9 +49,23 @@ def cli_args(spec: dict, args: list[str]) -> list[str]:
 
 def print_config(args: list[str], capsys) -> dict:
     try:
+        if args[0] == "compress":
+            return compress_config(args[1:])
         return resolved_config(args)
     except SystemExit as failed:
         raise AssertionError(f"the CLI refused {args}: {capsys.readouterr().err[-1500:]}") from failed
+
+
+def compress_config(args: list[str]) -> dict:
+    """What ``compress --print_config`` prints for ``args``."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            compress_main([*args, "--print_config"])
+        except SystemExit as done:
+            if done.code not in (0, None):
+                raise
+    return yaml.safe_load(out.getvalue())
 
 
 def lookup(config: dict, dotted: str):
@@ -86,7 +106,8 @@ def test_every_proposal_reaches_the_recipe(sweep, capsys, monkeypatch):
         config = print_config(cli_args(spec, create_sweep_command_args({"args": values})["args"]), capsys)
         for key, chosen in values.items():
             printed = lookup(config, key)
-            assert printed == pytest.approx(chosen["value"], rel=1e-12), key
+            expected = chosen["value"]
+            assert printed == (pytest.approx(expected, rel=1e-12) if isinstance(expected, float) else expected), key
             # The CLI coerced the value to the argument's declared type, as it would in the real run.
             assert type(printed) is type(lookup(untouched, key)), key
         # A finished trial with a score, so bayes fits its model on the trials so far for the next proposal.
@@ -129,7 +150,7 @@ def logged_metrics(tmp_path_factory, synthetic_classification):
     return names
 
 
-@pytest.mark.parametrize("sweep", SWEEPS, ids=lambda p: p.name)
+@pytest.mark.parametrize("sweep", FIT_SWEEPS, ids=lambda p: p.name)
 def test_sweep_metric_is_logged_by_the_task(sweep, logged_metrics):
     spec = load(sweep)
     model_class = load(recipe_of(spec))["model"]["class_path"]
@@ -138,3 +159,12 @@ def test_sweep_metric_is_logged_by_the_task(sweep, logged_metrics):
     name, goal = spec["metric"]["name"], spec["metric"]["goal"]
     assert name in logged, f"{sweep.name}: {name} is not logged by {model_class}; it logs {sorted(logged)}"
     assert goal == ("minimize" if name.endswith(("loss", "gflops")) else "maximize"), name
+
+
+@pytest.mark.parametrize("sweep", sorted(set(SWEEPS) - set(FIT_SWEEPS)), ids=lambda p: p.name)
+def test_compress_sweep_optimises_a_summary_compress_logs(sweep):
+    """A compress trial's metric is one of the summary values compress logs to W&B (tests/test_compress.py reads
+    them back from a real offline run); its trials write to their own directories."""
+    spec = load(sweep)
+    assert spec["metric"] == {"name": "compress/score", "goal": "maximize"} and spec["metric"]["name"] in SUMMARY_KEYS
+    assert any(str(c).startswith("--compress.out_dir=") and "{run_id}" in str(c) for c in spec["command"])
