@@ -21,14 +21,71 @@ QKVBias = Literal["qv", "qkv", "none"]
 class BlockHook(Protocol):
     """Something a method runs inside a block, after the attention residual and before the MLP.
 
-    ``needs_attention`` asks the block for the post-softmax attention map ``(B, heads, N, N)``; blocks whose hook
-    does not ask for it keep using fused ``scaled_dot_product_attention``. The hook returns the (possibly pruned or
-    re-ordered) token sequence that the MLP and all later blocks see.
+    The hook returns the (possibly pruned or re-ordered) token sequence that the MLP and all later blocks see.
+    What it receives as ``attn`` depends on what it asks for:
+
+    - ``needs_attention = True``: the post-softmax attention map ``(B, heads, N, N)``, from an explicit softmax.
+    - a ``query_weights`` method (see ``KeyImportanceHook``): the per-key importance ``(B, N)``, while the
+      block output still comes from fused ``scaled_dot_product_attention``. Token pruning needs only this, and
+      it costs far less memory and time than the map.
+    - neither: ``None``; the block uses fused attention.
     """
 
     needs_attention: bool
 
     def __call__(self, x: Tensor, attn: Tensor | None) -> Tensor: ...
+
+
+class KeyImportanceHook(BlockHook, Protocol):
+    """A hook that asks for how much attention each key receives instead of the whole map.
+
+    ``query_weights(x)`` is called with the block input ``x`` (B, N, C) and returns per-query weights ``w``
+    (B, N), or ``None`` to ask for nothing this time (the hook then gets ``attn=None``). The hook then receives
+    ``importance[b, j] = mean over heads h and all N queries i of w[b, i] * softmax_j(q_i . k_j * scale)`` (no
+    renormalisation by the weights), computed by ``key_importance`` over chunks of ``importance_chunk`` queries,
+    without gradient. ``needs_attention`` must be False.
+    """
+
+    importance_chunk: int
+
+    def query_weights(self, x: Tensor) -> Tensor | None: ...
+
+
+def key_importance(
+    q: Tensor,
+    k: Tensor,
+    scale: float,
+    query_weights: Tensor,
+    attn_mask: Tensor | None = None,
+    chunk_size: int = 256,
+) -> Tensor:
+    """Per-key attention importance without the (B, heads, N, N) map: (B, N_keys).
+
+    ``q`` (B, H, N, d), ``k`` (B, H, M, d), ``query_weights`` (B, N) or (N,), ``attn_mask`` boolean, broadcastable
+    to (B, H, N, M), True where attention is allowed. Returns ``sum_h sum_i w_i softmax(q_i k^T scale)_j / (H N)``,
+    the softmax taken over ``chunk_size`` query rows at a time, in float32 (ties in a top-k are then rare) and
+    without gradient: the score only chooses tokens, it is not trained through.
+    """
+    if chunk_size < 1:
+        raise ValueError(
+            f"the key importance chunk size must be a positive number of queries, got {chunk_size}"
+        )
+    b, h, n, _ = q.shape
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        q = q.float() * scale
+        keys_t = k.float().transpose(-2, -1)  # (B, H, d, M)
+        weights = query_weights.float().expand(b, n)
+        total = q.new_zeros(b, 1, k.shape[-2])
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            logits = q[:, :, start:stop] @ keys_t  # (B, H, c, M)
+            if attn_mask is not None:
+                per_query = attn_mask.dim() >= 2 and attn_mask.shape[-2] > 1
+                rows = attn_mask[..., start:stop, :] if per_query else attn_mask
+                logits = logits.masked_fill(~rows, float("-inf"))
+            # (B, 1, c) @ (B, c, M): the weighted sum over this chunk's queries, heads summed first
+            total += weights[:, None, start:stop] @ logits.softmax(dim=-1).sum(dim=1)
+        return total[:, 0] / (h * n)
 
 
 class TubeletEmbed(nn.Module):
@@ -63,7 +120,8 @@ class Attention(nn.Module):
     """Multi-head self-attention with fused SDPA, or an explicit softmax when the attention map is needed.
 
     ``qkv_bias``: ``"qv"`` is VideoMAE's learnable q and v biases with a zero k bias, ``"qkv"`` a plain biased
-    Linear (DeiT / timm), ``"none"`` no bias.
+    Linear (DeiT / timm), ``"none"`` no bias. With ``query_weights`` the output still comes from fused SDPA and
+    the second value returned is the per-key importance of ``key_importance`` instead of the map.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: QKVBias = "qv", attn_drop: float = 0.0):
@@ -87,9 +145,20 @@ class Attention(nn.Module):
         return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
 
     def forward(
-        self, x: Tensor, attn_mask: Tensor | None = None, need_weights: bool = False
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        need_weights: bool = False,
+        query_weights: Tensor | None = None,
+        importance_chunk: int = 256,
     ) -> tuple[Tensor, Tensor | None]:
-        """``x`` (B, N, C); ``attn_mask`` boolean, broadcastable to (B, heads, N, N), True where attention is allowed."""
+        """``x`` (B, N, C); ``attn_mask`` boolean, broadcastable to (B, heads, N, N), True where attention is allowed.
+
+        Returns the output (B, N, C) and the attention map (B, heads, N, N) if ``need_weights``, the per-key
+        importance (B, N) if ``query_weights`` (B, N) is given (``importance_chunk`` queries at a time), else None.
+        """
+        if need_weights and query_weights is not None:
+            raise ValueError("ask Attention for either the attention map or the key importance, not both")
         # Through the module, not its weight, so that a wrapper on qkv (LoRA) takes part; VideoMAE's separate
         # q/v biases are added afterwards.
         qkv = self.qkv(x)
@@ -100,6 +169,8 @@ class Attention(nn.Module):
         if not need_weights:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
             attn = None
+            if query_weights is not None:
+                attn = key_importance(q, k, self.scale, query_weights, attn_mask, importance_chunk)
         else:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
             if attn_mask is not None:
@@ -130,7 +201,14 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, hook: BlockHook | None = None) -> Tensor:
         need = hook is not None and hook.needs_attention
-        y, attn = self.attn(self.norm1(x), attn_mask, need_weights=need)
+        query_weights = getattr(hook, "query_weights", None)
+        weights = query_weights(x) if query_weights is not None and not need else None
+        if weights is None:
+            y, attn = self.attn(self.norm1(x), attn_mask, need_weights=need)
+        else:  # a KeyImportanceHook: fused attention plus the per-key importance
+            y, attn = self.attn(
+                self.norm1(x), attn_mask, query_weights=weights, importance_chunk=hook.importance_chunk
+            )
         # Inference adds each residual in place, sparing a (B, N, C) allocation. The residual stream keeps its
         # dtype: under autocast the branches return bf16/fp16 while the stream stays fp32, so the first sum is
         # then a new stream tensor (never written into: the input may be held elsewhere) and the second goes into
