@@ -20,6 +20,11 @@ TOOLS = {
         "DETAD error analysis of one or more TAD models' predictions against a ground truth: false positives by "
         "error type, false-negative rates by coverage, length and instance count; PNG plots and one JSON object",
     ),
+    "evaluate-ava": (
+        "lightning_modules.evaluate_ava",
+        "score spatio-temporal detections (AVA CSV) against an AVA ground truth by the official frame-mAP@0.5 "
+        "protocol (label map, excluded timestamps, 50 detections per keyframe); prints one JSON object",
+    ),
     "evaluate-tad": (
         "lightning_modules.evaluate_tad",
         "score temporal detections (ActivityNet results JSON) against a ground truth (ActivityNet JSON or "

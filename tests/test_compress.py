@@ -253,7 +253,8 @@ def test_relu_stage_sparsity_export_and_the_wandb_table(tmp_path, trained, monke
     )  # fmt: skip
     records = compress(args)
     out = tmp_path / "bd" / "trial7"  # {run_id}: the sweep trial's W&B run id
-    assert [r["round"] for r in records] == [0, 1, "relu"] and json.loads((out / "rounds.json").read_text()) == records
+    assert [r["round"] for r in records] == [0, 1, "relu"]
+    assert json.loads((out / "rounds.json").read_text()) == records
     relu = records[-1]
     assert relu["from_round"] == 1 and relu["dropped"] == [1] and relu["recovery_epochs"] == 1
     assert relu["sparsity_gelu"] < 0.01 < 0.2 < relu["sparsity"]
@@ -271,7 +272,8 @@ def test_relu_stage_sparsity_export_and_the_wandb_table(tmp_path, trained, monke
     for key, value in expected_summary(records).items():
         assert logged[key] == pytest.approx(value)
     assert set(SUMMARY_KEYS) <= set(logged)
-    assert logged["compress/score"] == pytest.approx(records[1]["score"])  # the kept round, not the ReLU stage
+    # The kept round's score, not the ReLU stage's.
+    assert logged["compress/score"] == pytest.approx(records[1]["score"])
     (table_file,) = (run / "files" / "media" / "table" / "compress").glob("rounds_*.table.json")
     table = json.loads(table_file.read_text())
     assert table["columns"] == list(COLUMNS) and [row[0] for row in table["data"]] == ["0", "1", "relu"]

@@ -107,7 +107,9 @@ def test_every_proposal_reaches_the_recipe(sweep, capsys, monkeypatch):
         for key, chosen in values.items():
             printed = lookup(config, key)
             expected = chosen["value"]
-            assert printed == (pytest.approx(expected, rel=1e-12) if isinstance(expected, float) else expected), key
+            if isinstance(expected, float):
+                expected = pytest.approx(expected, rel=1e-12)
+            assert printed == expected, key
             # The CLI coerced the value to the argument's declared type, as it would in the real run.
             assert type(printed) is type(lookup(untouched, key)), key
         # A finished trial with a score, so bayes fits its model on the trials so far for the next proposal.
@@ -166,5 +168,6 @@ def test_compress_sweep_optimises_a_summary_compress_logs(sweep):
     """A compress trial's metric is one of the summary values compress logs to W&B (tests/test_compress.py reads
     them back from a real offline run); its trials write to their own directories."""
     spec = load(sweep)
-    assert spec["metric"] == {"name": "compress/score", "goal": "maximize"} and spec["metric"]["name"] in SUMMARY_KEYS
+    assert spec["metric"] == {"name": "compress/score", "goal": "maximize"}
+    assert spec["metric"]["name"] in SUMMARY_KEYS
     assert any(str(c).startswith("--compress.out_dir=") and "{run_id}" in str(c) for c in spec["command"])

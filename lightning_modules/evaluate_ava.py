@@ -1,0 +1,77 @@
+"""Offline AVA scorer: frame-mAP of a detections CSV against the ground truth, by the official AVA protocol.
+
+    python -m lightning_modules evaluate-ava --labelmap ava_action_list_v2.2_for_activitynet_2019.pbtxt \\
+        --groundtruth ava_val_v2.2.csv --detections detections.csv \\
+        --exclusions ava_val_excluded_timestamps_v2.2.csv
+
+Prints one JSON object to stdout: ``{"frame_mAP@0.5": ..., "frame_mAP@0.5:0.95": ..., "per_class": {name: AP
+at IoU 0.5}}`` (fractions in [0, 1]; ``null`` for a class without ground truth, which the mean leaves out).
+Warnings (detections of classes outside the label map, empty boxes, keyframes the ground truth lacks) go to
+stderr. A malformed file exits with code 2 and a message naming the file, the line and the fix; bad arguments
+exit with code 2 through argparse. The protocol is described in ``lightning_modules.ava_metrics``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+
+from datamodules.kinetics_list import AnnotationError
+from lightning_modules.ava_metrics import (
+    AVA_MAX_DETECTIONS_PER_KEYFRAME,
+    ava_frame_map,
+    read_ava_detections,
+    read_ava_ground_truth,
+    read_exclusions,
+    read_labelmap,
+)
+
+
+def _json_number(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_modules evaluate-ava",
+        description="AVA frame-mAP at IoU 0.5 by the official ActivityNet AVA protocol.",
+    )
+    parser.add_argument("--labelmap", required=True, help="label map .pbtxt of the evaluated classes")
+    parser.add_argument("--groundtruth", required=True, help="AVA ground-truth CSV (e.g. ava_val_v2.2.csv)")
+    parser.add_argument(
+        "--detections", required=True, help="detections CSV: video,timestamp,x1,y1,x2,y2,id,score"
+    )
+    parser.add_argument("--exclusions", help="CSV of excluded keyframes: video_id,timestamp")
+    parser.add_argument(
+        "--max-detections-per-keyframe", type=int, default=AVA_MAX_DETECTIONS_PER_KEYFRAME,
+        help="detections kept per keyframe by score, as the official reader (default 50; 0 keeps all)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            labelmap = read_labelmap(args.labelmap)
+            exclusions = read_exclusions(args.exclusions)
+            ground_truth = read_ava_ground_truth(args.groundtruth, labelmap, exclusions)
+            detections = read_ava_detections(
+                args.detections, ground_truth, labelmap, exclusions, args.max_detections_per_keyframe
+            )
+    except AnnotationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    scores = ava_frame_map(detections, ground_truth, labelmap)
+    scores = {
+        **{k: _json_number(v) for k, v in scores.items() if k != "per_class"},
+        "per_class": {name: _json_number(v) for name, v in scores["per_class"].items()},
+    }
+    print(json.dumps(scores))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
