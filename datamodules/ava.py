@@ -1,0 +1,968 @@
+"""AVA v2.2 spatio-temporal action detection: keyframe clips with person boxes and multi-hot action targets.
+
+Annotations (the official files, as PySlowFast lays them out under ``root/annotations``):
+
+- ``ava_{train,val}_v2.2.csv``: rows ``video_id, timestamp, x1, y1, x2, y2, action_id[, person_id]`` with boxes
+  normalised to [0, 1]. The rows of one (video, timestamp, box) are one person: their actions are merged into
+  one multi-hot target (boxes are keyed by their coordinates, as PySlowFast does). A sample is a keyframe:
+  every person of one (video, timestamp).
+- ``ava_action_list_v2.2_for_activitynet_2019.pbtxt``: the classes trained and evaluated (60 of the 80 ids);
+  class index ``c`` is the ``c``-th smallest id of the label map (``action_ids[c]``). Rows of ids in
+  1..``num_actions`` that the map leaves out are dropped; a box left without a class stays as a person with an
+  all-zero target (``keep_unlabelled_boxes``), since the localiser must still find it.
+- ``ava_{train,val}_excluded_timestamps_v2.2.csv``: keyframes ``video_id, timestamp`` left out entirely.
+- Optionally ``proposals_csv`` (evaluation only): person-detector boxes ``video_id, timestamp, x1, y1, x2, y2,
+  [action,] score``, kept from ``proposal_score_threshold`` on (0.8 as PySlowFast with its detector's boxes);
+  they travel in the batch as ``proposals`` for the off-the-shelf-detector ablation. Evaluation then covers the
+  keyframes of the ground truth and of the proposals.
+
+Timestamps -> frames. AVA annotates whole seconds 902..1798 of each movie, and the official 15-minute clips
+start at second 900, so second ``s`` is ``s - timestamp_offset`` seconds into the file (``timestamp_offset``
+900; 0 for the synthetic set, whose timestamps count from the start of the file). PySlowFast, and EVAD built on
+it, extract frames at 30 fps from the clip and take list entry ``(s - 900) * 30`` (0-based; the file is
+``<video>_<%06d>.jpg`` numbered from 1) as the keyframe; the clip is the 16 entries ``key - 32, key - 28, ...,
+key + 28`` (16 frames at stride 4, keyframe 9th), clamped to the list. Here the clip lives on the same
+``frame_rate`` grid in time (``keyframe_clip_indices``): a decoded video at any native rate gives the frames
+shown at those grid times, and extracted frames (``frames_dir``) are the grid itself. ``frame_rate: null``
+takes the video's native frames as the grid instead.
+
+Transforms (EVAD): training flips at random (boxes too) and resizes the short side to ``train_short_side``
+(288; 224 for the ablations), no crop; evaluation resizes to ``eval_short_side`` (288). Boxes are in pixels of
+the resized image, continuous coordinates (a flip maps x to ``width - x``). Batches pad every clip right and
+bottom to a common size, a multiple of ``pad_multiple`` (32); ``image_size`` keeps each clip's real size, and
+the padding is set to 0 after normalisation (mean 0.45, std 0.225), the mean colour, as detectron2 pads.
+
+The clip geometry, frame folders, collation and the checks shared with the UCF101-24/JHMDB module
+(``act_pickle``) live here as well.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import logging
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from datamodules import synthetic
+from datamodules.base import (
+    BadVideoError,
+    BadVideoPolicy,
+    SampleKey,
+    VideoDataModule,
+    load_guarded,
+    open_checked,
+    seeded,
+    split_key,
+)
+from datamodules.kinetics_list import AnnotationError
+from datamodules.transforms import to_tchw
+from datamodules.video_io import VideoDecodeError, open_video
+
+log = logging.getLogger(__name__)
+
+AVA_MEAN = (0.45, 0.45, 0.45)
+AVA_STD = (0.225, 0.225, 0.225)
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+CSV_COLUMNS = "video_id, timestamp, x1, y1, x2, y2, action_id[, person_id]"
+PROPOSAL_COLUMNS = "video_id, timestamp, x1, y1, x2, y2, [action_id,] score"
+#: Per-sample entries collated as lists (their length differs between samples).
+LIST_KEYS = ("boxes", "labels", "proposals", "proposal_scores", "classes", "tube_ids")
+#: Per-sample integers collated into (B,) tensors.
+INDEX_KEYS = ("index", "video_index", "timestamp", "frame")
+SKIP_FIX = "or set data.init_args.bad_video: skip to leave them out (they are counted and reported)"
+
+# ------------------------------------------------------------------------------------------ clip geometry
+
+
+def clip_frame_indices(centre: int, num_frames: int, length: int = 16, stride: int = 4) -> np.ndarray:
+    """Frames ``centre - length * stride // 2 + k * stride`` (k < length), clamped to [0, num_frames - 1].
+
+    PySlowFast's keyframe sampling: for 16 x 4 the keyframe is entry 8, with 8 frames before it and 7 after.
+    """
+    start = centre - (length * stride) // 2
+    return np.clip(start + stride * np.arange(length, dtype=np.int64), 0, num_frames - 1)
+
+
+def grid_length(num_frames: int, fps: float, frame_rate: float | None) -> int:
+    """Frames of the ``frame_rate`` grid over a video of ``num_frames`` at ``fps`` (None: the video's own)."""
+    if frame_rate is None:
+        return num_frames
+    return max(math.ceil(num_frames * frame_rate / fps - 1e-6), 1)
+
+
+def keyframe_grid_index(seconds: float, fps: float, frame_rate: float | None) -> int:
+    """Grid frame shown ``seconds`` into the video (nearest, halves up)."""
+    return math.floor(seconds * (fps if frame_rate is None else frame_rate) + 0.5)
+
+
+def keyframe_clip_indices(
+    seconds: float,
+    num_frames: int,
+    fps: float,
+    frame_rate: float | None = 30.0,
+    length: int = 16,
+    stride: int = 4,
+) -> np.ndarray:
+    """Native frame indices of the clip around the keyframe ``seconds`` into a video (see the module doc).
+
+    ``stride`` counts frames of the ``frame_rate`` grid; each grid frame maps to the native frame shown at its
+    time (``floor(t * fps)``), and both ends are clamped to the video.
+    """
+    centre = keyframe_grid_index(seconds, fps, frame_rate)
+    grid = clip_frame_indices(centre, grid_length(num_frames, fps, frame_rate), length, stride)
+    if frame_rate is None:
+        return grid
+    native = np.floor(grid * (fps / frame_rate) + 1e-6).astype(np.int64)
+    return np.clip(native, 0, num_frames - 1)
+
+
+def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(height, width) with the short side at ``short_side``, the long one rounded half up (as detectron2)."""
+    if height <= width:
+        return short_side, max(int(width * short_side / height + 0.5), 1)
+    return max(int(height * short_side / width + 0.5), 1), short_side
+
+
+def flip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
+    """x1, y1, x2, y2 boxes (n, 4) mirrored in an image ``width`` wide (continuous coordinates)."""
+    out = np.array(boxes, dtype=np.float32, copy=True).reshape(-1, 4)
+    out[:, [0, 2]] = width - out[:, [2, 0]]
+    return out
+
+
+def scale_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
+    """Normalised boxes (n, 4) -> pixels of a ``width`` x ``height`` image, float32."""
+    scale = np.array([width, height, width, height], dtype=np.float32)
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * scale
+
+
+def transform_keyframe_clip(
+    frames: Tensor, boxes: Sequence[np.ndarray], short_side: int, flip: bool
+) -> tuple[Tensor, list[Tensor], tuple[int, int]]:
+    """Resize the short side, optionally flip; boxes follow.
+
+    ``frames`` (T, H, W, 3) uint8 -> clip (3, T, h, w) uint8, each normalised box set as pixel boxes of the
+    resized clip (float32), and (h, w).
+    """
+    height, width = frames.shape[1:3]
+    new_h, new_w = resized_size(height, width, short_side)
+    clip = to_tchw(frames)
+    if (new_h, new_w) != (height, width):
+        clip = TF.resize(clip, [new_h, new_w], antialias=True)
+    out = [scale_boxes(b, new_w, new_h) for b in boxes]
+    if flip:
+        clip = clip.flip(-1)
+        out = [flip_boxes(b, new_w) for b in out]
+    return clip.permute(1, 0, 2, 3).contiguous(), [torch.from_numpy(b) for b in out], (new_h, new_w)
+
+
+def collate_keyframes(samples: Sequence[dict[str, Any]], pad_multiple: int = 32) -> dict[str, Any]:
+    """Pad the clips right and bottom to one size, a multiple of ``pad_multiple``; boxes stay as they are.
+
+    ``video`` (B, 3, T, H, W) uint8 (zeros in the padding), ``image_size`` / ``orig_size`` (B, 2) as (h, w),
+    the ``LIST_KEYS`` as per-sample lists and the ``INDEX_KEYS`` as (B,) int64; skips as in ``collate_clips``.
+    """
+    good = [s for s in samples if "skipped" not in s]
+    batch: dict[str, Any] = {}
+    if good:
+        sizes = torch.tensor([s["image_size"] for s in good], dtype=torch.long)  # (B, 2)
+        height, width = (int(math.ceil(int(v) / pad_multiple) * pad_multiple) for v in sizes.max(0).values)
+        channels, frames = good[0]["video"].shape[:2]
+        video = torch.zeros(len(good), channels, frames, height, width, dtype=good[0]["video"].dtype)
+        for i, s in enumerate(good):
+            h, w = s["video"].shape[-2:]
+            video[i, :, :, :h, :w] = s["video"]
+        batch["video"], batch["image_size"] = video, sizes
+        batch["orig_size"] = torch.tensor([s["orig_size"] for s in good], dtype=torch.long)
+        for key in LIST_KEYS:
+            if key in good[0]:
+                batch[key] = [s[key] for s in good]
+        for key in INDEX_KEYS:
+            if key in good[0]:
+                batch[key] = torch.tensor([s[key] for s in good], dtype=torch.long)
+    batch["skipped"] = [s["skipped"] for s in samples if "skipped" in s]
+    batch["batch_size"] = len(good)
+    return batch
+
+
+# --------------------------------------------------------------------------------------------- frame folders
+
+
+class FrameFolder:
+    """A video stored as one image per frame, read like ``video_io.Video``.
+
+    Frame ``i`` (0-based) is ``root / pattern.format(video=video_id, index=i + first_number)``; PySlowFast's AVA
+    frames are ``{video}/{video}_{index:06d}.jpg`` from 1, ACT's UCF101-24 / JHMDB frames
+    ``{video}/{index:05d}.jpg`` from 1. A missing or unreadable file raises ``VideoDecodeError`` so the
+    data module's bad-input policy applies. ``fps`` is the rate the frames were extracted at, when known.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        video_id: str,
+        pattern: str,
+        num_frames: int,
+        first_number: int = 1,
+        fps: float | None = None,
+    ):
+        self.root = Path(root)
+        self.video_id = video_id
+        self.pattern = pattern
+        self.num_frames = num_frames
+        self.fps = fps
+        self.first_number = first_number
+
+    def path(self, index: int) -> Path:
+        return self.root / self.pattern.format(video=self.video_id, index=int(index) + self.first_number)
+
+    def get_frames(self, indices: Sequence[int] | np.ndarray) -> Tensor:
+        """Frames at ``indices`` (clamped to the video) as uint8 (T, H, W, 3), each file decoded once."""
+        from PIL import Image
+
+        idx = np.clip(np.asarray(indices, dtype=np.int64), 0, self.num_frames - 1)
+        decoded: dict[int, np.ndarray] = {}
+        for i in dict.fromkeys(idx.tolist()):
+            path = self.path(i)
+            if not path.is_file():
+                raise VideoDecodeError(path, "missing", "frame file not found")
+            try:
+                with Image.open(path) as image:
+                    decoded[i] = np.asarray(image.convert("RGB"))
+            except Exception as err:
+                raise VideoDecodeError(path, "corrupt", f"cannot be read as an image ({err})") from err
+        shapes = {a.shape for a in decoded.values()}
+        if len(shapes) > 1:
+            raise VideoDecodeError(
+                self.path(int(idx[0])), "decode_failed", f"frames differ in size: {shapes}"
+            )
+        return torch.from_numpy(np.stack([decoded[i] for i in idx.tolist()]))
+
+
+def count_frames(root: str | Path, video_id: str, pattern: str, first_number: int = 1) -> int:
+    """Frames of a ``FrameFolder``: the files of its first frame's folder with that suffix, checked contiguous."""
+    folder = FrameFolder(root, video_id, pattern, 1, first_number)
+    first = folder.path(0)
+    if not first.parent.is_dir():
+        raise VideoDecodeError(first.parent, "missing", "frame folder not found")
+    count = sum(1 for p in first.parent.iterdir() if p.suffix == first.suffix)
+    if count == 0 or not first.is_file() or not folder.path(count - 1).is_file():
+        raise VideoDecodeError(
+            first.parent, "corrupt",
+            f"{count} frame files, not numbered {first.name} onwards without gaps as frame_pattern says",
+        )  # fmt: skip
+    return count
+
+
+# ----------------------------------------------------------------------------------------- AVA annotations
+
+
+@dataclass(frozen=True, eq=False)
+class AVAKeyframe:
+    """One keyframe: its persons (normalised boxes, multi-hot targets) and where it was read."""
+
+    video_id: str
+    timestamp: int
+    file: str
+    line: int  # first row of the keyframe in ``file``
+    boxes: np.ndarray  # (n, 4) float32 x1, y1, x2, y2 in [0, 1]
+    labels: np.ndarray  # (n, C) float32 multi-hot over the label map's classes
+    video_index: int = -1  # position in the stage's video list, set by the data module
+    proposals: np.ndarray | None = None  # (m, 4) float32 detector boxes in [0, 1]
+    proposal_scores: np.ndarray | None = None  # (m,) float32
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+def read_label_map(path: str | Path) -> dict[int, str]:
+    """Classes of an AVA label map ``.pbtxt`` (``item { name: "..." id: N }``; ``label_id`` also accepted)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(
+            f"label map {path} not found; pass the .pbtxt of the classes to train and evaluate "
+            "(ava_action_list_v2.2_for_activitynet_2019.pbtxt for the standard 60)"
+        )
+    text = path.read_text(encoding="utf-8", errors="replace")
+    classes: dict[int, str] = {}
+    for item in re.finditer(r"item\s*\{(.*?)\}", text, flags=re.DOTALL):
+        line = text.count("\n", 0, item.start()) + 1
+        name = re.search(r'\bname\s*:\s*"([^"]*)"', item.group(1))
+        number = re.search(r"\b(?:label_id|id)\s*:\s*(-?\d+)", item.group(1))
+        if name is None or number is None:
+            raise AnnotationError(f'{path}:{line}: an item needs name: "..." and id: N')
+        action = int(number.group(1))
+        if action < 1 or action in classes:
+            raise AnnotationError(f"{path}:{line}: class id {action} must be a positive integer listed once")
+        classes[action] = name.group(1)
+    if not classes:
+        raise AnnotationError(f'{path}: no class found; expected items like item {{ name: "stand" id: 12 }}')
+    return classes
+
+
+def _rows(path: Path) -> Any:
+    """(line number, stripped fields) of the non-blank rows of a CSV."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        try:
+            for fields in reader:
+                fields = [f.strip() for f in fields]
+                if any(fields):
+                    yield reader.line_num, fields
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise AnnotationError(f"{path}:{reader.line_num + 1}: not a readable CSV ({err})") from None
+
+
+def _timestamp(value: str, where: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise AnnotationError(f"{where}: timestamp must be a whole second, got {value!r}") from None
+
+
+def _box(fields: Sequence[str], where: str) -> tuple[float, float, float, float]:
+    try:
+        box = tuple(float(v) for v in fields)
+    except ValueError:
+        raise AnnotationError(f"{where}: x1, y1, x2, y2 must be numbers, got {list(fields)}") from None
+    if not all(0.0 <= v <= 1.0 for v in box):  # also rejects NaN
+        raise AnnotationError(
+            f"{where}: box {box} lies outside [0, 1]; AVA boxes are normalised by the frame width and height"
+        )
+    x1, y1, x2, y2 = box
+    if x2 <= x1 or y2 <= y1:
+        raise AnnotationError(
+            f"{where}: box {box} is empty or reversed; columns are x1, y1, x2, y2 with x1 < x2"
+        )
+    return x1, y1, x2, y2
+
+
+def read_excluded_timestamps(path: str | Path | None) -> frozenset[tuple[str, int]]:
+    """Keyframes ``(video_id, timestamp)`` of an excluded-timestamps CSV; empty without a file."""
+    if path is None:
+        return frozenset()
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"excluded-timestamps file {path} not found; give the right path or null")
+    excluded = set()
+    for line, fields in _rows(path):
+        if len(fields) != 2:
+            raise AnnotationError(f"{path}:{line}: expected 'video_id, timestamp', got {len(fields)} columns")
+        excluded.add((fields[0], _timestamp(fields[1], f"{path}:{line}")))
+    return frozenset(excluded)
+
+
+def read_ava_csv(
+    path: str | Path,
+    action_ids: Sequence[int],
+    num_actions: int | None = 80,
+    excluded: Collection[tuple[str, int]] = (),
+    keep_unlabelled_boxes: bool = True,
+) -> list[AVAKeyframe]:
+    """Keyframes of an AVA annotation CSV, ordered by video (first appearance) then timestamp.
+
+    Class ``c`` of the targets is ``action_ids[c]``. Rows of an id in 1..``num_actions`` but not in
+    ``action_ids`` are dropped; any other id, a malformed row, a box outside [0, 1] or with x2 <= x1 / y2 <= y1
+    is an ``AnnotationError`` naming the file and line. Excluded keyframes are left out.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"annotation file {path} not found; rows are '{CSV_COLUMNS}'")
+    column = {a: c for c, a in enumerate(action_ids)}
+    # (video, timestamp) -> box -> class indices, in file order, and the first line of each keyframe.
+    people: dict[tuple[str, int], dict[tuple[float, ...], set[int]]] = defaultdict(dict)
+    first_line: dict[tuple[str, int], int] = {}
+    dropped_rows, excluded_keys = 0, set()
+    for line, fields in _rows(path):
+        where = f"{path}:{line}"
+        if len(fields) not in (7, 8):
+            raise AnnotationError(f"{where}: expected '{CSV_COLUMNS}', got {len(fields)} columns")
+        key = (fields[0], _timestamp(fields[1], where))
+        box = _box(fields[2:6], where)
+        try:
+            action = int(fields[6])
+        except ValueError:
+            raise AnnotationError(f"{where}: action_id must be an integer, got {fields[6]!r}") from None
+        if action not in column and (num_actions is None or not 1 <= action <= num_actions):
+            valid = "the label map" + ("" if num_actions is None else f" nor in 1..num_actions={num_actions}")
+            raise AnnotationError(
+                f"{where}: action id {action} is not in {valid}; check the label map and num_actions"
+            )
+        if key in excluded:
+            excluded_keys.add(key)
+            continue
+        first_line.setdefault(key, line)
+        classes = people[key].setdefault(box, set())
+        if action in column:
+            classes.add(column[action])
+        else:
+            dropped_rows += 1
+    videos = {video: i for i, (video, _) in reversed(list(enumerate(first_line)))}
+    keyframes = []
+    for key in sorted(first_line, key=lambda k: (videos[k[0]], k[1])):
+        persons = [(b, c) for b, c in people[key].items() if c or keep_unlabelled_boxes]
+        if not persons:
+            continue
+        labels = np.zeros((len(persons), len(action_ids)), dtype=np.float32)
+        for row, (_, classes) in enumerate(persons):
+            labels[row, sorted(classes)] = 1.0
+        boxes = np.array([b for b, _ in persons], dtype=np.float32).reshape(-1, 4)
+        keyframes.append(AVAKeyframe(key[0], key[1], str(path), first_line[key], boxes, labels))
+    log.info(
+        "%s: %d keyframes; %d rows of classes outside the label map dropped, %d excluded keyframes left out",
+        path, len(keyframes), dropped_rows, len(excluded_keys),
+    )  # fmt: skip
+    return keyframes
+
+
+def read_proposals_csv(
+    path: str | Path, score_threshold: float = 0.0, excluded: Collection[tuple[str, int]] = ()
+) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray, int]]:
+    """Person-detector boxes per keyframe: (boxes (m, 4) in [0, 1], scores (m,), first line).
+
+    Rows are ``video_id, timestamp, x1, y1, x2, y2, [action_id,] score``; a box listed on several rows (one per
+    action in some files) is kept once with its best score. Boxes scoring below ``score_threshold`` and empty
+    boxes are left out; malformed rows are errors naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"proposals file {path} not found; rows are '{PROPOSAL_COLUMNS}'")
+    found: dict[tuple[str, int], dict[tuple[float, ...], float]] = defaultdict(dict)
+    first_line: dict[tuple[str, int], int] = {}
+    for line, fields in _rows(path):
+        where = f"{path}:{line}"
+        if len(fields) not in (7, 8):
+            raise AnnotationError(f"{where}: expected '{PROPOSAL_COLUMNS}', got {len(fields)} columns")
+        key = (fields[0], _timestamp(fields[1], where))
+        try:
+            score = float(fields[-1])
+            box = tuple(float(v) for v in fields[2:6])
+        except ValueError:
+            raise AnnotationError(
+                f"{where}: box and score must be numbers, got {fields[2:6] + fields[-1:]}"
+            ) from None
+        if not all(0.0 <= v <= 1.0 for v in box) or box[2] < box[0] or box[3] < box[1]:
+            raise AnnotationError(f"{where}: box {box} is outside [0, 1] or reversed (x1, y1, x2, y2)")
+        if key in excluded or score < score_threshold or box[2] == box[0] or box[3] == box[1]:
+            continue
+        first_line.setdefault(key, line)
+        found[key][box] = max(score, found[key].get(box, -math.inf))
+    return {
+        key: (
+            np.array(list(boxes), dtype=np.float32).reshape(-1, 4),
+            np.array(list(boxes.values()), dtype=np.float32),
+            first_line[key],
+        )
+        for key, boxes in found.items()
+    }
+
+
+# ------------------------------------------------------------------------------------ shared data module
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A bad input found at setup: kind (what skips are counted by), where (file:line), reason, file left out."""
+
+    kind: str
+    where: str
+    reason: str
+    file: str | None = None
+
+
+_FIXES = {
+    "keyframe_past_end": "check timestamp_offset and frame_rate, and that the video is complete, {skip}",
+    "before_start": "set timestamp_offset to the second the video file starts at (900 for AVA's 15-minute "
+    "clips, 0 for the synthetic set), {skip}",
+}
+
+
+class KeyframeDetectionDataModule(VideoDataModule):
+    """Base of the spatio-temporal detection data modules: keyframe collation, padding, setup checks.
+
+    Bad input found at setup (``settle``) stops the run under ``bad_video: error`` with the file, line and fix
+    (``AnnotationError`` for annotation problems, ``BadVideoError`` for videos); under ``skip`` it is counted
+    by kind in ``skip_counts`` and logged once. Videos that fail while loading follow the base policy.
+    """
+
+    def __init__(self, pad_multiple: int = 32, **kwargs: Any):
+        super().__init__(**kwargs)
+        if pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
+        self.pad_multiple = pad_multiple
+
+    @property
+    def collate_fn(self) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
+        return functools.partial(collate_keyframes, pad_multiple=self.pad_multiple)
+
+    def setup(self, stage: str) -> None:
+        """Read and check the annotations and videos before any worker starts."""
+        stages = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        for name in stages.get(stage, ()):
+            self.dataset(name)
+
+    def settle(self, problems: Sequence[Problem], what: str) -> None:
+        """Raise on the first problem under ``bad_video: error``; count and log them once under ``skip``."""
+        if not problems:
+            return
+        first = problems[0]
+        if self.bad_video == "error":
+            more = f" ({len(problems) - 1} more problems in {what})" if len(problems) > 1 else ""
+            fix = _FIXES.get(first.kind, "fix or re-download the file, {skip}").format(skip=SKIP_FIX)
+            error = AnnotationError if first.kind in _FIXES else BadVideoError
+            raise error(f"{first.where}: {first.reason}{more}. To go on: {fix}")
+        counts = Counter(p.kind for p in problems)
+        summary = "; ".join(f"{n} x {kind}" for kind, n in counts.most_common())
+        log.warning(
+            "%s: left out under bad_video: skip: %s (first: %s: %s)", what, summary, first.where, first.reason
+        )
+        if self.trainer is None or self.trainer.global_rank == 0:  # counted on one rank: reports sum ranks
+            self.skip_counts.update(counts)
+            self.skipped_files.update(p.file for p in problems if p.file is not None)
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        video = batch.get("video")
+        if video is not None and video.is_floating_point():
+            # Padding at the mean colour: 0 after normalisation.
+            for i, (h, w) in enumerate(batch["image_size"].tolist()):
+                video[i, ..., h:, :] = 0
+                video[i, ..., :, w:] = 0
+        return batch
+
+
+# -------------------------------------------------------------------------------------------------- AVA
+
+
+@dataclass(frozen=True)
+class VideoSource:
+    """Where a video's frames are: a video file, or a frame folder under ``path``; its frame count and rate."""
+
+    video_id: str
+    path: str
+    num_frames: int
+    fps: float
+    frames: bool = False
+
+
+class AVAKeyframeDataset(Dataset):
+    """Keyframe clips of AVA-style annotations.
+
+    Samples: ``video`` uint8 (3, T, h, w), ``boxes`` (n, 4) float32 pixels of the resized clip, ``labels``
+    (n, C) float32 multi-hot, ``image_size`` and ``orig_size`` (h, w), ``index``, ``video_index``,
+    ``timestamp``, and with proposals ``proposals`` (m, 4) pixels and ``proposal_scores`` (m,).
+    """
+
+    def __init__(
+        self,
+        keyframes: Sequence[AVAKeyframe],
+        sources: Sequence[VideoSource],
+        short_side: int,
+        train: bool = False,
+        flip: bool = True,
+        timestamp_offset: float = 900.0,
+        frame_rate: float | None = 30.0,
+        clip_length: int = 16,
+        frame_stride: int = 4,
+        frame_pattern: str = "{video}/{video}_{index:06d}.jpg",
+        first_frame_number: int = 1,
+        bad_video: BadVideoPolicy = "error",
+        decode_threads: int = 1,
+    ):
+        self.keyframes = list(keyframes)
+        self.sources = list(sources)
+        self.short_side = short_side
+        self.train = train
+        self.flip = flip
+        self.timestamp_offset = timestamp_offset
+        self.frame_rate = frame_rate
+        self.clip_length = clip_length
+        self.frame_stride = frame_stride
+        self.frame_pattern = frame_pattern
+        self.first_frame_number = first_frame_number
+        self.bad_video = bad_video
+        self.decode_threads = decode_threads
+
+    def __len__(self) -> int:
+        return len(self.keyframes)
+
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        index, seed = split_key(key)
+        with seeded(seed):
+            return load_guarded(lambda: self.load(index), self.bad_video, index)
+
+    def clip_indices(self, index: int) -> np.ndarray:
+        """Native frame indices of sample ``index``'s clip."""
+        keyframe = self.keyframes[index]
+        source = self.sources[keyframe.video_index]
+        return keyframe_clip_indices(
+            keyframe.timestamp - self.timestamp_offset, source.num_frames, source.fps, self.frame_rate,
+            self.clip_length, self.frame_stride,
+        )  # fmt: skip
+
+    def load(self, index: int) -> dict[str, Any]:
+        keyframe = self.keyframes[index]
+        source = self.sources[keyframe.video_index]
+        if source.frames:
+            reader: Any = FrameFolder(
+                source.path, source.video_id, self.frame_pattern, source.num_frames, self.first_frame_number
+            )
+        else:
+            reader = open_checked(source.path, 1, self.decode_threads)
+        frames = reader.get_frames(self.clip_indices(index))
+        flip = self.train and self.flip and bool(torch.rand(()) < 0.5)
+        box_sets = [keyframe.boxes] + ([keyframe.proposals] if keyframe.proposals is not None else [])
+        clip, boxes, size = transform_keyframe_clip(frames, box_sets, self.short_side, flip)
+        sample = {
+            "video": clip,
+            "boxes": boxes[0],
+            "labels": torch.from_numpy(keyframe.labels),
+            "image_size": size,
+            "orig_size": tuple(frames.shape[1:3]),
+            "index": index,
+            "video_index": keyframe.video_index,
+            "timestamp": keyframe.timestamp,
+        }
+        if keyframe.proposals is not None:
+            sample["proposals"] = boxes[1]
+            sample["proposal_scores"] = torch.from_numpy(keyframe.proposal_scores)
+        return sample
+
+
+class AVADataModule(KeyframeDetectionDataModule):
+    """AVA v2.2 keyframe detection data (see the module doc), or the synthetic AVA-style set.
+
+    Files under ``root``: ``train_csv`` / ``val_csv``, their excluded timestamps, ``label_map``, and the videos as
+    ``video_dir/<id>.<ext>`` (``video_ext``, or any common container) or, with ``frames_dir``, extracted frames
+    ``frames_dir/<frame_pattern>`` (numbered from ``first_frame_number``, at ``frame_rate``). Path arguments left
+    unset take the official names (``annotations/ava_train_v2.2.csv``, ...; videos in ``videos_15min``), or the
+    synthetic set's (``annotations/train.csv``, ...; ``videos``) when ``synthetic``. Training reads the train
+    CSV, validation / test / predict the val CSV (AVA's test labels are not public).
+
+    Checks at setup, before any worker starts: malformed rows are errors naming file and line; every video of
+    the stage is opened (or its frame folder counted) once, and a missing or unreadable video, a keyframe before
+    the start of its video or past its end is an error naming the CSV line and the fix under ``bad_video:
+    error``, and is counted and left out under ``skip``.
+
+    ``synthetic=True`` writes the synthetic AVA-style set (``synthetic.generate_spatiotemporal``) to ``root``
+    on first use, and again when the ``synthetic_*`` arguments change, never into a folder it did not write.
+    ``timestamp_offset`` unset is 900 (AVA's 15-minute clips start at second 900), or 0 when ``synthetic``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_csv: str | None = None,
+        val_csv: str | None = None,
+        label_map: str | None = None,
+        train_exclusions: str | None = None,
+        val_exclusions: str | None = None,
+        video_dir: str | None = None,
+        video_ext: str | None = None,
+        frames_dir: str | None = None,
+        frame_pattern: str = "{video}/{video}_{index:06d}.jpg",
+        first_frame_number: int = 1,
+        timestamp_offset: float | None = None,
+        frame_rate: float | None = 30.0,
+        clip_length: int = 16,
+        frame_stride: int = 4,
+        train_short_side: int = 288,
+        eval_short_side: int = 288,
+        flip: bool = True,
+        pad_multiple: int = 32,
+        num_actions: int | None = 80,
+        keep_unlabelled_boxes: bool = True,
+        proposals_csv: str | None = None,
+        proposal_score_threshold: float = 0.8,
+        synthetic: bool = False,
+        synthetic_num_videos: int = 8,
+        synthetic_val_fraction: float = 0.25,
+        synthetic_size: tuple[int, int] = (96, 128),
+        synthetic_seconds: int = 8,
+        synthetic_fps: int = 12,
+        synthetic_max_actors: int = 2,
+        synthetic_seed: int = 0,
+        download_hint: str | None = None,
+        batch_size: int = 8,
+        mean: tuple[float, float, float] = AVA_MEAN,
+        std: tuple[float, float, float] = AVA_STD,
+        **kwargs: Any,
+    ):
+        super().__init__(pad_multiple=pad_multiple, batch_size=batch_size, mean=mean, std=std, **kwargs)
+        if clip_length < 1 or frame_stride < 1:
+            raise ValueError(f"clip_length and frame_stride must be >= 1, got {clip_length}, {frame_stride}")
+        if frames_dir is not None and frame_rate is None:
+            raise ValueError(
+                "extracted frames (frames_dir) need their frame_rate (30 for PySlowFast's AVA frames)"
+            )
+        if frame_rate is not None and frame_rate <= 0:
+            raise ValueError(f"frame_rate must be > 0 or null, got {frame_rate}")
+        self.root = Path(root)
+        names = (
+            {
+                "train_csv": "annotations/train.csv", "val_csv": "annotations/val.csv",
+                "label_map": "annotations/label_map.pbtxt",
+                "train_exclusions": "annotations/train_excluded_timestamps.csv",
+                "val_exclusions": "annotations/val_excluded_timestamps.csv", "video_dir": "videos",
+            }
+            if synthetic
+            else {
+                "train_csv": "annotations/ava_train_v2.2.csv", "val_csv": "annotations/ava_val_v2.2.csv",
+                "label_map": "annotations/ava_action_list_v2.2_for_activitynet_2019.pbtxt",
+                "train_exclusions": "annotations/ava_train_excluded_timestamps_v2.2.csv",
+                "val_exclusions": "annotations/ava_val_excluded_timestamps_v2.2.csv", "video_dir": "videos_15min",
+            }
+        )  # fmt: skip
+        given = {
+            "train_csv": train_csv, "val_csv": val_csv, "label_map": label_map,
+            "train_exclusions": train_exclusions, "val_exclusions": val_exclusions, "video_dir": video_dir,
+        }  # fmt: skip
+        self.paths = {k: self.root / (given[k] if given[k] is not None else names[k]) for k in names}
+        self.given_paths = {k for k, v in given.items() if v is not None}
+        self.video_ext = video_ext
+        self.frames_root = self.root / frames_dir if frames_dir is not None else None
+        self.frame_pattern = frame_pattern
+        self.first_frame_number = first_frame_number
+        self.timestamp_offset = float(
+            timestamp_offset if timestamp_offset is not None else (0.0 if synthetic else 900.0)
+        )
+        self.frame_rate = frame_rate
+        self.clip_length = clip_length
+        self.frame_stride = frame_stride
+        self.train_short_side = train_short_side
+        self.eval_short_side = eval_short_side
+        self.flip = flip
+        self.num_actions = num_actions
+        self.keep_unlabelled_boxes = keep_unlabelled_boxes
+        self.proposals_path = self.root / proposals_csv if proposals_csv is not None else None
+        self.proposal_score_threshold = proposal_score_threshold
+        self.synthetic = synthetic
+        self.synthetic_config = {
+            "num_videos": synthetic_num_videos, "val_fraction": synthetic_val_fraction,
+            "size": tuple(synthetic_size), "seconds": synthetic_seconds, "fps": synthetic_fps,
+            "max_actors": synthetic_max_actors, "seed": synthetic_seed,
+        }  # fmt: skip
+        self.download_hint = download_hint
+        self._label_map: dict[int, str] | None = None
+        self._video_files: dict[str, Path] | None = None
+        self._sources: dict[str, VideoSource | VideoDecodeError] = {}
+
+    # -------------------------------------------------------------------------------------------- files
+
+    def prepare_data(self) -> None:
+        if not self.synthetic or synthetic.is_complete(self.root, "spatiotemporal", **self.synthetic_config):
+            return
+        if synthetic.is_complete(self.root, kind=None) and not synthetic.is_complete(
+            self.root, "spatiotemporal"
+        ):
+            raise FileExistsError(
+                f"{self.root} holds another kind of synthetic set; point data.init_args.root at an empty or "
+                "new folder for the synthetic AVA-style set"
+            )
+        log.info("writing the synthetic spatio-temporal detection set to %s", self.root)
+        synthetic.generate_spatiotemporal(self.root, **self.synthetic_config)
+
+    def _missing(self, what: str) -> AnnotationError:
+        message = (
+            f"{what} not found. AVA needs the official annotations (ava_{{train,val}}_v2.2.csv, the excluded "
+            "timestamps and ava_action_list_v2.2_for_activitynet_2019.pbtxt) and the 15-minute videos (or "
+            "extracted frames, frames_dir); set data.init_args.root and the path arguments to where they are"
+        )
+        return AnnotationError(f"{message}\n{self.download_hint}" if self.download_hint else message)
+
+    @property
+    def label_map(self) -> dict[int, str]:
+        """AVA action id -> name of the classes used."""
+        if self._label_map is None:
+            if not self.paths["label_map"].is_file():
+                raise self._missing(f"label map {self.paths['label_map']}")
+            self._label_map = read_label_map(self.paths["label_map"])
+        return self._label_map
+
+    @property
+    def action_ids(self) -> list[int]:
+        """AVA action id of each class index (ascending ids): column ``c`` of ``labels`` is ``action_ids[c]``."""
+        return sorted(self.label_map)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.label_map[a] for a in self.action_ids]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_map)
+
+    @property
+    def multilabel(self) -> bool:
+        return True
+
+    def video_names(self, stage: str = "val") -> list[str]:
+        """Video id of each ``video_index`` of ``stage`` (e.g. to write detections as the official CSV)."""
+        return [s.video_id for s in self.dataset(stage).sources]
+
+    @property
+    def video_files(self) -> dict[str, Path]:
+        if self._video_files is None:
+            folder = self.paths["video_dir"]
+            if not folder.is_dir():
+                raise self._missing(f"video folder {folder}")
+            suffixes = {f".{self.video_ext.lstrip('.').lower()}"} if self.video_ext else set(VIDEO_EXTENSIONS)
+            self._video_files = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in suffixes}
+        return self._video_files
+
+    def _source(self, video_id: str) -> VideoSource:
+        """The video's frames, count and rate (opened once per data module); raises ``VideoDecodeError``."""
+        if video_id not in self._sources:
+            try:
+                if self.frames_root is not None:
+                    count = count_frames(
+                        self.frames_root, video_id, self.frame_pattern, self.first_frame_number
+                    )
+                    rate = float(self.frame_rate)  # type: ignore[arg-type]  # required with frames_dir
+                    found: VideoSource | VideoDecodeError = VideoSource(
+                        video_id, str(self.frames_root), count, rate, frames=True
+                    )
+                else:
+                    path = self.video_files.get(video_id)
+                    if path is None:
+                        where = self.paths["video_dir"] / f"{video_id}.{self.video_ext or 'mp4'}"
+                        raise VideoDecodeError(where, "missing", "video file not found")
+                    video = open_video(path, self.decode_threads)
+                    found = VideoSource(video_id, str(path), video.num_frames, video.fps)
+            except VideoDecodeError as err:
+                found = err
+            self._sources[video_id] = found
+        found = self._sources[video_id]
+        if isinstance(found, VideoDecodeError):
+            raise found
+        return found
+
+    # ------------------------------------------------------------------------------------------ datasets
+
+    def keyframes(self, stage: str) -> list[AVAKeyframe]:
+        """The stage's keyframes as annotated (before the checks against the videos)."""
+        train = stage == "train"
+        csv_path = self.paths["train_csv" if train else "val_csv"]
+        exclusions_path = self.paths["train_exclusions" if train else "val_exclusions"]
+        if not self.root.is_dir():
+            raise self._missing(f"data root {self.root}")
+        if not csv_path.is_file():
+            raise self._missing(f"annotation file {csv_path}")
+        # A default name may be absent (no keyframe is then excluded); a path given must exist.
+        explicit = ("train_exclusions" if train else "val_exclusions") in self.given_paths
+        if not explicit and not exclusions_path.is_file():
+            log.warning("no excluded-timestamps file %s: no keyframe is excluded", exclusions_path)
+            exclusions_path = None
+        excluded = read_excluded_timestamps(exclusions_path)
+        keyframes = read_ava_csv(
+            csv_path, self.action_ids, self.num_actions, excluded, self.keep_unlabelled_boxes
+        )
+        if train or self.proposals_path is None:
+            return keyframes
+        proposals = read_proposals_csv(self.proposals_path, self.proposal_score_threshold, excluded)
+        no_boxes = np.zeros((0, 4), np.float32)
+        merged = []
+        for k in keyframes:
+            boxes, scores, _ = proposals.pop(
+                (k.video_id, k.timestamp), (no_boxes, np.zeros(0, np.float32), 0)
+            )
+            merged.append(replace(k, proposals=boxes, proposal_scores=scores))
+        # Keyframes with detections but no ground truth: their detections are false positives in the metric.
+        no_labels = np.zeros((0, self.num_classes), np.float32)
+        for (video, ts), (boxes, scores, line) in proposals.items():
+            source = str(self.proposals_path)
+            merged.append(AVAKeyframe(video, ts, source, line, no_boxes, no_labels, -1, boxes, scores))
+        order = {v: i for i, v in reversed(list(enumerate(k.video_id for k in merged)))}
+        return sorted(merged, key=lambda k: (order[k.video_id], k.timestamp))
+
+    def build_dataset(self, stage: str) -> AVAKeyframeDataset:
+        keyframes = self.keyframes(stage)
+        what = f"{stage} keyframes"
+        first_row = {}
+        for k in keyframes:
+            first_row.setdefault(k.video_id, k.where)
+        sources: list[VideoSource] = []
+        position: dict[str, int] = {}
+        problems = []
+        for video_id, where in first_row.items():
+            try:
+                position[video_id] = len(sources)
+                sources.append(self._source(video_id))
+            except VideoDecodeError as err:
+                del position[video_id]
+                problems.append(Problem(err.kind, where, f"video {video_id!r}: {err}", err.path))
+        self.settle(problems, what)
+        checked, problems = [], []
+        for k in sorted(keyframes, key=lambda k: (k.file, k.line)):  # problems in file order
+            if k.video_id not in position:
+                continue
+            source = sources[position[k.video_id]]
+            seconds = k.timestamp - self.timestamp_offset
+            last = grid_length(source.num_frames, source.fps, self.frame_rate) - 1
+            if seconds < 0:
+                reason = (
+                    f"keyframe {k.timestamp} of {k.video_id!r} is before timestamp_offset "
+                    f"{self.timestamp_offset:g}, the start of the video"
+                )
+                problems.append(Problem("before_start", k.where, reason))
+            elif keyframe_grid_index(seconds, source.fps, self.frame_rate) > last:
+                duration = source.num_frames / source.fps
+                reason = (
+                    f"keyframe {k.timestamp} of {k.video_id!r} is {seconds:g} s into {source.path}, past its end "
+                    f"({source.num_frames} frames, {duration:.2f} s)"
+                )
+                problems.append(Problem("keyframe_past_end", k.where, reason))
+            else:
+                checked.append(replace(k, video_index=position[k.video_id]))
+        checked.sort(key=lambda k: (k.video_index, k.timestamp))
+        self.settle(problems, what)
+        if not checked:
+            raise AnnotationError(
+                f"{self.paths['train_csv' if stage == 'train' else 'val_csv']}: no usable keyframe"
+            )
+        train = stage == "train"
+        return AVAKeyframeDataset(
+            checked, sources, self.train_short_side if train else self.eval_short_side, train=train,
+            flip=self.flip, timestamp_offset=self.timestamp_offset, frame_rate=self.frame_rate,
+            clip_length=self.clip_length, frame_stride=self.frame_stride, frame_pattern=self.frame_pattern,
+            first_frame_number=self.first_frame_number, bad_video=self.bad_video,
+            decode_threads=self.decode_threads,
+        )  # fmt: skip
+
+
+__all__ = [
+    "AVADataModule",
+    "AVAKeyframe",
+    "AVAKeyframeDataset",
+    "FrameFolder",
+    "KeyframeDetectionDataModule",
+    "Problem",
+    "VideoSource",
+    "clip_frame_indices",
+    "collate_keyframes",
+    "count_frames",
+    "flip_boxes",
+    "grid_length",
+    "keyframe_clip_indices",
+    "keyframe_grid_index",
+    "read_ava_csv",
+    "read_excluded_timestamps",
+    "read_label_map",
+    "read_proposals_csv",
+    "resized_size",
+    "scale_boxes",
+    "transform_keyframe_clip",
+]

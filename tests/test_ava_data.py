@@ -1,0 +1,324 @@
+"""AVA data: CSV parsing and checks, clip frame indices, box geometry, padding, and the data module end to end."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules import synthetic
+from datamodules.ava import (
+    AVADataModule,
+    clip_frame_indices,
+    collate_keyframes,
+    flip_boxes,
+    keyframe_clip_indices,
+    read_ava_csv,
+    read_excluded_timestamps,
+    read_label_map,
+    resized_size,
+)
+from datamodules.base import BadVideoError
+from datamodules.kinetics_list import AnnotationError
+
+LABEL_MAP = (
+    'item {\n  name: "e"\n  id: 5\n}\nitem {\n  name: "a"\n  id: 1\n}\nitem {\n  name: "c"\n  id: 3\n}\n'
+)
+SYNTHETIC = {
+    "synthetic_num_videos": 3, "synthetic_val_fraction": 1 / 3, "synthetic_size": (64, 80),
+    "synthetic_seconds": 4, "synthetic_fps": 12, "synthetic_seed": 3,
+}  # fmt: skip
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+
+def test_rows_of_one_box_merge_into_one_multi_hot_target(tmp_path):
+    rows = (
+        "vidA,0902,0.1,0.2,0.5,0.6,1,0\n"
+        "vidA,0902,0.1,0.2,0.5,0.6,5,0\n"
+        "vidA,0902,0.3,0.3,0.9,0.9,3,1\n"
+        "vidA,0902,0.3,0.3,0.9,0.9,2,1\n"  # id 2 is not in the label map: dropped
+        "vidB,0905,0.0,0.0,1.0,1.0,1,0\n"  # excluded keyframe
+        "\n"
+        "vidA,0903,0.2,0.2,0.4,0.4,7,0\n"  # a person with no class of the label map
+        "vidB,0902,0.0,0.1,0.2,0.3,3,0\n"
+    )
+    path = write(tmp_path / "train.csv", rows)
+    excluded = read_excluded_timestamps(write(tmp_path / "excluded.csv", "vidB,0905\n"))
+    assert excluded == {("vidB", 905)}
+    action_ids = sorted(read_label_map(write(tmp_path / "map.pbtxt", LABEL_MAP)))
+    assert action_ids == [1, 3, 5]
+    keyframes = read_ava_csv(path, action_ids, 80, excluded)
+    assert [(k.video_id, k.timestamp, k.line) for k in keyframes] == [
+        ("vidA", 902, 1), ("vidA", 903, 7), ("vidB", 902, 8)
+    ]  # fmt: skip
+    np.testing.assert_allclose(keyframes[0].boxes, [[0.1, 0.2, 0.5, 0.6], [0.3, 0.3, 0.9, 0.9]])
+    np.testing.assert_array_equal(keyframes[0].labels, [[1, 0, 1], [0, 1, 0]])  # ids 1+5, then 3
+    np.testing.assert_array_equal(keyframes[1].labels, [[0, 0, 0]])
+    np.testing.assert_array_equal(keyframes[2].labels, [[0, 1, 0]])
+    dropped = read_ava_csv(path, action_ids, 80, excluded, keep_unlabelled_boxes=False)
+    assert [(k.video_id, k.timestamp) for k in dropped] == [("vidA", 902), ("vidB", 902)]
+
+
+def test_label_map_keeps_its_classes_in_id_order(tmp_path):
+    text = (
+        'item {\n  name: "stand"\n  id: 12\n  label_type: PERSON_MOVEMENT\n}\n'
+        'item {\n  name: "bend/bow (at the waist)"\n  label_id: 1\n}\n'
+    )
+    path = write(tmp_path / "root" / "annotations" / "map.pbtxt", text)
+    assert read_label_map(path) == {12: "stand", 1: "bend/bow (at the waist)"}
+    dm = AVADataModule(str(tmp_path / "root"), label_map="annotations/map.pbtxt")
+    assert dm.action_ids == [1, 12] and dm.class_names == ["bend/bow (at the waist)", "stand"]
+    assert dm.num_classes == 2
+    with pytest.raises(AnnotationError, match=r"map2\.pbtxt:4: .*listed once"):
+        read_label_map(
+            write(tmp_path / "map2.pbtxt", 'item { name: "a" id: 1 }\n\n\nitem { name: "b" id: 1 }\n')
+        )
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("vidA,0902,0.1,0.2,1.2,0.6,1,0", "outside \\[0, 1\\]"),
+        ("vidA,0902,0.5,0.2,0.5,0.6,1,0", "empty or reversed"),
+        ("vidA,0902,0.1,0.7,0.5,0.6,1,0", "empty or reversed"),
+        ("vidA,0902,0.1,0.2,0.5,0.6,81,0", "action id 81 is not in the label map nor in 1..num_actions=80"),
+        ("vidA,0902,0.1,0.2,0.5,1", "got 6 columns"),
+        ("vidA,09x2,0.1,0.2,0.5,0.6,1,0", "whole second"),
+    ],
+)
+def test_bad_rows_are_errors_naming_file_and_line(tmp_path, row, message):
+    good = "vidA,0902,0.1,0.2,0.5,0.6,1,0\nvidA,0903,0.1,0.2,0.5,0.6,3,0\n"
+    path = write(tmp_path / "bad.csv", good + row + "\n")
+    with pytest.raises(AnnotationError, match=f"{path}:3: .*{message}"):
+        read_ava_csv(path, [1, 3, 5], 80)
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+
+
+def test_clip_indices_are_centred_and_clamped_at_both_ends():
+    # 16 x 4 centred: centre - 32, centre - 28, ..., centre + 28.
+    assert clip_frame_indices(5, 100).tolist() == [0] * 7 + [1, 5, 9, 13, 17, 21, 25, 29, 33]
+    assert clip_frame_indices(95, 100).tolist() == [63, 67, 71, 75, 79, 83, 87, 91, 95] + [99] * 7
+    assert clip_frame_indices(50, 100).tolist() == list(range(18, 82, 4))
+    # A 15 fps video of 40 frames on the 30 fps grid: keyframe 2 s = grid 60 -> native frame 30;
+    # grid frames 28, 32, ..., 88 clamp at grid 79 (80 grid frames) and map to native floor(g / 2).
+    expected = [14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 39, 39, 39]
+    assert keyframe_clip_indices(2.0, 40, 15.0, 30.0).tolist() == expected
+    # Native grid: the keyframe is the frame at 2 s (30), stride in native frames.
+    assert keyframe_clip_indices(2.0, 40, 15.0, None, length=4, stride=2).tolist() == [26, 28, 30, 32]
+
+
+def test_flip_and_resize_geometry_by_hand():
+    boxes = np.array([[10, 5, 30, 40], [0, 0, 100, 50]], dtype=np.float32)
+    np.testing.assert_array_equal(flip_boxes(boxes, 100), [[70, 5, 90, 40], [0, 0, 100, 50]])
+    assert resized_size(240, 320, 288) == (288, 384)
+    assert resized_size(360, 640, 288) == (288, 512)
+    assert resized_size(100, 75, 50) == (67, 50)  # 66.67 rounds up
+
+
+def test_padding_to_a_multiple_of_32_keeps_boxes_and_zeroes_after_normalising(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(40, 50), (33, 64)]
+    samples = [
+        {
+            "video": torch.randint(0, 256, (3, 2, h, w), dtype=torch.uint8, generator=gen),
+            "boxes": torch.tensor([[1.0, 2.0, 30.0, 31.0]]) * (i + 1),
+            "labels": torch.eye(3)[: i + 1],
+            "image_size": (h, w),
+            "orig_size": (2 * h, 2 * w),
+            "index": i,
+            "video_index": 7,
+            "timestamp": 902 + i,
+        }
+        for i, (h, w) in enumerate(sizes)
+    ]
+    batch = collate_keyframes(samples + [{"skipped": ("x.mp4", "missing", "gone", 9), "index": 9}])
+    assert batch["video"].shape == (2, 3, 2, 64, 64) and batch["batch_size"] == 2
+    assert batch["skipped"] == [("x.mp4", "missing", "gone", 9)]
+    for i, (h, w) in enumerate(sizes):
+        assert torch.equal(batch["video"][i, :, :, :h, :w], samples[i]["video"])
+        assert batch["video"][i, :, :, h:].eq(0).all() and batch["video"][i, ..., w:].eq(0).all()
+        assert torch.equal(batch["boxes"][i], samples[i]["boxes"])
+    assert batch["image_size"].tolist() == [[40, 50], [33, 64]]
+    assert batch["orig_size"].tolist() == [[80, 100], [66, 128]]
+    assert batch["timestamp"].tolist() == [902, 903] and batch["video_index"].tolist() == [7, 7]
+    assert collate_keyframes(samples[:1], pad_multiple=16)["video"].shape[-2:] == (48, 64)
+
+    raw = batch["video"].clone()
+    out = AVADataModule(str(tmp_path)).on_after_batch_transfer(batch, 0)
+    for i, (h, w) in enumerate(sizes):
+        expected = (raw[i, :, :, :h, :w].float() / 255 - 0.45) / 0.225
+        torch.testing.assert_close(out["video"][i, :, :, :h, :w], expected)
+        assert out["video"][i, :, :, h:].eq(0).all() and out["video"][i, ..., w:].eq(0).all()
+
+
+# ------------------------------------------------------------------------------------ the data module
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ava") / "synthetic"
+    AVADataModule(str(root), synthetic=True, **SYNTHETIC).prepare_data()
+    return root
+
+
+def csv_boxes(path: Path) -> dict[tuple[str, int], list[tuple[tuple[float, ...], int]]]:
+    """(video, timestamp) -> [(box, action id)] read with the csv module."""
+    out = defaultdict(list)
+    with path.open() as handle:
+        for row in csv.reader(handle):
+            out[(row[0], int(row[1]))].append((tuple(float(v) for v in row[2:6]), int(row[6])))
+    return out
+
+
+def synthetic_module(root: Path, **kwargs) -> AVADataModule:
+    args = {"train_short_side": 48, "eval_short_side": 40, "batch_size": 2, "num_workers": 0, **SYNTHETIC}
+    return AVADataModule(str(root), synthetic=True, **{**args, **kwargs})
+
+
+def test_synthetic_batches_have_pixel_boxes_of_the_resized_clip(synthetic_root):
+    assert synthetic.is_complete(synthetic_root, "spatiotemporal")
+    dm = synthetic_module(synthetic_root)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.num_classes == 4 and dm.class_names == list(synthetic.SPATIOTEMPORAL_ACTIONS)
+    for stage, loader, (h, w) in (
+        ("val", dm.val_dataloader(), (40, 50)),
+        ("train", dm.train_dataloader(), (48, 60)),
+    ):
+        truth = csv_boxes(synthetic_root / "annotations" / f"{stage}.csv")
+        names = dm.video_names(stage)
+        seen = 0
+        for batch in loader:
+            batch = dm.on_after_batch_transfer(batch, 0)
+            b = batch["batch_size"]
+            assert batch["video"].shape == (b, 3, 16, 64, 64) and batch["video"].dtype == torch.float32
+            assert (
+                batch["image_size"].tolist() == [[h, w]] * b and batch["orig_size"].tolist() == [[64, 80]] * b
+            )
+            for i in range(b):
+                rows = truth[(names[batch["video_index"][i]], int(batch["timestamp"][i]))]
+                expected = np.array([box for box, _ in rows]) * [w, h, w, h]
+                mirrored = flip_boxes(expected, w)
+                got = batch["boxes"][i].numpy()
+                assert np.allclose(got, expected, atol=1e-4) or (
+                    stage == "train" and np.allclose(got, mirrored, atol=1e-4)
+                )
+                hot = np.zeros((len(rows), 4))
+                hot[np.arange(len(rows)), [a - 1 for _, a in rows]] = 1
+                np.testing.assert_array_equal(batch["labels"][i].numpy(), hot)
+                seen += 1
+        expected_count = len(truth) - (len(truth) % 2 if stage == "train" else 0)  # train drops the last
+        assert seen == expected_count
+
+
+def ramp_root(tmp_path: Path, make_video, rows: str, **kwargs) -> AVADataModule:
+    """A real-layout AVA root: one 3 s, 10 fps clip whose frame i has grey level 8 i; ``rows`` as the val CSV."""
+    root = tmp_path / "ava"
+    make_video("ava/videos_15min/clip.mp4", 30, fps=10, height=48, width=64)
+    write(root / "annotations" / "ava_val_v2.2.csv", rows)
+    write(root / "annotations" / "ava_action_list_v2.2_for_activitynet_2019.pbtxt", LABEL_MAP)
+    args = {"eval_short_side": 48, "batch_size": 4, "num_workers": 0}
+    return AVADataModule(str(root), **{**args, **kwargs})
+
+
+def test_timestamps_map_to_the_frames_of_the_trimmed_video(tmp_path, make_video):
+    dm = ramp_root(tmp_path, make_video, "clip,0901,0.1,0.2,0.5,0.6,1,0\n")
+    dm.setup("validate")
+    dataset = dm.dataset("val")
+    # Second 901 is 1 s into the clip: grid frame 30 of the 30 fps grid; grid frames -2, 2, ..., 58 (clamped at
+    # 0) shown at native frames floor(g / 3).
+    expected = [0, 0, 2, 3, 4, 6, 7, 8, 10, 11, 12, 14, 15, 16, 18, 19]
+    assert dataset.clip_indices(0).tolist() == expected
+    clip = dataset[0]["video"]  # (3, 16, 48, 64)
+    np.testing.assert_allclose(clip.float().mean(dim=(0, 2, 3)).numpy(), np.array(expected) * 8, atol=3)
+    # The synthetic convention (offset 0): second 1 of a file is the same frame.
+    zero = ramp_root(tmp_path, make_video, "clip,0001,0.1,0.2,0.5,0.6,1,0\n", timestamp_offset=0)
+    zero.setup("validate")
+    assert zero.dataset("val").clip_indices(0).tolist() == expected
+
+
+def test_extracted_frames_layout(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "ava"
+    for i in range(40):  # 40 frames at 30 fps; file number i + 1 has grey level 6 i
+        path = root / "frames" / "clip" / f"clip_{i + 1:06d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((24, 32, 3), 6 * i, np.uint8)).save(path, quality=95)
+    write(root / "annotations" / "ava_val_v2.2.csv", "clip,0901,0.1,0.2,0.5,0.6,3,0\n")
+    write(root / "annotations" / "ava_action_list_v2.2_for_activitynet_2019.pbtxt", LABEL_MAP)
+    dm = AVADataModule(str(root), frames_dir="frames", eval_short_side=24, num_workers=0)
+    dm.setup("validate")
+    sample = dm.dataset("val")[0]
+    # Keyframe (901 - 900) * 30 = entry 30 (file clip_000031.jpg); 16 x 4 around it, clamped to entry 39.
+    expected = [0, 2, 6, 10, 14, 18, 22, 26, 30, 34, 38] + [39] * 5
+    np.testing.assert_allclose(
+        sample["video"].float().mean(dim=(0, 2, 3)).numpy(), np.array(expected) * 6, atol=2
+    )
+    np.testing.assert_allclose(sample["boxes"].numpy(), [[3.2, 4.8, 16.0, 14.4]], rtol=1e-5)
+    assert sample["labels"].tolist() == [[0.0, 1.0, 0.0]]
+
+
+def test_bad_videos_and_keyframes_are_reported_with_line_or_skipped(tmp_path, make_video):
+    rows = (
+        "clip,0901,0.1,0.2,0.5,0.6,1,0\n"
+        "clip,0904,0.1,0.2,0.5,0.6,1,0\n"  # 4 s into a 3 s clip
+        "gone,0901,0.1,0.2,0.5,0.6,1,0\n"
+        "clip,0899,0.1,0.2,0.5,0.6,1,0\n"
+    )
+    csv_path = tmp_path / "ava" / "annotations" / "ava_val_v2.2.csv"
+    with pytest.raises(
+        BadVideoError, match=f"{csv_path}:3: video 'gone'.*video file not found.*bad_video: skip"
+    ):
+        ramp_root(tmp_path, make_video, rows).setup("validate")
+    no_gone = rows.replace("gone,0901,0.1,0.2,0.5,0.6,1,0\n", "")
+    with pytest.raises(AnnotationError, match=f"{csv_path}:2: keyframe 904 .* past its end.*1 more problems"):
+        ramp_root(tmp_path, make_video, no_gone).setup("validate")
+    with pytest.raises(AnnotationError, match=f"{csv_path}:1: keyframe 899 .* before timestamp_offset 900"):
+        ramp_root(tmp_path, make_video, "clip,0899,0.1,0.2,0.5,0.6,1,0\n").setup("validate")
+
+    dm = ramp_root(tmp_path, make_video, rows, bad_video="skip")
+    dm.setup("validate")
+    dataset = dm.dataset("val")
+    assert [(k.video_id, k.timestamp) for k in dataset.keyframes] == [("clip", 901)]
+    assert dm.skip_counts == {"missing": 1, "keyframe_past_end": 1, "before_start": 1}
+    assert any(f.endswith("gone.mp4") for f in dm.skipped_files)
+
+
+def test_detector_proposals_travel_in_pixels(tmp_path, make_video):
+    root = tmp_path / "ava"
+    proposals = (
+        "clip,0901,0.2,0.2,0.6,0.8,,0.95\n"
+        "clip,0901,0.2,0.2,0.6,0.8,3,0.97\n"  # the same box for another action: kept once, best score
+        "clip,0901,0.0,0.0,0.5,0.5,,0.50\n"  # below the 0.8 threshold
+        "clip,0902,0.5,0.5,1.0,1.0,,0.90\n"  # a keyframe without ground truth
+    )
+    write(root / "annotations" / "boxes.csv", proposals)
+    dm = ramp_root(
+        tmp_path, make_video, "clip,0901,0.1,0.2,0.5,0.6,1,0\n", proposals_csv="annotations/boxes.csv"
+    )
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["timestamp"].tolist() == [901, 902]
+    w, h = 64, 48
+    np.testing.assert_allclose(
+        batch["proposals"][0].numpy(), [[0.2 * w, 0.2 * h, 0.6 * w, 0.8 * h]], rtol=1e-5
+    )
+    np.testing.assert_allclose(batch["proposal_scores"][0].numpy(), [0.97], rtol=1e-6)
+    np.testing.assert_allclose(batch["proposals"][1].numpy(), [[0.5 * w, 0.5 * h, w, h]], rtol=1e-5)
+    assert batch["boxes"][1].shape == (0, 4) and batch["labels"][1].shape == (0, 3)
+    np.testing.assert_allclose(batch["boxes"][0].numpy(), [[0.1 * w, 0.2 * h, 0.5 * w, 0.6 * h]], rtol=1e-5)
