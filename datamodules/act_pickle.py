@@ -20,9 +20,10 @@ from frame 1, with or without boxes, so that video-mAP can link each video's det
 Transforms: training resizes the short side to a random size in ``train_short_side`` (UCF101-24: 224; JHMDB:
 256-320) and flips at random; evaluation resizes to ``eval_short_side`` (UCF101-24: 256). Boxes are clipped to
 the frame (boxes that are then empty are dropped and counted), and given in pixels of the resized clip;
-padding and normalisation are as for AVA (``datamodules.ava``). The batch is AVA's with ``frame`` (1-based)
-instead of ``timestamp`` and, per sample, ``labels`` (n, C) one-hot, ``classes`` (n,) class indices and
-``tube_ids`` (n,), the ground-truth tube of each box within its video (what the video-mAP metric needs).
+clip geometry, padding and normalisation are AVA's, from ``datamodules.keyframes``. The batch is AVA's with
+``frame`` (1-based) instead of ``timestamp`` and, per sample, ``labels`` (n, C) one-hot, ``classes`` (n,) class
+indices and ``tube_ids`` (n,), the ground-truth tube of each box within its video (what the video-mAP metric
+needs).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.ava import (
+from datamodules.base import BadVideoPolicy, SampleKey, load_guarded, seeded, split_key
+from datamodules.keyframes import (
     AVA_MEAN,
     AVA_STD,
     FrameFolder,
@@ -47,7 +49,6 @@ from datamodules.ava import (
     clip_frame_indices,
     transform_keyframe_clip,
 )
-from datamodules.base import BadVideoPolicy, SampleKey, load_guarded, seeded, split_key
 from datamodules.kinetics_list import AnnotationError
 
 log = logging.getLogger(__name__)

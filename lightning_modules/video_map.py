@@ -1,7 +1,7 @@
 """Frame-mAP and video-mAP of spatio-temporal action detection on UCF101-24 and JHMDB, and their Metric.
 
 These datasets have no official evaluator; the conventions are those of the ACT-detector tools (reused by MOC
-and others), with the PASCAL VOC parts shared with the AVA protocol (``ava_metrics``):
+and others), with the PASCAL VOC parts shared with the AVA protocol (``frame_ap``):
 
 - Frame-mAP@0.5: every (box, class) score of a frame is a detection of that class; per class, VOC matching at
   IoU 0.5 against the ground-truth boxes of that frame and class, VOC all-point AP, mean over the classes that
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_modules.ava_metrics import (
+from lightning_modules.frame_ap import (
     IOU_THRESHOLDS,
     FrameBoxes,
     FrameDetectionRows,

@@ -11,18 +11,15 @@ import pytest
 import torch
 
 from datamodules import synthetic
-from datamodules.ava import (
-    AVADataModule,
+from datamodules.ava import AVADataModule, read_ava_csv, read_excluded_timestamps, read_label_map
+from datamodules.base import BadVideoError
+from datamodules.keyframes import (
     clip_frame_indices,
     collate_keyframes,
     flip_boxes,
     keyframe_clip_indices,
-    read_ava_csv,
-    read_excluded_timestamps,
-    read_label_map,
     resized_size,
 )
-from datamodules.base import BadVideoError
 from datamodules.kinetics_list import AnnotationError
 
 LABEL_MAP = (

@@ -15,13 +15,8 @@ from torch.utils.data import DistributedSampler
 
 from datamodules.kinetics_list import AnnotationError
 from lightning_modules.ava_metrics import (
-    IOU_THRESHOLDS,
     AVAFrameMAP,
-    FrameBoxes,
     ava_frame_map,
-    box_iou,
-    frame_average_precision,
-    keep_top_detections,
     read_ava_detections,
     read_ava_ground_truth,
     read_exclusions,
@@ -29,6 +24,13 @@ from lightning_modules.ava_metrics import (
     write_ava_detections,
 )
 from lightning_modules.evaluate_ava import main
+from lightning_modules.frame_ap import (
+    IOU_THRESHOLDS,
+    FrameBoxes,
+    box_iou,
+    frame_average_precision,
+    keep_top_detections,
+)
 
 A, B = (0.0, 0.0, 0.4, 0.4), (0.6, 0.6, 1.0, 1.0)
 

@@ -1,0 +1,329 @@
+"""Keyframe clips for spatio-temporal action detection: the machinery shared by AVA and UCF101-24/JHMDB.
+
+Both datasets give a sample as one annotated frame (the keyframe) with its person boxes; the model sees a clip
+of frames around it. This module holds what does not depend on the annotation format:
+
+- Clip geometry. ``clip_frame_indices`` takes ``length`` frames at ``stride`` around a centre frame, the
+  centre entry ``length // 2``, clamped to the video (PySlowFast's keyframe sampling). For a keyframe given in
+  seconds, ``keyframe_clip_indices`` lays the clip on a grid of ``frame_rate`` frames per second
+  (``grid_length``, ``keyframe_grid_index``) and maps each grid frame to the native frame shown at its time;
+  ``frame_rate: None`` takes the video's native frames as the grid.
+- Transforms (``transform_keyframe_clip``): resize the short side (``resized_size``, the long side rounded half
+  up as detectron2), optionally flip; boxes, normalised in the annotations, become pixels of the resized clip
+  in continuous coordinates (``scale_boxes``; a flip maps x to ``width - x``, ``flip_boxes``).
+- Batches (``collate_keyframes``): every clip padded right and bottom to one size, a multiple of
+  ``pad_multiple``; ``image_size`` keeps each clip's real size, and ``KeyframeDetectionDataModule`` sets the
+  padding to 0 after normalisation (mean 0.45, std 0.225, ``AVA_MEAN`` / ``AVA_STD``), the mean colour, as
+  detectron2 pads.
+- Frame folders (``FrameFolder``, ``count_frames``): videos stored as one image per frame.
+- Setup checks (``Problem``, ``KeyframeDetectionDataModule.settle``): bad input found before any worker starts
+  stops the run with the file, line and fix, or is counted and left out under ``bad_video: skip``.
+
+The formats live in ``datamodules.ava`` (AVA v2.2 CSVs) and ``datamodules.act_pickle`` (ACT pickles).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+
+from datamodules.base import BadVideoError, VideoDataModule
+from datamodules.kinetics_list import AnnotationError
+from datamodules.transforms import to_tchw
+from datamodules.video_io import VideoDecodeError
+
+log = logging.getLogger(__name__)
+
+# PySlowFast's AVA statistics; the UCF101-24 / JHMDB module normalises with them too.
+AVA_MEAN = (0.45, 0.45, 0.45)
+AVA_STD = (0.225, 0.225, 0.225)
+
+#: Per-sample entries collated as lists (their length differs between samples).
+LIST_KEYS = ("boxes", "labels", "proposals", "proposal_scores", "classes", "tube_ids")
+#: Per-sample integers collated into (B,) tensors.
+INDEX_KEYS = ("index", "video_index", "timestamp", "frame")
+SKIP_FIX = "or set data.init_args.bad_video: skip to leave them out (they are counted and reported)"
+
+# ------------------------------------------------------------------------------------------ clip geometry
+
+
+def clip_frame_indices(centre: int, num_frames: int, length: int = 16, stride: int = 4) -> np.ndarray:
+    """Frames ``centre - length * stride // 2 + k * stride`` (k < length), clamped to [0, num_frames - 1].
+
+    PySlowFast's keyframe sampling: for 16 x 4 the keyframe is entry 8, with 8 frames before it and 7 after.
+    """
+    start = centre - (length * stride) // 2
+    return np.clip(start + stride * np.arange(length, dtype=np.int64), 0, num_frames - 1)
+
+
+def grid_length(num_frames: int, fps: float, frame_rate: float | None) -> int:
+    """Frames of the ``frame_rate`` grid over a video of ``num_frames`` at ``fps`` (None: the video's own)."""
+    if frame_rate is None:
+        return num_frames
+    return max(math.ceil(num_frames * frame_rate / fps - 1e-6), 1)
+
+
+def keyframe_grid_index(seconds: float, fps: float, frame_rate: float | None) -> int:
+    """Grid frame shown ``seconds`` into the video (nearest, halves up)."""
+    return math.floor(seconds * (fps if frame_rate is None else frame_rate) + 0.5)
+
+
+def keyframe_clip_indices(
+    seconds: float,
+    num_frames: int,
+    fps: float,
+    frame_rate: float | None = 30.0,
+    length: int = 16,
+    stride: int = 4,
+) -> np.ndarray:
+    """Native frame indices of the clip around the keyframe ``seconds`` into a video (see the module doc).
+
+    ``stride`` counts frames of the ``frame_rate`` grid; each grid frame maps to the native frame shown at its
+    time (``floor(t * fps)``), and both ends are clamped to the video.
+    """
+    centre = keyframe_grid_index(seconds, fps, frame_rate)
+    grid = clip_frame_indices(centre, grid_length(num_frames, fps, frame_rate), length, stride)
+    if frame_rate is None:
+        return grid
+    native = np.floor(grid * (fps / frame_rate) + 1e-6).astype(np.int64)
+    return np.clip(native, 0, num_frames - 1)
+
+
+def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(height, width) with the short side at ``short_side``, the long one rounded half up (as detectron2)."""
+    if height <= width:
+        return short_side, max(int(width * short_side / height + 0.5), 1)
+    return max(int(height * short_side / width + 0.5), 1), short_side
+
+
+def flip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
+    """x1, y1, x2, y2 boxes (n, 4) mirrored in an image ``width`` wide (continuous coordinates)."""
+    out = np.array(boxes, dtype=np.float32, copy=True).reshape(-1, 4)
+    out[:, [0, 2]] = width - out[:, [2, 0]]
+    return out
+
+
+def scale_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
+    """Normalised boxes (n, 4) -> pixels of a ``width`` x ``height`` image, float32."""
+    scale = np.array([width, height, width, height], dtype=np.float32)
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * scale
+
+
+def transform_keyframe_clip(
+    frames: Tensor, boxes: Sequence[np.ndarray], short_side: int, flip: bool
+) -> tuple[Tensor, list[Tensor], tuple[int, int]]:
+    """Resize the short side, optionally flip; boxes follow.
+
+    ``frames`` (T, H, W, 3) uint8 -> clip (3, T, h, w) uint8, each normalised box set as pixel boxes of the
+    resized clip (float32), and (h, w).
+    """
+    height, width = frames.shape[1:3]
+    new_h, new_w = resized_size(height, width, short_side)
+    clip = to_tchw(frames)
+    if (new_h, new_w) != (height, width):
+        clip = TF.resize(clip, [new_h, new_w], antialias=True)
+    out = [scale_boxes(b, new_w, new_h) for b in boxes]
+    if flip:
+        clip = clip.flip(-1)
+        out = [flip_boxes(b, new_w) for b in out]
+    return clip.permute(1, 0, 2, 3).contiguous(), [torch.from_numpy(b) for b in out], (new_h, new_w)
+
+
+def collate_keyframes(samples: Sequence[dict[str, Any]], pad_multiple: int = 32) -> dict[str, Any]:
+    """Pad the clips right and bottom to one size, a multiple of ``pad_multiple``; boxes stay as they are.
+
+    ``video`` (B, 3, T, H, W) uint8 (zeros in the padding), ``image_size`` / ``orig_size`` (B, 2) as (h, w),
+    the ``LIST_KEYS`` as per-sample lists and the ``INDEX_KEYS`` as (B,) int64; skips as in ``collate_clips``.
+    """
+    good = [s for s in samples if "skipped" not in s]
+    batch: dict[str, Any] = {}
+    if good:
+        sizes = torch.tensor([s["image_size"] for s in good], dtype=torch.long)  # (B, 2)
+        height, width = (int(math.ceil(int(v) / pad_multiple) * pad_multiple) for v in sizes.max(0).values)
+        channels, frames = good[0]["video"].shape[:2]
+        video = torch.zeros(len(good), channels, frames, height, width, dtype=good[0]["video"].dtype)
+        for i, s in enumerate(good):
+            h, w = s["video"].shape[-2:]
+            video[i, :, :, :h, :w] = s["video"]
+        batch["video"], batch["image_size"] = video, sizes
+        batch["orig_size"] = torch.tensor([s["orig_size"] for s in good], dtype=torch.long)
+        for key in LIST_KEYS:
+            if key in good[0]:
+                batch[key] = [s[key] for s in good]
+        for key in INDEX_KEYS:
+            if key in good[0]:
+                batch[key] = torch.tensor([s[key] for s in good], dtype=torch.long)
+    batch["skipped"] = [s["skipped"] for s in samples if "skipped" in s]
+    batch["batch_size"] = len(good)
+    return batch
+
+
+# --------------------------------------------------------------------------------------------- frame folders
+
+
+class FrameFolder:
+    """A video stored as one image per frame, read like ``video_io.Video``.
+
+    Frame ``i`` (0-based) is ``root / pattern.format(video=video_id, index=i + first_number)``; PySlowFast's AVA
+    frames are ``{video}/{video}_{index:06d}.jpg`` from 1, ACT's UCF101-24 / JHMDB frames
+    ``{video}/{index:05d}.jpg`` from 1. A missing or unreadable file raises ``VideoDecodeError`` so the
+    data module's bad-input policy applies. ``fps`` is the rate the frames were extracted at, when known.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        video_id: str,
+        pattern: str,
+        num_frames: int,
+        first_number: int = 1,
+        fps: float | None = None,
+    ):
+        self.root = Path(root)
+        self.video_id = video_id
+        self.pattern = pattern
+        self.num_frames = num_frames
+        self.fps = fps
+        self.first_number = first_number
+
+    def path(self, index: int) -> Path:
+        return self.root / self.pattern.format(video=self.video_id, index=int(index) + self.first_number)
+
+    def get_frames(self, indices: Sequence[int] | np.ndarray) -> Tensor:
+        """Frames at ``indices`` (clamped to the video) as uint8 (T, H, W, 3), each file decoded once."""
+        from PIL import Image
+
+        idx = np.clip(np.asarray(indices, dtype=np.int64), 0, self.num_frames - 1)
+        decoded: dict[int, np.ndarray] = {}
+        for i in dict.fromkeys(idx.tolist()):
+            path = self.path(i)
+            if not path.is_file():
+                raise VideoDecodeError(path, "missing", "frame file not found")
+            try:
+                with Image.open(path) as image:
+                    decoded[i] = np.asarray(image.convert("RGB"))
+            except Exception as err:
+                raise VideoDecodeError(path, "corrupt", f"cannot be read as an image ({err})") from err
+        shapes = {a.shape for a in decoded.values()}
+        if len(shapes) > 1:
+            raise VideoDecodeError(
+                self.path(int(idx[0])), "decode_failed", f"frames differ in size: {shapes}"
+            )
+        return torch.from_numpy(np.stack([decoded[i] for i in idx.tolist()]))
+
+
+def count_frames(root: str | Path, video_id: str, pattern: str, first_number: int = 1) -> int:
+    """Frames of a ``FrameFolder``: the files of its first frame's folder with that suffix, checked contiguous."""
+    folder = FrameFolder(root, video_id, pattern, 1, first_number)
+    first = folder.path(0)
+    if not first.parent.is_dir():
+        raise VideoDecodeError(first.parent, "missing", "frame folder not found")
+    count = sum(1 for p in first.parent.iterdir() if p.suffix == first.suffix)
+    if count == 0 or not first.is_file() or not folder.path(count - 1).is_file():
+        raise VideoDecodeError(
+            first.parent, "corrupt",
+            f"{count} frame files, not numbered {first.name} onwards without gaps as frame_pattern says",
+        )  # fmt: skip
+    return count
+
+
+# ------------------------------------------------------------------------------------ shared data module
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A bad input found at setup: kind (what skips are counted by), where (file:line), reason, file left out."""
+
+    kind: str
+    where: str
+    reason: str
+    file: str | None = None
+
+
+class KeyframeDetectionDataModule(VideoDataModule):
+    """Base of the spatio-temporal detection data modules: keyframe collation, padding, setup checks.
+
+    Bad input found at setup (``settle``) stops the run under ``bad_video: error`` with the file, line and fix
+    (``AnnotationError`` for annotation problems, ``BadVideoError`` for videos); under ``skip`` it is counted
+    by kind in ``skip_counts`` and logged once. Videos that fail while loading follow the base policy.
+    """
+
+    #: Problem kinds that are annotation errors, with their fix (``{skip}`` is filled in); other kinds are
+    #: bad videos. A data module whose checks find annotation problems names their kinds here.
+    annotation_fixes: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, pad_multiple: int = 32, **kwargs: Any):
+        super().__init__(**kwargs)
+        if pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
+        self.pad_multiple = pad_multiple
+
+    @property
+    def collate_fn(self) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
+        return functools.partial(collate_keyframes, pad_multiple=self.pad_multiple)
+
+    def setup(self, stage: str) -> None:
+        """Read and check the annotations and videos before any worker starts."""
+        stages = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        for name in stages.get(stage, ()):
+            self.dataset(name)
+
+    def settle(self, problems: Sequence[Problem], what: str) -> None:
+        """Raise on the first problem under ``bad_video: error``; count and log them once under ``skip``."""
+        if not problems:
+            return
+        first = problems[0]
+        if self.bad_video == "error":
+            more = f" ({len(problems) - 1} more problems in {what})" if len(problems) > 1 else ""
+            fixes = self.annotation_fixes
+            fix = fixes.get(first.kind, "fix or re-download the file, {skip}").format(skip=SKIP_FIX)
+            error = AnnotationError if first.kind in fixes else BadVideoError
+            raise error(f"{first.where}: {first.reason}{more}. To go on: {fix}")
+        counts = Counter(p.kind for p in problems)
+        summary = "; ".join(f"{n} x {kind}" for kind, n in counts.most_common())
+        log.warning(
+            "%s: left out under bad_video: skip: %s (first: %s: %s)", what, summary, first.where, first.reason
+        )
+        if self.trainer is None or self.trainer.global_rank == 0:  # counted on one rank: reports sum ranks
+            self.skip_counts.update(counts)
+            self.skipped_files.update(p.file for p in problems if p.file is not None)
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        video = batch.get("video")
+        if video is not None and video.is_floating_point():
+            # Padding at the mean colour: 0 after normalisation.
+            for i, (h, w) in enumerate(batch["image_size"].tolist()):
+                video[i, ..., h:, :] = 0
+                video[i, ..., :, w:] = 0
+        return batch
+
+
+__all__ = [
+    "AVA_MEAN",
+    "AVA_STD",
+    "FrameFolder",
+    "KeyframeDetectionDataModule",
+    "Problem",
+    "clip_frame_indices",
+    "collate_keyframes",
+    "count_frames",
+    "flip_boxes",
+    "grid_length",
+    "keyframe_clip_indices",
+    "keyframe_grid_index",
+    "resized_size",
+    "scale_boxes",
+    "transform_keyframe_clip",
+]
