@@ -1,0 +1,237 @@
+"""Pictures of spatio-temporal action detection: predicted vs ground-truth boxes with their actions on the
+keyframe, and the tokens EVAD keeps after each pruning layer over the clip (the paper's Fig. 4).
+
+The ``EVADPictures`` callback draws both for the first keyframes of every ``predict`` (and, with
+``stages: [validate, predict]``, of every validation), into ``<run directory>/pictures/`` and as W&B images::
+
+    python -m lightning_modules predict --config recipes/quickstart/evad_synthetic.yaml --ckpt_path <ckpt> \\
+        --trainer.callbacks+=lightning_modules.detection_pictures.EVADPictures
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+from matplotlib.patches import Rectangle
+from torch import Tensor
+
+#: The data module's name of each stage (``video_names(stage)``).
+DATA_STAGE = {"validate": "val", "test": "test", "predict": "predict"}
+#: Brightness of a patch in a kept-token panel: kept, dropped.
+KEPT, DROPPED = 1.0, 0.15
+
+
+def token_masks(kept: Mapping[int, Tensor], grid: tuple[int, int, int]) -> np.ndarray:
+    """One sample's kept tokens after each pruning block as (layers + 1, t, h, w) brightness: row 0 is the input
+    (every token), then one row per block of ``kept`` ({block: (n_kept,) original positions, time-major})."""
+    t, h, w = grid
+    masks = np.full((len(kept) + 1, t * h * w), DROPPED, dtype=np.float32)
+    masks[0] = KEPT
+    for row, block in enumerate(sorted(kept), start=1):
+        masks[row, kept[block].cpu().numpy()] = KEPT
+    return masks.reshape(len(kept) + 1, t, h, w)
+
+
+def kept_tokens_figure(
+    frames: np.ndarray, kept: Mapping[int, Tensor], grid: tuple[int, int, int], title: str = ""
+) -> plt.Figure:
+    """Frames (t, H, W, 3) float in [0, 1], one per temporal token slice; one row per pruning block with the
+    dropped patches darkened and the kept count of each slice written in its corner."""
+    t, h, w = grid
+    masks = token_masks(kept, grid)
+    size_y, size_x = frames.shape[1] // h, frames.shape[2] // w
+    blocks = ["input", *(f"after block {b}" for b in sorted(kept))]
+    fig, axes = plt.subplots(len(blocks), t, figsize=(1.2 * t + 1.0, 1.2 * len(blocks) + 0.6), squeeze=False)
+    for r, name in enumerate(blocks):
+        for c in range(t):
+            shade = np.kron(masks[r, c], np.ones((size_y, size_x), dtype=np.float32))[..., None]
+            ax = axes[r, c]
+            ax.imshow(np.clip(frames[c, : h * size_y, : w * size_x] * shade, 0.0, 1.0))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+            if r == 0:
+                ax.set_title(f"slice {c}" + (" (key)" if c == t // 2 else ""), fontsize=8)
+            ax.text(1, size_y * 0.9, str(int((masks[r, c] == KEPT).sum())), color="yellow", fontsize=7)
+    fig.suptitle(title or "tokens kept after each pruning block (dark: dropped)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _action_text(scores: np.ndarray, names: Sequence[str], threshold: float, top: int = 3) -> str:
+    order = np.argsort(-scores)[:top]
+    picked = [f"{names[k]} {scores[k]:.2f}" for k in order if scores[k] >= threshold]
+    return ", ".join(picked) or f"({names[order[0]]} {scores[order[0]]:.2f})"
+
+
+def keyframe_figure(
+    frame: np.ndarray,
+    gt_boxes: np.ndarray,
+    gt_labels: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    class_names: Sequence[str],
+    threshold: float = 0.3,
+    max_boxes: int = 5,
+    title: str = "",
+) -> plt.Figure:
+    """The keyframe (H, W, 3) float in [0, 1] with the ground truth (green, dashed: ``gt_boxes`` (G, 4) pixels,
+    ``gt_labels`` (G, C) multi-hot) and the ``max_boxes`` detections of highest top score (``boxes`` (N, 4)
+    pixels, ``scores`` (N, C)), each labelled with its actions scoring at least ``threshold`` (else its best)."""
+    fig, ax = plt.subplots(figsize=(6, 6 * frame.shape[0] / frame.shape[1] + 0.5))
+    ax.imshow(np.clip(frame, 0.0, 1.0))
+    for box, labels in zip(gt_boxes, gt_labels, strict=True):
+        x1, y1, x2, y2 = box
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="lime", lw=1.5, ls="--"))
+        text = ", ".join(class_names[k] for k in np.flatnonzero(labels)) or "(no action)"
+        ax.text(
+            x1, y2, text, color="black", fontsize=7, va="top", bbox={"fc": "lime", "alpha": 0.7, "pad": 1}
+        )
+    order = np.argsort(-scores.max(axis=1))[:max_boxes] if len(scores) else []
+    for rank, i in enumerate(order):
+        x1, y1, x2, y2 = boxes[i]
+        colour = plt.get_cmap("tab10")(rank % 10)
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=colour, lw=1.5))
+        ax.text(x1, y1, _action_text(scores[i], class_names, threshold), color="white", fontsize=7,
+                va="bottom", bbox={"fc": colour, "alpha": 0.8, "pad": 1})  # fmt: skip
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title or "detections (solid) vs ground truth (dashed)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+class EVADPictures(L.Callback):
+    """Draws, for the first ``max_keyframes`` keyframes of each stage in ``stages`` (``predict``, ``validate``,
+    ``test``), the detections against the ground truth and the kept tokens per pruning block, as PNGs in
+    ``out_dir`` (default ``<default_root_dir>/pictures``) and W&B images (key ``<stage>/keyframes`` and
+    ``<stage>/kept_tokens``) when a W&B logger is attached.
+
+    It reads what the task's ``*_step`` returns: ``detections`` (per image a dict with ``boxes`` (N, 4) pixels
+    and ``scores`` (N, C)), ``kept`` ({pruning block: (B, n_kept) positions}) and ``grid`` (t, h, w), and from
+    the batch ``video`` (normalised), ``boxes``, ``labels``, ``image_size`` and, for names, ``video_index`` and
+    ``timestamp``. Under DDP each rank draws its own keyframes into ``out_dir``.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | None = None,
+        max_keyframes: int = 8,
+        stages: list[str] | None = None,
+        threshold: float = 0.3,
+        log_to_wandb: bool = True,
+    ):
+        self.out_dir = out_dir
+        self.max_keyframes = max_keyframes
+        self.stages = stages or ["predict"]
+        self.threshold = threshold
+        self.log_to_wandb = log_to_wandb
+        self.written: list[Path] = []
+
+    def _start(self, stage: str) -> None:
+        self._stage, self._count = stage, 0
+        self.written = []
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start("predict")
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start("validate")
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start("test")
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._draw(trainer, outputs, batch)
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._draw(trainer, outputs, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._draw(trainer, outputs, batch)
+
+    def _draw(self, trainer: L.Trainer, outputs: Any, batch: dict[str, Any]) -> None:
+        if (
+            self._stage not in self.stages
+            or self._count >= self.max_keyframes
+            or not isinstance(outputs, dict)
+        ):
+            return
+        if "detections" not in outputs:
+            raise KeyError(
+                "EVADPictures needs the step's outputs to hold 'detections', 'kept' and 'grid' (the "
+                "spatio-temporal detection task returns them); got " + ", ".join(sorted(outputs))
+            )
+        dm = trainer.datamodule
+        names = list(getattr(dm, "class_names", None) or [])
+        video = batch["video"].float()
+        mean = torch.as_tensor(getattr(dm, "mean", (0.0, 0.0, 0.0)), device=video.device).view(3, 1, 1, 1)
+        std = torch.as_tensor(getattr(dm, "std", (1.0, 1.0, 1.0)), device=video.device).view(3, 1, 1, 1)
+        out_dir = Path(self.out_dir or Path(trainer.default_root_dir) / "pictures")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        grid = tuple(outputs["grid"])
+        new = {"keyframes": [], "kept_tokens": []}
+        captions = []
+        for i in range(min(len(video), self.max_keyframes - self._count)):
+            height, width = (int(v) for v in batch["image_size"][i])
+            clip = (video[i] * std + mean).permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
+            step = clip.shape[0] // grid[0]
+            key = clip[clip.shape[0] // 2, :height, :width]
+            det = outputs["detections"][i]
+            scores = det["scores"].float().cpu().numpy()
+            classes = names or [str(k) for k in range(scores.shape[1] if scores.ndim == 2 else 1)]
+            stem = self._stem(dm, batch, i)
+            fig = keyframe_figure(
+                key, batch["boxes"][i].cpu().numpy(), batch["labels"][i].cpu().numpy(),
+                det["boxes"].float().cpu().numpy(), scores, classes, self.threshold, title=stem,
+            )  # fmt: skip
+            new["keyframes"].append(self._save(fig, out_dir / f"{stem}_{self._stage}_boxes.png", trainer))
+            kept = {block: positions[i] for block, positions in outputs["kept"].items()}
+            fig = kept_tokens_figure(clip[::step], kept, grid, title=f"{stem}: kept tokens")
+            new["kept_tokens"].append(self._save(fig, out_dir / f"{stem}_{self._stage}_tokens.png", trainer))
+            captions.append(stem)
+        self._count += len(captions)
+        self.written += new["keyframes"] + new["kept_tokens"]
+        if self.log_to_wandb and captions:
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    for kind, paths in new.items():
+                        logger.log_image(
+                            key=f"{self._stage}/{kind}", images=[str(p) for p in paths], caption=captions
+                        )
+
+    def _stem(self, dm: Any, batch: dict[str, Any], i: int) -> str:
+        """``<video id>_t<timestamp>`` (AVA) or ``<video>_f<frame>`` (UCF101-24/JHMDB) of sample ``i``."""
+        index = int(batch["video_index"][i])
+        parts = [dm.video_names(DATA_STAGE[self._stage])[index]]
+        for key in ("timestamp", "frame"):
+            if key in batch:
+                parts.append(f"{key[0]}{int(batch[key][i])}")
+        return "_".join(parts)
+
+    @staticmethod
+    def _save(fig: plt.Figure, path: Path, trainer: L.Trainer) -> Path:
+        partial = path.with_suffix(f".{trainer.global_rank}.tmp.png")
+        fig.savefig(partial, dpi=90)
+        plt.close(fig)
+        partial.replace(path)
+        return path
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.written:
+            rank_zero_info(f"wrote {len(self.written)} EVAD pictures to {self.written[0].parent}")
