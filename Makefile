@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-tad demo-blockdrop test bench data clean-runs
+.PHONY: venv demo demo-tad demo-evad demo-blockdrop test bench data clean-runs
 
 # `sweeps` (W&B's sweep engine, which the tests use to check recipes/sweeps/) goes in with --no-deps: it
 # declares numpy<2 but runs on numpy 2; its real imports are in the dev extra.
@@ -21,6 +21,9 @@ demo: $(STAMP)
 
 demo-tad: $(STAMP)
 	WANDB_SILENT=true $(BIN)/python -m lightning_modules.demo_tad
+
+demo-evad: $(STAMP)
+	WANDB_SILENT=true $(BIN)/python -m lightning_modules.demo_evad
 
 demo-blockdrop: $(STAMP)
 	WANDB_SILENT=true $(BIN)/python -m lightning_modules.demo_blockdrop

@@ -527,6 +527,10 @@ class AVADataModule(KeyframeDetectionDataModule):
     def label_map(self) -> dict[int, str]:
         """AVA action id -> name of the classes used."""
         if self._label_map is None:
+            unwritten = not self.paths["label_map"].is_file()
+            if self.synthetic and "label_map" not in self.given_paths and unwritten:
+                # Asked before prepare_data has written the set (the CLI links num_classes to the model first).
+                return {k + 1: name for k, name in enumerate(synthetic.SPATIOTEMPORAL_ACTIONS)}
             if not self.paths["label_map"].is_file():
                 raise self._missing(f"label map {self.paths['label_map']}")
             self._label_map = read_label_map(self.paths["label_map"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,6 +37,16 @@ def warmup_cosine(
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_step_decay(
+    step: float, warmup_steps: float, milestones: Sequence[float], start_factor: float, gamma: float
+) -> float:
+    """LR multiplier: linear from ``start_factor`` to 1 over the warmup, then ``gamma`` to the power of the number
+    of ``milestones`` reached (PySlowFast's ``steps_with_relative_lrs``: EVAD's x0.1 at epoch 5, x0.01 at 8)."""
+    if step < warmup_steps:
+        return start_factor + (1.0 - start_factor) * step / warmup_steps
+    return gamma ** sum(step >= m for m in milestones)
+
+
 @dataclass
 class Alignment:
     """Losses that pull a compressed student towards its teacher during recovery (block drop), each weighted
@@ -65,6 +75,8 @@ class VideoTask(L.LightningModule):
     every optimiser step (``lr_interval: step``) or once per epoch (``epoch``, as mmengine's ``by_epoch``
     schedulers: HaltingVT's official LinearLR(0.1, 5 epochs) + CosineAnnealingLR(T_max=20, begin=5) is
     ``warmup_epochs: 5, warmup_start_factor: 0.1, schedule_epochs: 25, min_lr_ratio: 0, lr_interval: epoch``).
+    ``lr_schedule: step`` replaces the cosine by a step decay: x ``lr_gamma`` at each of ``lr_milestones``
+    (epochs, counted from the start of training), as EVAD's ``warmup_epochs: 2, lr_milestones: [5, 8]``.
     """
 
     def __init__(
@@ -78,10 +90,17 @@ class VideoTask(L.LightningModule):
         min_lr_ratio: float = 0.01,
         schedule_epochs: float | None = None,
         lr_interval: Literal["step", "epoch"] = "step",
+        lr_schedule: Literal["cosine", "step"] = "cosine",
+        lr_milestones: Sequence[float] = (),
+        lr_gamma: float = 0.1,
     ):
         super().__init__()
         if lr_interval not in ("step", "epoch"):
             raise ValueError(f"lr_interval must be 'step' or 'epoch', got {lr_interval!r}")
+        if lr_schedule not in ("cosine", "step"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'step', got {lr_schedule!r}")
+        if lr_schedule == "step" and list(lr_milestones) != sorted(lr_milestones):
+            raise ValueError(f"lr_milestones must be ascending epochs, got {list(lr_milestones)}")
         self.lr = lr
         self.weight_decay = weight_decay
         self.optimizer_name = optimizer
@@ -91,6 +110,9 @@ class VideoTask(L.LightningModule):
         self.min_lr_ratio = min_lr_ratio
         self.schedule_epochs = schedule_epochs
         self.lr_interval = lr_interval
+        self.lr_schedule = lr_schedule
+        self.lr_milestones = tuple(float(m) for m in lr_milestones)
+        self.lr_gamma = lr_gamma
 
     # ------------------------------------------------------------------------------ alignment with a teacher
 
@@ -176,12 +198,20 @@ class VideoTask(L.LightningModule):
         epochs = max(self.trainer.max_epochs or 1, 1)
         if self.lr_interval == "epoch":
             warmup, total = self.warmup_epochs, self.schedule_epochs or epochs
+            milestones = self.lr_milestones
         else:
             steps = max(int(self.trainer.estimated_stepping_batches), 1)
             warmup = int(steps * self.warmup_epochs / epochs)
             # The cosine may span more epochs than are trained (AdaTAD on THUMOS: a 100-epoch cosine stopped at 60).
             total = int(steps * self.schedule_epochs / epochs) if self.schedule_epochs else steps
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, warmup, total, self.warmup_start_factor, self.min_lr_ratio)
-        )
+            milestones = tuple(int(steps * m / epochs) for m in self.lr_milestones)
+        if self.lr_schedule == "step":
+            start, gamma = self.warmup_start_factor, self.lr_gamma
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: warmup_step_decay(s, warmup, milestones, start, gamma)
+            )
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: warmup_cosine(s, warmup, total, self.warmup_start_factor, self.min_lr_ratio)
+            )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.lr_interval}}

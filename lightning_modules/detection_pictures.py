@@ -119,10 +119,10 @@ class EVADPictures(L.Callback):
     ``out_dir`` (default ``<default_root_dir>/pictures``) and W&B images (key ``<stage>/keyframes`` and
     ``<stage>/kept_tokens``) when a W&B logger is attached.
 
-    It reads what the task's ``*_step`` returns: ``detections`` (per image a dict with ``boxes`` (N, 4) pixels
-    and ``scores`` (N, C)), ``kept`` ({pruning block: (B, n_kept) positions}) and ``grid`` (t, h, w), and from
-    the batch ``video`` (normalised), ``boxes``, ``labels``, ``image_size`` and, for names, ``video_index`` and
-    ``timestamp``. Under DDP each rank draws its own keyframes into ``out_dir``.
+    The callback runs the task's detector once more on the drawn keyframes (``pl_module(video, image_size,
+    given boxes)`` -> ``models.evad.EVADOutput``, its ``predict``), reading ``video`` (normalised), ``boxes``,
+    ``labels``, ``image_size``, ``video_index`` and ``timestamp`` / ``frame`` from the batch. Under DDP each rank
+    draws its own keyframes into ``out_dir``.
     """
 
     def __init__(
@@ -154,54 +154,50 @@ class EVADPictures(L.Callback):
         self._start("test")
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._draw(trainer, outputs, batch)
+        self._draw(trainer, pl_module, batch)
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
         if not trainer.sanity_checking:
-            self._draw(trainer, outputs, batch)
+            self._draw(trainer, pl_module, batch)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._draw(trainer, outputs, batch)
+        self._draw(trainer, pl_module, batch)
 
-    def _draw(self, trainer: L.Trainer, outputs: Any, batch: dict[str, Any]) -> None:
-        if (
-            self._stage not in self.stages
-            or self._count >= self.max_keyframes
-            or not isinstance(outputs, dict)
-        ):
+    def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Any]) -> None:
+        room = self.max_keyframes - self._count
+        if self._stage not in self.stages or room <= 0 or batch.get("batch_size", 1) == 0:
             return
-        if "detections" not in outputs:
-            raise KeyError(
-                "EVADPictures needs the step's outputs to hold 'detections', 'kept' and 'grid' (the "
-                "spatio-temporal detection task returns them); got " + ", ".join(sorted(outputs))
-            )
         dm = trainer.datamodule
+        video = batch["video"][:room]
+        sizes = batch["image_size"][:room]
+        given = pl_module.given_boxes(batch)
+        with torch.no_grad():
+            outputs = pl_module(video, sizes, None if given is None else given[:room])
+            detections = pl_module.detector.predict(outputs)
         names = list(getattr(dm, "class_names", None) or [])
-        video = batch["video"].float()
-        mean = torch.as_tensor(getattr(dm, "mean", (0.0, 0.0, 0.0)), device=video.device).view(3, 1, 1, 1)
-        std = torch.as_tensor(getattr(dm, "std", (1.0, 1.0, 1.0)), device=video.device).view(3, 1, 1, 1)
+        mean = torch.as_tensor(dm.mean, device=video.device).view(3, 1, 1, 1)
+        std = torch.as_tensor(dm.std, device=video.device).view(3, 1, 1, 1)
         out_dir = Path(self.out_dir or Path(trainer.default_root_dir) / "pictures")
         out_dir.mkdir(parents=True, exist_ok=True)
-        grid = tuple(outputs["grid"])
+        grid = tuple(outputs.grid)
         new = {"keyframes": [], "kept_tokens": []}
         captions = []
-        for i in range(min(len(video), self.max_keyframes - self._count)):
-            height, width = (int(v) for v in batch["image_size"][i])
-            clip = (video[i] * std + mean).permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
+        for i, det in enumerate(detections):
+            height, width = (int(v) for v in sizes[i])
+            clip = (video[i].float() * std + mean).permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
             step = clip.shape[0] // grid[0]
             key = clip[clip.shape[0] // 2, :height, :width]
-            det = outputs["detections"][i]
-            scores = det["scores"].float().cpu().numpy()
-            classes = names or [str(k) for k in range(scores.shape[1] if scores.ndim == 2 else 1)]
+            scores = det.action_scores.float().cpu().numpy()
+            classes = names or [str(k) for k in range(scores.shape[1])]
             stem = self._stem(dm, batch, i)
             fig = keyframe_figure(
                 key, batch["boxes"][i].cpu().numpy(), batch["labels"][i].cpu().numpy(),
-                det["boxes"].float().cpu().numpy(), scores, classes, self.threshold, title=stem,
+                det.boxes.float().cpu().numpy(), scores, classes, self.threshold, title=stem,
             )  # fmt: skip
             new["keyframes"].append(self._save(fig, out_dir / f"{stem}_{self._stage}_boxes.png", trainer))
-            kept = {block: positions[i] for block, positions in outputs["kept"].items()}
+            kept = {block: positions[i] for block, positions in outputs.kept.items()}
             fig = kept_tokens_figure(clip[::step], kept, grid, title=f"{stem}: kept tokens")
             new["kept_tokens"].append(self._save(fig, out_dir / f"{stem}_{self._stage}_tokens.png", trainer))
             captions.append(stem)

@@ -54,3 +54,24 @@ def test_keyframe_figure_draws_the_ground_truth_and_the_best_detections():
     assert rects == [(10.0, 5.0, 20.0, 45.0), (12.0, 6.0, 19.0, 43.0), (0.0, 0.0, 5.0, 5.0)]
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert texts == ["b", "b 0.90, c 0.40", "a 0.60"]
+
+
+def test_predict_with_the_callback_writes_both_pictures_per_keyframe(tmp_path):
+    """Through the CLI: the untrained tiny EVAD predicts on the synthetic set and the callback draws the first two
+    keyframes, named by video id and timestamp."""
+    from lightning_modules.cli import main
+    from lightning_modules.detection_pictures import EVADPictures
+    from tests.test_detection_task import tiny
+
+    cli = main([
+        "predict", *tiny(tmp_path / "runs", tmp_path / "data"),
+        "--trainer.callbacks+=lightning_modules.detection_pictures.EVADPictures",
+        "--trainer.callbacks.max_keyframes=2",
+    ])  # fmt: skip
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, EVADPictures)]
+    names = cli.datamodule.video_names("predict")
+    assert len(callback.written) == 4
+    for path in callback.written:
+        assert path.read_bytes()[:4] == b"\x89PNG"
+        video, stamp, stage, kind = path.stem.rsplit("_", 3)
+        assert video in names and stamp.startswith("t") and stage == "predict" and kind in ("boxes", "tokens")
