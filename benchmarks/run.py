@@ -498,6 +498,20 @@ def _rss_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
+def in_fresh_process(call: str, what: str) -> dict:
+    """The JSON result of ``benchmarks.run.<call>`` run in a fresh Python process, glibc mapping every allocation
+    of 64 KiB or more on its own (``MALLOC_MMAP_THRESHOLD_``), so a freed tensor leaves the RSS at once and a
+    peak RSS is that of live memory. ``what`` names the run in the error if the process fails."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    code = f"import json; from benchmarks.run import *; print(json.dumps({call}))"
+    run = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=REPO, env=env, capture_output=True, text=True
+    )
+    if run.returncode:
+        raise RuntimeError(f"{what} exited with {run.returncode}:\n{run.stderr[-2000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def train_step_memory(frames: int, activation_checkpointing: bool) -> dict:
     """One LoRA training step (forward, losses, backward; float32, batch 1) of the detector on a ``frames``
     window: the peak RSS of this process over the step minus its RSS before it. Meant for a fresh process
@@ -524,23 +538,14 @@ def bench_tad_memory(frames: int) -> dict:
     memory; by default blocks of up to 32 MB come from the heap, whose freed space stays resident, and the
     peak would also count fragmentation (about 2x for the checkpointed step).
     """
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    steps = {}
-    for checkpointing in (False, True):
-        code = (
-            "import json; from benchmarks.run import train_step_memory; "
-            f"print(json.dumps(train_step_memory({frames}, {checkpointing})))"
+    steps = {
+        checkpointing: in_fresh_process(
+            f"train_step_memory({frames}, {checkpointing})",
+            f"the {frames}-frame training step (activation_checkpointing={checkpointing}); if killed (-9), most "
+            "likely out of memory: pass a smaller --tad-memory-frames",
         )
-        run = subprocess.run(
-            [sys.executable, "-c", code], check=False, cwd=REPO, env=env, capture_output=True, text=True
-        )
-        if run.returncode:
-            raise RuntimeError(
-                f"the {frames}-frame training step (activation_checkpointing={checkpointing}) exited with "
-                f"{run.returncode} (-9: killed, most likely out of memory: pass a smaller "
-                f"--tad-memory-frames):\n{run.stderr[-2000:]}"
-            )
-        steps[checkpointing] = json.loads(run.stdout.strip().splitlines()[-1])
+        for checkpointing in (False, True)
+    }
     plain, checkpointed = (steps[c]["step_bytes"] / 2**20 for c in (False, True))
     return {
         "what": (
@@ -675,20 +680,12 @@ def bench_evad_memory(size: str, batch: int) -> dict:
     process, glibc mapping every allocation of 64 KiB or more on its own so freed tensors leave the RSS).
     Target: ratio <= 0.66 (the token x layer count ratio; the paper's -47% GPU memory also counts attention maps
     that fused attention never stores)."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    steps = {}
-    for rho in (1.0, 0.7):
-        code = (
-            "import json; from benchmarks.run import evad_step_memory; "
-            f"print(json.dumps(evad_step_memory({size!r}, {rho}, {batch})))"
+    steps = {
+        rho: in_fresh_process(
+            f"evad_step_memory({size!r}, {rho}, {batch})", f"the EVAD training step at keep rate {rho}"
         )
-        run = subprocess.run(
-            [sys.executable, "-c", code], check=False, cwd=REPO, env=env, capture_output=True, text=True
-        )
-        if run.returncode:
-            raise RuntimeError(f"the EVAD training step at keep rate {rho} exited with {run.returncode}:\n"
-                               f"{run.stderr[-2000:]}")  # fmt: skip
-        steps[rho] = json.loads(run.stdout.strip().splitlines()[-1])
+        for rho in (1.0, 0.7)
+    }
     dense, pruned = (steps[rho]["activation_bytes"] / 2**20 for rho in (1.0, 0.7))
     return {
         "what": (
