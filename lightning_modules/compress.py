@@ -407,7 +407,14 @@ class Compressor:
         folder = self.out / "relu"
         source = self.model_file(kept["round"])
         model_file, info_file = folder / "model.pt", folder / "recovery.json"
-        if not model_file.is_file():
+        if model_file.is_file():
+            dropped = torch.load(model_file, map_location="cpu", weights_only=False)["dropped"]
+            if dropped != kept["dropped"]:
+                raise RuntimeError(
+                    f"{model_file} is the ReLU stage of a model without blocks {dropped}, but the compression now "
+                    f"keeps round {kept['round']} (without {kept['dropped']}): remove {folder} to redo the stage"
+                )
+        else:
             L.seed_everything(s.seed + 1000, verbose=False)
             student = self.load(self.fresh()[0], source)
             set_mlp_activation(student.block_stack(), "relu")
@@ -419,8 +426,8 @@ class Compressor:
             )
             merge_lora(student)
             state = {"state_dict": student.state_dict(), "dropped": kept["dropped"], "mlp_activation": "relu"}
+            write_json(info_file, info)  # first: the model file is what marks the stage done
             save_atomic(state, model_file)
-            write_json(info_file, info)
         student = self.load(self.fresh()[0], model_file)
         record = {"round": "relu", "from_round": kept["round"], "dropped": kept["dropped"]}
         record.update(kept=block_ids(student.block_stack()), **json.loads(info_file.read_text()))
@@ -455,8 +462,8 @@ class Compressor:
                 teacher = self.load(self.fresh()[0], teacher_source)
             info = self.recover(student, teacher, folder, s.epochs)
             merge_lora(student)
+            write_json(info_file, info)  # first: the model file is what marks the round recovered
             save_atomic({"state_dict": student.state_dict(), "dropped": dropped}, model_file)
-            write_json(info_file, info)
         student = self.load(self.fresh()[0], model_file)
         record = {"round": k, "dropped": dropped, "kept": block_ids(student.block_stack()), **choice}
         record.update(json.loads(info_file.read_text()))
