@@ -19,7 +19,8 @@ of frames around it. This module holds what does not depend on the annotation fo
 - Setup checks (``Problem``, ``KeyframeDetectionDataModule.settle``): bad input found before any worker starts
   stops the run with the file, line and fix, or is counted and left out under ``bad_video: skip``.
 
-The formats live in ``datamodules.ava`` (AVA v2.2 CSVs) and ``datamodules.act_pickle`` (ACT pickles).
+The formats live in ``datamodules.ava`` (AVA v2.2 CSVs, read by ``datamodules.ava_annotations``) and
+``datamodules.act_pickle`` (ACT pickles).
 """
 
 from __future__ import annotations

@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from datamodules.kinetics_list import AnnotationError
@@ -59,8 +58,6 @@ from lightning_modules.frame_ap import (
 
 AVA_MAX_DETECTIONS_PER_KEYFRAME = 50
 AVA_CSV_COLUMNS = "video_id, timestamp, x1, y1, x2, y2, action_id"
-
-DetectionRow = tuple[str, int, float, float, float, float, int, float]  # video, time, box, action id, score
 
 
 # Files ------------------------------------------------------------------------------------------------------
@@ -283,23 +280,6 @@ def _capped(
     return np.flatnonzero(~drop)
 
 
-def write_ava_detections(path: str | Path, rows: Iterable[DetectionRow]) -> Path:
-    """Write detections as the official AVA CSV: ``video_id,timestamp,x1,y1,x2,y2,action_id,score``.
-
-    ``rows`` are ``(video_id, timestamp, x1, y1, x2, y2, action_id, score)`` with boxes normalised to [0, 1].
-    Timestamps are written with 4 digits and numbers at full precision, so reading the file back ranks the
-    detections exactly as in memory.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        for video, timestamp, x1, y1, x2, y2, action, score in rows:
-            numbers = [repr(float(v)) for v in (x1, y1, x2, y2)]
-            writer.writerow([video, f"{int(timestamp):04d}", *numbers, int(action), repr(float(score))])
-    return path
-
-
 def ava_frame_map(
     detections: FrameBoxes, ground_truth: FrameBoxes, labelmap: Mapping[int, str]
 ) -> dict[str, Any]:
@@ -408,31 +388,3 @@ class AVAFrameMAP(FrameDetectionRows):
         if self.per_class:
             out.update({f"AP@0.5/{self.labelmap[c]}": float(v) for c, v in zip(classes, ap[0])})
         return {k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in out.items()}
-
-    def detection_rows(self, video_names: Sequence[str] | None = None) -> list[DetectionRow]:
-        """The de-duplicated detections of all ranks as official CSV rows, keyframes in key order.
-
-        ``video_names[i]`` names video id ``i`` (default: the id as text). Under DDP every rank must call this,
-        since it gathers the states.
-        """
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn):
-            keys, det, _ = self._gathered()
-        if video_names is not None and len(keys) and keys[:, 0].max() >= len(video_names):
-            raise ValueError(f"video id {keys[:, 0].max()} has no name: video_names has {len(video_names)}")
-        names = [str(video_names[v]) if video_names is not None else str(v) for v in keys[:, 0]]
-        return [
-            (names[f], int(keys[f, 1]), *(float(v) for v in box), int(label) + 1, float(score))
-            for f, box, label, score in zip(
-                det["frame"], det["det_boxes"], det["det_labels"], det["det_scores"]
-            )
-        ]
-
-    def write_detections(self, path: str | Path, video_names: Sequence[str] | None = None) -> Path:
-        """Write the de-duplicated detections as the official AVA CSV (see ``detection_rows``).
-
-        Under DDP every rank must call this; global rank 0 writes the file.
-        """
-        rows = self.detection_rows(video_names)
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-            write_ava_detections(path, rows)
-        return Path(path)

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_modules.ava_metrics import AVAFrameMAP, write_ava_detections
+from lightning_modules.ava_metrics import AVAFrameMAP
 from lightning_modules.base import VideoTask, param_groups
 from lightning_modules.video_map import FrameVideoMAP
 from models.evad import EVAD, ActionDetections
@@ -251,20 +250,7 @@ class SpatioTemporalDetection(VideoTask):
         dm = self.trainer.datamodule
         path = Path(self.trainer.default_root_dir) / f"detections_{stage}.csv"
         names = dm.video_names(stage)
-        metric = self.metrics[stage]
-        if self._protocol == "ava":
-            return metric.write_detections(path, names)
-        with metric.sync_context(dist_sync_fn=metric.dist_sync_fn):
-            keys, det, _ = metric._gathered()
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-            rows = [
-                (names[keys[f, 0]], int(keys[f, 1]), *(float(v) for v in box), int(label) + 1, float(score))
-                for f, box, label, score in zip(
-                    det["frame"], det["det_boxes"], det["det_labels"], det["det_scores"]
-                )
-            ]
-            write_ava_detections(path, rows)
-        return path
+        return self.metrics[stage].write_detections(path, names)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

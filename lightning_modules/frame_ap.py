@@ -20,13 +20,16 @@ Shared by the AVA protocol (``ava_metrics``) and the UCF101-24 / JHMDB frame- an
 
 from __future__ import annotations
 
+import csv
 import heapq
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -203,6 +206,26 @@ def keep_top_detections(
     return np.sort(np.array([entry[-1] for entry in heap], dtype=np.int64))
 
 
+DetectionRow = tuple[str, int, float, float, float, float, int, float]  # video, time, box, action id, score
+
+
+def write_ava_detections(path: str | Path, rows: Iterable[DetectionRow]) -> Path:
+    """Write detections as the official AVA CSV: ``video_id,timestamp,x1,y1,x2,y2,action_id,score``.
+
+    ``rows`` are ``(video_id, timestamp, x1, y1, x2, y2, action_id, score)`` with boxes normalised to [0, 1].
+    Timestamps are written with 4 digits and numbers at full precision, so reading the file back ranks the
+    detections exactly as in memory.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        for video, timestamp, x1, y1, x2, y2, action, score in rows:
+            numbers = [repr(float(v)) for v in (x1, y1, x2, y2)]
+            writer.writerow([video, f"{int(timestamp):04d}", *numbers, int(action), repr(float(score))])
+    return path
+
+
 # Metric -----------------------------------------------------------------------------------------------------
 
 
@@ -293,6 +316,35 @@ class FrameDetectionRows(Metric):
             columns("entry_num_gt", self.gt_columns, widths),
         )
 
+    def detection_rows(self, video_names: Sequence[str] | None = None) -> list[DetectionRow]:
+        """The de-duplicated detections of all ranks as AVA CSV rows (action id = label column + 1), frames in
+        key order.
+
+        ``video_names[i]`` names video id ``i`` (default: the id as text). Under DDP every rank must call this,
+        since it gathers the states.
+        """
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn):
+            keys, det, _ = self._gathered()
+        if video_names is not None and len(keys) and keys[:, 0].max() >= len(video_names):
+            raise ValueError(f"video id {keys[:, 0].max()} has no name: video_names has {len(video_names)}")
+        names = [str(video_names[v]) if video_names is not None else str(v) for v in keys[:, 0]]
+        return [
+            (names[f], int(keys[f, 1]), *(float(v) for v in box), int(label) + 1, float(score))
+            for f, box, label, score in zip(
+                det["frame"], det["det_boxes"], det["det_labels"], det["det_scores"]
+            )
+        ]
+
+    def write_detections(self, path: str | Path, video_names: Sequence[str] | None = None) -> Path:
+        """Write the de-duplicated detections in the official AVA CSV format (see ``detection_rows``).
+
+        Under DDP every rank must call this; global rank 0 writes the file.
+        """
+        rows = self.detection_rows(video_names)
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            write_ava_detections(path, rows)
+        return Path(path)
+
 
 def as_matrix(x: Tensor | np.ndarray | Sequence, width: int, name: str) -> np.ndarray:
     """``x`` as a float64 numpy array (rows, width); an empty input is (0, width)."""
@@ -306,6 +358,7 @@ def as_matrix(x: Tensor | np.ndarray | Sequence, width: int, name: str) -> np.nd
 
 __all__ = [
     "IOU_THRESHOLDS",
+    "DetectionRow",
     "FrameBoxes",
     "FrameDetectionRows",
     "as_matrix",
@@ -317,4 +370,5 @@ __all__ = [
     "nan_mean",
     "paired_iou",
     "summarize_frame_map",
+    "write_ava_detections",
 ]

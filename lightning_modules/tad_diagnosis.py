@@ -42,8 +42,8 @@ import numpy as np
 from datamodules.kinetics_list import AnnotationError
 from lightning_modules.tad_metrics import (
     TemporalSegments,
-    _load_json,
-    _number,
+    json_number,
+    load_json,
     map_key,
     mean_average_precision,
     segment_iou,
@@ -375,14 +375,14 @@ def read_durations(
             value = entry.get(field) if field is not None and isinstance(entry, dict) else entry
             if value is None or not np.isnan(durations[v]):
                 continue
-            seconds = _number(value, f"{path}: video {name!r}", "the duration (s)")
+            seconds = json_number(value, f"{path}: video {name!r}", "the duration (s)")
             if seconds <= 0:
                 raise AnnotationError(f"{path}: video {name!r}: the duration must be positive, got {seconds}")
             durations[v] = seconds
 
     if ground_truth_path.suffix.lower() == ".json":
         layout = '{"database": {video_id: {"duration": seconds, ...}}}'
-        fill(_load_json(ground_truth_path, "database", layout), ground_truth_path, "duration")
+        fill(load_json(ground_truth_path, "database", layout), ground_truth_path, "duration")
     if durations_path is not None:
         path = Path(durations_path)
         if not path.is_file():

@@ -142,7 +142,8 @@ def mean_average_precision(
 # Files ------------------------------------------------------------------------------------------------------
 
 
-def _number(value: Any, where: str, field: str) -> float:
+def json_number(value: Any, where: str, field: str) -> float:
+    """``value`` as a finite float, or an ``AnnotationError`` naming ``where`` and ``field``."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -155,7 +156,10 @@ def _number(value: Any, where: str, field: str) -> float:
 def _segment(value: Any, where: str, allow_empty: bool) -> tuple[float, float]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise AnnotationError(f"{where}: 'segment' must be [start, end] in seconds, got {value!r}")
-    start, end = _number(value[0], where, "segment start (s)"), _number(value[1], where, "segment end (s)")
+    start, end = (
+        json_number(value[0], where, "segment start (s)"),
+        json_number(value[1], where, "segment end (s)"),
+    )
     if end < start or (end == start and not allow_empty):
         raise AnnotationError(
             f"{where}: segment [{start}, {end}] is empty or reversed; the end must come after the start"
@@ -163,7 +167,9 @@ def _segment(value: Any, where: str, allow_empty: bool) -> tuple[float, float]:
     return start, end
 
 
-def _load_json(path: Path, key: str, layout: str) -> dict[str, Any]:
+def load_json(path: Path, key: str, layout: str) -> dict[str, Any]:
+    """The object under ``key`` of the JSON file ``path``; an ``AnnotationError`` naming the file and the
+    expected ``layout`` if it is not valid JSON or lacks that object."""
     try:
         content = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -192,7 +198,7 @@ def _table(rows: list[_Row], videos: list[str], classes: list[str], scored: bool
 
 def _ground_truth_json(path: Path, subset: str) -> tuple[list[_Row], list[str]]:
     layout = '{"database": {video_id: {"subset", "annotations": [{"label", "segment": [start, end]}]}}}'
-    database = _load_json(path, "database", layout)
+    database = load_json(path, "database", layout)
     rows, videos, subsets = [], [], set()
     for video, entry in database.items():
         where = f"{path}: video {video!r}"
@@ -274,7 +280,7 @@ def read_predictions(path: str | Path, ground_truth: TemporalSegments) -> Tempor
     if not path.is_file():
         raise AnnotationError(f"predictions file {path} not found; pass the results JSON of the test run")
     layout = '{"results": {video_id: [{"segment": [start, end], "label": class name, "score": number}]}}'
-    results = _load_json(path, "results", layout)
+    results = load_json(path, "results", layout)
     classes, truth_videos = set(ground_truth.class_names), set(ground_truth.video_names)
     videos = dict.fromkeys(ground_truth.video_names)  # then the videos only the predictions list
     rows, unknown_labels, dropped, outside = [], set(), 0, 0
@@ -287,7 +293,7 @@ def read_predictions(path: str | Path, ground_truth: TemporalSegments) -> Tempor
             if not isinstance(det, dict) or not isinstance(det.get("label"), str):
                 raise AnnotationError(f"{where}: every detection needs a class name 'label', got {det!r}")
             segment = _segment(det.get("segment"), where, allow_empty=True)
-            score = _number(det.get("score"), where, "'score'")
+            score = json_number(det.get("score"), where, "'score'")
             if det["label"] not in classes:
                 unknown_labels.add(det["label"])
                 dropped += 1

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from datamodules import synthetic
-from datamodules.ava import AVADataModule, read_ava_csv, read_excluded_timestamps, read_label_map
+from datamodules.ava import AVADataModule
+from datamodules.ava_annotations import read_ava_csv, read_excluded_timestamps, read_label_map
 from datamodules.base import BadVideoError
 from datamodules.keyframes import (
     clip_frame_indices,

@@ -21,7 +21,6 @@ from lightning_modules.ava_metrics import (
     read_ava_ground_truth,
     read_exclusions,
     read_labelmap,
-    write_ava_detections,
 )
 from lightning_modules.evaluate_ava import main
 from lightning_modules.frame_ap import (
@@ -30,6 +29,7 @@ from lightning_modules.frame_ap import (
     box_iou,
     frame_average_precision,
     keep_top_detections,
+    write_ava_detections,
 )
 
 A, B = (0.0, 0.0, 0.4, 0.4), (0.6, 0.6, 1.0, 1.0)

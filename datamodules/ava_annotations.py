@@ -1,0 +1,256 @@
+"""AVA v2.2 annotation files: the action CSVs, the label map, the excluded timestamps and detector proposals.
+
+The official files, as PySlowFast lays them out under ``root/annotations``:
+
+- ``ava_{train,val}_v2.2.csv`` (``read_ava_csv``): rows ``video_id, timestamp, x1, y1, x2, y2, action_id[,
+  person_id]`` with boxes normalised to [0, 1]. The rows of one (video, timestamp, box) are one person: their
+  actions are merged into one multi-hot target (boxes are keyed by their coordinates, as PySlowFast does). An
+  ``AVAKeyframe`` is every person of one (video, timestamp).
+- ``ava_action_list_v2.2_for_activitynet_2019.pbtxt`` (``read_label_map``): the classes trained and evaluated
+  (60 of the 80 ids); class index ``c`` is the ``c``-th smallest id of the label map (``action_ids[c]``). Rows of
+  ids in 1..``num_actions`` that the map leaves out are dropped; a box left without a class stays as a person
+  with an all-zero target (``keep_unlabelled_boxes``), since the localiser must still find it.
+- ``ava_{train,val}_excluded_timestamps_v2.2.csv`` (``read_excluded_timestamps``): keyframes ``video_id,
+  timestamp`` left out entirely.
+- Person-detector proposals (``read_proposals_csv``): boxes ``video_id, timestamp, x1, y1, x2, y2, [action,]
+  score`` per keyframe, the best score of a box listed on several rows, kept from a score threshold on.
+
+Errors: a missing file, a malformed row, a timestamp that is not a whole second, a box outside [0, 1] or
+reversed, or an action id neither in the label map nor in 1..``num_actions`` is an ``AnnotationError`` naming the
+file and line, what was expected and the fix; nothing malformed is skipped silently. Only rows of known AVA
+classes the label map leaves out are dropped, and their count is logged. Reading the videos, and the checks of
+keyframes against them, are the data module's (``datamodules.ava``).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import re
+from collections import defaultdict
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datamodules.kinetics_list import AnnotationError
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = "video_id, timestamp, x1, y1, x2, y2, action_id[, person_id]"
+PROPOSAL_COLUMNS = "video_id, timestamp, x1, y1, x2, y2, [action_id,] score"
+
+
+@dataclass(frozen=True, eq=False)
+class AVAKeyframe:
+    """One keyframe: its persons (normalised boxes, multi-hot targets) and where it was read."""
+
+    video_id: str
+    timestamp: int
+    file: str
+    line: int  # first row of the keyframe in ``file``
+    boxes: np.ndarray  # (n, 4) float32 x1, y1, x2, y2 in [0, 1]
+    labels: np.ndarray  # (n, C) float32 multi-hot over the label map's classes
+    video_index: int = -1  # position in the stage's video list, set by the data module
+    proposals: np.ndarray | None = None  # (m, 4) float32 detector boxes in [0, 1]
+    proposal_scores: np.ndarray | None = None  # (m,) float32
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+def read_label_map(path: str | Path) -> dict[int, str]:
+    """Classes of an AVA label map ``.pbtxt`` (``item { name: "..." id: N }``; ``label_id`` also accepted)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(
+            f"label map {path} not found; pass the .pbtxt of the classes to train and evaluate "
+            "(ava_action_list_v2.2_for_activitynet_2019.pbtxt for the standard 60)"
+        )
+    text = path.read_text(encoding="utf-8", errors="replace")
+    classes: dict[int, str] = {}
+    for item in re.finditer(r"item\s*\{(.*?)\}", text, flags=re.DOTALL):
+        line = text.count("\n", 0, item.start()) + 1
+        name = re.search(r'\bname\s*:\s*"([^"]*)"', item.group(1))
+        number = re.search(r"\b(?:label_id|id)\s*:\s*(-?\d+)", item.group(1))
+        if name is None or number is None:
+            raise AnnotationError(f'{path}:{line}: an item needs name: "..." and id: N')
+        action = int(number.group(1))
+        if action < 1 or action in classes:
+            raise AnnotationError(f"{path}:{line}: class id {action} must be a positive integer listed once")
+        classes[action] = name.group(1)
+    if not classes:
+        raise AnnotationError(f'{path}: no class found; expected items like item {{ name: "stand" id: 12 }}')
+    return classes
+
+
+def _rows(path: Path) -> Any:
+    """(line number, stripped fields) of the non-blank rows of a CSV."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        try:
+            for fields in reader:
+                fields = [f.strip() for f in fields]
+                if any(fields):
+                    yield reader.line_num, fields
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise AnnotationError(f"{path}:{reader.line_num + 1}: not a readable CSV ({err})") from None
+
+
+def _timestamp(value: str, where: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise AnnotationError(f"{where}: timestamp must be a whole second, got {value!r}") from None
+
+
+def _box(fields: Sequence[str], where: str) -> tuple[float, float, float, float]:
+    try:
+        box = tuple(float(v) for v in fields)
+    except ValueError:
+        raise AnnotationError(f"{where}: x1, y1, x2, y2 must be numbers, got {list(fields)}") from None
+    if not all(0.0 <= v <= 1.0 for v in box):  # also rejects NaN
+        raise AnnotationError(
+            f"{where}: box {box} lies outside [0, 1]; AVA boxes are normalised by the frame width and height"
+        )
+    x1, y1, x2, y2 = box
+    if x2 <= x1 or y2 <= y1:
+        raise AnnotationError(
+            f"{where}: box {box} is empty or reversed; columns are x1, y1, x2, y2 with x1 < x2"
+        )
+    return x1, y1, x2, y2
+
+
+def read_excluded_timestamps(path: str | Path | None) -> frozenset[tuple[str, int]]:
+    """Keyframes ``(video_id, timestamp)`` of an excluded-timestamps CSV; empty without a file."""
+    if path is None:
+        return frozenset()
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"excluded-timestamps file {path} not found; give the right path or null")
+    excluded = set()
+    for line, fields in _rows(path):
+        if len(fields) != 2:
+            raise AnnotationError(f"{path}:{line}: expected 'video_id, timestamp', got {len(fields)} columns")
+        excluded.add((fields[0], _timestamp(fields[1], f"{path}:{line}")))
+    return frozenset(excluded)
+
+
+def read_ava_csv(
+    path: str | Path,
+    action_ids: Sequence[int],
+    num_actions: int | None = 80,
+    excluded: Collection[tuple[str, int]] = (),
+    keep_unlabelled_boxes: bool = True,
+) -> list[AVAKeyframe]:
+    """Keyframes of an AVA annotation CSV, ordered by video (first appearance) then timestamp.
+
+    Class ``c`` of the targets is ``action_ids[c]``. Rows of an id in 1..``num_actions`` but not in
+    ``action_ids`` are dropped; any other id, a malformed row, a box outside [0, 1] or with x2 <= x1 / y2 <= y1
+    is an ``AnnotationError`` naming the file and line. Excluded keyframes are left out.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"annotation file {path} not found; rows are '{CSV_COLUMNS}'")
+    column = {a: c for c, a in enumerate(action_ids)}
+    # (video, timestamp) -> box -> class indices, in file order, and the first line of each keyframe.
+    people: dict[tuple[str, int], dict[tuple[float, ...], set[int]]] = defaultdict(dict)
+    first_line: dict[tuple[str, int], int] = {}
+    dropped_rows, excluded_keys = 0, set()
+    for line, fields in _rows(path):
+        where = f"{path}:{line}"
+        if len(fields) not in (7, 8):
+            raise AnnotationError(f"{where}: expected '{CSV_COLUMNS}', got {len(fields)} columns")
+        key = (fields[0], _timestamp(fields[1], where))
+        box = _box(fields[2:6], where)
+        try:
+            action = int(fields[6])
+        except ValueError:
+            raise AnnotationError(f"{where}: action_id must be an integer, got {fields[6]!r}") from None
+        if action not in column and (num_actions is None or not 1 <= action <= num_actions):
+            valid = "the label map" + ("" if num_actions is None else f" nor in 1..num_actions={num_actions}")
+            raise AnnotationError(
+                f"{where}: action id {action} is not in {valid}; check the label map and num_actions"
+            )
+        if key in excluded:
+            excluded_keys.add(key)
+            continue
+        first_line.setdefault(key, line)
+        classes = people[key].setdefault(box, set())
+        if action in column:
+            classes.add(column[action])
+        else:
+            dropped_rows += 1
+    videos = {video: i for i, (video, _) in reversed(list(enumerate(first_line)))}
+    keyframes = []
+    for key in sorted(first_line, key=lambda k: (videos[k[0]], k[1])):
+        persons = [(b, c) for b, c in people[key].items() if c or keep_unlabelled_boxes]
+        if not persons:
+            continue
+        labels = np.zeros((len(persons), len(action_ids)), dtype=np.float32)
+        for row, (_, classes) in enumerate(persons):
+            labels[row, sorted(classes)] = 1.0
+        boxes = np.array([b for b, _ in persons], dtype=np.float32).reshape(-1, 4)
+        keyframes.append(AVAKeyframe(key[0], key[1], str(path), first_line[key], boxes, labels))
+    log.info(
+        "%s: %d keyframes; %d rows of classes outside the label map dropped, %d excluded keyframes left out",
+        path, len(keyframes), dropped_rows, len(excluded_keys),
+    )  # fmt: skip
+    return keyframes
+
+
+def read_proposals_csv(
+    path: str | Path, score_threshold: float = 0.0, excluded: Collection[tuple[str, int]] = ()
+) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray, int]]:
+    """Person-detector boxes per keyframe: (boxes (m, 4) in [0, 1], scores (m,), first line).
+
+    Rows are ``video_id, timestamp, x1, y1, x2, y2, [action_id,] score``; a box listed on several rows (one per
+    action in some files) is kept once with its best score. Boxes scoring below ``score_threshold`` and empty
+    boxes are left out; malformed rows are errors naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"proposals file {path} not found; rows are '{PROPOSAL_COLUMNS}'")
+    found: dict[tuple[str, int], dict[tuple[float, ...], float]] = defaultdict(dict)
+    first_line: dict[tuple[str, int], int] = {}
+    for line, fields in _rows(path):
+        where = f"{path}:{line}"
+        if len(fields) not in (7, 8):
+            raise AnnotationError(f"{where}: expected '{PROPOSAL_COLUMNS}', got {len(fields)} columns")
+        key = (fields[0], _timestamp(fields[1], where))
+        try:
+            score = float(fields[-1])
+            box = tuple(float(v) for v in fields[2:6])
+        except ValueError:
+            raise AnnotationError(
+                f"{where}: box and score must be numbers, got {fields[2:6] + fields[-1:]}"
+            ) from None
+        if not all(0.0 <= v <= 1.0 for v in box) or box[2] < box[0] or box[3] < box[1]:
+            raise AnnotationError(f"{where}: box {box} is outside [0, 1] or reversed (x1, y1, x2, y2)")
+        if key in excluded or score < score_threshold or box[2] == box[0] or box[3] == box[1]:
+            continue
+        first_line.setdefault(key, line)
+        found[key][box] = max(score, found[key].get(box, -math.inf))
+    return {
+        key: (
+            np.array(list(boxes), dtype=np.float32).reshape(-1, 4),
+            np.array(list(boxes.values()), dtype=np.float32),
+            first_line[key],
+        )
+        for key, boxes in found.items()
+    }
+
+
+__all__ = [
+    "CSV_COLUMNS",
+    "PROPOSAL_COLUMNS",
+    "AVAKeyframe",
+    "read_ava_csv",
+    "read_excluded_timestamps",
+    "read_label_map",
+    "read_proposals_csv",
+]
