@@ -642,12 +642,12 @@ def _peak_rss_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def evad_step_memory(size: str, keep_rate: float, batch: int) -> dict:
+def evad_step_memory(size: str, keep_rate: float, batch: int, activation_checkpointing: bool = False) -> dict:
     """Activation memory of one EVAD training step (forward, losses, backward, AdamW step; float32): a first
     step allocates the gradients and the optimiser state; the second step's peak RSS minus the RSS before it
     (weights, gradients, optimiser state, input) is what the step's activations needed. Meant for a fresh
     process (``bench_evad_memory``)."""
-    model = evad_model(size, keep_rate).train()
+    model = evad_model(size, keep_rate, activation_checkpointing).train()
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     video = torch.randn(batch, 3, 16, 224, 224)
     sizes = torch.tensor([[224, 224]] * batch)

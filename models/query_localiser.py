@@ -6,25 +6,26 @@
 - ``QueryLocaliser``: learned proposal boxes (whole image at start) and proposal features go through iterative
   stages of multi-level RoIAlign -> self-attention over proposals -> dynamic instance interaction -> FFN ->
   class logits (person / no-object softmax) and box deltas. Each stage's boxes are detached before the next.
-- ``HungarianMatcher``, ``set_losses``: one-to-one matching of proposals to ground-truth actors per image and the
-  set losses (weighted CE, L1 on image-normalised boxes, GIoU), on every stage (deep supervision).
 - ``postprocess``: person score >= 0.7, or every proposal if none passes; no NMS.
 
-Boxes are (x1, y1, x2, y2) pixels of the un-padded input image; image sizes are (height, width) rows.
+Training (matching and set losses, on every stage) is in ``models.set_criterion``. Boxes are (x1, y1, x2, y2)
+pixels of the un-padded input image; image sizes are (height, width) rows.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torchvision.ops import generalized_box_iou, roi_align
+from torch.utils.checkpoint import checkpoint
+from torchvision.ops import roi_align
+
+from models.roi_align import RoIAlignImpl, resolve_impl, roi_align_boxes
 
 #: Upper bound of the predicted log-scale change of a box side (detectron2's default), so exp() cannot overflow.
 DEFAULT_SCALE_CLAMP = math.log(100000.0 / 16)
@@ -130,26 +131,34 @@ def multilevel_roi_align(
     strides: Sequence[int],
     output_size: int = 7,
     sampling_ratio: int = 2,
+    impl: RoIAlignImpl = "auto",
 ) -> Tensor:
     """RoIAlign (aligned, half-pixel) of each box on its own pyramid level: (B*P, C, out, out).
 
     ``maps`` finest first at ``strides`` (powers of two); ``boxes`` (B, P, 4) xyxy pixels. Rows follow the
     (image, proposal) order. Boxes are treated as constants: RoIAlign does not differentiate through them.
+    ``impl`` as in ``models.roi_align.roi_align_boxes``.
     """
     b, p, _ = boxes.shape
-    flat = boxes.detach().reshape(b * p, 4).to(maps[0].dtype)
-    image_index = torch.arange(b, device=flat.device, dtype=flat.dtype).repeat_interleave(p)
-    rois = torch.cat([image_index[:, None], flat], dim=1)  # (B*P, 5)
+    boxes = boxes.detach().to(maps[0].dtype)
     min_level = int(math.log2(strides[0]))
-    levels = assign_box_levels(flat, min_level, min_level + len(strides) - 1)
-    pooled = maps[0].new_zeros(b * p, maps[0].shape[1], output_size, output_size)
+    levels = assign_box_levels(boxes.reshape(b * p, 4), min_level, min_level + len(strides) - 1).view(b, p)
+    pooled = maps[0].new_zeros(b, p, maps[0].shape[1], output_size, output_size)
     for level, (feature, stride) in enumerate(zip(maps, strides)):
-        rows = torch.nonzero(levels == level).squeeze(1)
-        if rows.numel():
-            pooled[rows] = roi_align(
-                feature, rois[rows], output_size, 1.0 / stride, sampling_ratio, aligned=True
+        on_level = levels == level
+        if resolve_impl(impl, feature[:, None], p, output_size) == "torchvision":
+            rows = torch.nonzero(on_level.flatten()).squeeze(1)
+            if rows.numel():
+                image_index = rows.div(p, rounding_mode="floor").to(boxes.dtype)
+                rois = torch.cat([image_index[:, None], boxes.reshape(b * p, 4)[rows]], dim=1)
+                out = roi_align(feature, rois, output_size, 1.0 / stride, sampling_ratio, aligned=True)
+                pooled = pooled.flatten(0, 1).index_put((rows,), out).view_as(pooled)
+        elif bool(on_level.any()):  # every box on this map, the others' outputs masked to zero
+            out = roi_align_boxes(
+                feature[:, None], boxes, output_size, 1.0 / stride, sampling_ratio, True, impl
             )
-    return pooled
+            pooled = pooled + out[:, 0] * on_level[..., None, None, None].to(out.dtype)
+    return pooled.flatten(0, 1)
 
 
 class DynamicConv(nn.Module):
@@ -207,6 +216,7 @@ class LocaliserStage(nn.Module):
         num_class_layers: int,
         num_box_layers: int,
         box_weights: Sequence[float],
+        roi_impl: RoIAlignImpl = "auto",
     ):
         super().__init__()
         self.strides, self.pooler_resolution, self.sampling_ratio = (
@@ -214,6 +224,7 @@ class LocaliserStage(nn.Module):
             pooler_resolution,
             sampling_ratio,
         )
+        self.roi_impl = roi_impl
         self.box_weights = tuple(box_weights)
         self.self_attn = nn.MultiheadAttention(hidden_dim, num_heads, batch_first=True)
         self.norm1 = nn.LayerNorm(hidden_dim)
@@ -231,7 +242,9 @@ class LocaliserStage(nn.Module):
         self, maps: Sequence[Tensor], boxes: Tensor, features: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         b, p, c = features.shape
-        rois = multilevel_roi_align(maps, boxes, self.strides, self.pooler_resolution, self.sampling_ratio)
+        rois = multilevel_roi_align(
+            maps, boxes, self.strides, self.pooler_resolution, self.sampling_ratio, self.roi_impl
+        )
         rois = rearrange(rois, "r c h w -> r (h w) c")
         x = self.norm1(features + self.self_attn(features, features, features, need_weights=False)[0])
         x = x.reshape(b * p, c)
@@ -259,7 +272,11 @@ class QueryLocaliser(nn.Module):
     ``forward(maps, image_sizes)`` takes the pyramid's maps (B, hidden_dim, ., .) at ``strides``, finest first,
     and ``image_sizes`` (B, 2) = (height, width) of each un-padded image in pixels. Proposal boxes are stored as
     image-normalised (cx, cy, w, h), initialised to the whole image; proposal features ~ N(0, 1). Every matrix of
-    the stages is Xavier-uniform initialised, as the official head does.
+    the stages is Xavier-uniform initialised, as the official head does. ``roi_impl`` chooses the RoIAlign
+    implementation (``models.roi_align.resolve_impl``: the factorised form for CPU training).
+    ``activation_checkpointing`` recomputes each stage in the backward pass instead of storing its activations
+    (training only): the dynamic kernels and RoI features of 6 stages are the largest fixed share of EVAD's
+    activations, about 690 MB of ViT-B's 3.4 GB at batch 2, whatever the keep rate.
     """
 
     def __init__(
@@ -276,8 +293,11 @@ class QueryLocaliser(nn.Module):
         num_class_layers: int = 1,
         num_box_layers: int = 3,
         box_weights: Sequence[float] = (2.0, 2.0, 1.0, 1.0),
+        roi_impl: RoIAlignImpl = "auto",
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         first = strides[0]
         if first & (first - 1) or list(strides) != [first * 2**i for i in range(len(strides))]:
             raise ValueError(
@@ -298,6 +318,7 @@ class QueryLocaliser(nn.Module):
                 num_class_layers,
                 num_box_layers,
                 box_weights,
+                roi_impl,
             )
             for _ in range(num_stages)
         )
@@ -323,119 +344,16 @@ class QueryLocaliser(nn.Module):
         boxes = self.initial_boxes(image_sizes)
         features = self.proposal_features[None].expand(batch, -1, -1)
         all_boxes, all_logits = [], []
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for stage in self.stages:
-            logits, boxes, features = stage(maps, boxes, features)
+            if recompute:
+                logits, boxes, features = checkpoint(stage, maps, boxes, features, use_reentrant=False)
+            else:
+                logits, boxes, features = stage(maps, boxes, features)
             all_boxes.append(boxes)
             all_logits.append(logits)
             boxes = boxes.detach()
         return LocaliserOutput(all_boxes, all_logits, features)
-
-
-Matches = list[tuple[Tensor, Tensor]]
-
-
-class HungarianMatcher:
-    """One-to-one assignment of proposals to ground-truth actors, per image (scipy's Hungarian solver).
-
-    Cost = ``class_cost * (-p_person) + l1_cost * L1(xyxy / image size) + giou_cost * (-GIoU)``. An image without
-    ground truth matches nothing. Returns per image (proposal indices, GT indices), int64, proposal-sorted.
-    """
-
-    def __init__(self, class_cost: float = 2.0, l1_cost: float = 5.0, giou_cost: float = 2.0):
-        self.class_cost, self.l1_cost, self.giou_cost = class_cost, l1_cost, giou_cost
-
-    def cost_matrix(self, logits: Tensor, boxes: Tensor, gt_boxes: Tensor, image_size: Tensor) -> Tensor:
-        """(P, G) matching cost of one image: ``logits`` (P, 2), ``boxes`` (P, 4), ``gt_boxes`` (G, 4)."""
-        whwh = image_size.flip(-1).repeat(2).to(boxes.dtype)
-        person = logits.softmax(-1)[:, 0]
-        l1 = torch.cdist(boxes / whwh, gt_boxes.to(boxes.dtype) / whwh, p=1)
-        giou = generalized_box_iou(boxes, gt_boxes.to(boxes.dtype))
-        return self.class_cost * -person[:, None] + self.l1_cost * l1 - self.giou_cost * giou
-
-    @torch.no_grad()
-    def __call__(
-        self, logits: Tensor, boxes: Tensor, gt_boxes: Sequence[Tensor], image_sizes: Tensor
-    ) -> Matches:
-        matches = []
-        for i, gt in enumerate(gt_boxes):
-            if len(gt) == 0:
-                empty = torch.zeros(0, dtype=torch.int64, device=logits.device)
-                matches.append((empty, empty.clone()))
-                continue
-            cost = self.cost_matrix(logits[i].float(), boxes[i].float(), gt, image_sizes[i])
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
-            matches.append(
-                (torch.as_tensor(rows, device=logits.device), torch.as_tensor(cols, device=logits.device))
-            )
-        return matches
-
-
-def mean_over_ranks(value: Tensor) -> Tensor:
-    """The mean of ``value`` over the ranks of the default process group (identity without one).
-
-    Pass as ``set_losses(reduce_num_boxes=...)`` under DDP: the official code divides the box losses by the
-    ground-truth count averaged over ranks.
-    """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-        value = value / torch.distributed.get_world_size()
-    return value
-
-
-def set_losses(
-    output: LocaliserOutput,
-    gt_boxes: Sequence[Tensor],
-    image_sizes: Tensor,
-    matcher: HungarianMatcher,
-    class_weight: float = 2.0,
-    l1_weight: float = 5.0,
-    giou_weight: float = 2.0,
-    no_object_weight: float = 0.1,
-    deep_supervision: bool = True,
-    reduce_num_boxes: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[dict[str, Tensor], Matches]:
-    """Weighted set losses of every stage (only the last without ``deep_supervision``) and the last matches.
-
-    Each stage is matched on its own predictions. Per stage ``s`` the dict holds (already weighted; the
-    localisation loss is the sum of the values):
-
-    - ``stage{s}_class``: 2-way cross-entropy over all proposals, unmatched ones labelled no-object, averaged
-      with the class weights (1 person, ``no_object_weight`` no-object) as ``F.cross_entropy(weight=...)`` does;
-    - ``stage{s}_l1``: L1 of matched xyxy boxes divided by the image's (w, h, w, h), summed, / num_boxes;
-    - ``stage{s}_giou``: sum of (1 - GIoU) of matched pairs / num_boxes.
-
-    num_boxes = the batch's ground-truth count, passed through ``reduce_num_boxes`` (e.g. ``mean_over_ranks``),
-    clamped to at least 1. ``gt_boxes`` holds (G_i, 4) xyxy pixel boxes per image. Also returns the last stage's
-    matches (proposal indices, GT indices) per image, for the action loss.
-    """
-    device = output.logits[-1].device
-    num_boxes = torch.tensor(float(sum(len(g) for g in gt_boxes)), device=device)
-    if reduce_num_boxes is not None:
-        num_boxes = reduce_num_boxes(num_boxes)
-    num_boxes = num_boxes.clamp(min=1.0)
-    class_weights = torch.tensor([1.0, no_object_weight], device=device)
-    whwh = image_sizes.flip(-1).repeat(1, 2)  # (B, 4)
-    stages = range(len(output.boxes)) if deep_supervision else [len(output.boxes) - 1]
-    losses: dict[str, Tensor] = {}
-    matches: Matches = []
-    for s in stages:
-        logits, boxes = output.logits[s], output.boxes[s]
-        matches = matcher(logits, boxes, gt_boxes, image_sizes)
-        image_index = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(matches)])
-        proposal_index = torch.cat([src for src, _ in matches])
-        labels = torch.ones(logits.shape[:2], dtype=torch.int64, device=device)  # 1 = no-object
-        labels[image_index, proposal_index] = 0
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), weight=class_weights)
-        scale = whwh[image_index].to(boxes.dtype)
-        matched = boxes[image_index, proposal_index]
-        target = torch.cat([g[tgt].to(boxes.dtype) for g, (_, tgt) in zip(gt_boxes, matches)])
-        l1 = (matched / scale - target / scale).abs().sum() / num_boxes
-        giou = (1 - torch.diag(generalized_box_iou(matched, target))).sum() / num_boxes
-        losses[f"stage{s}_class"] = class_weight * ce
-        losses[f"stage{s}_l1"] = l1_weight * l1
-        losses[f"stage{s}_giou"] = giou_weight * giou
-    return losses, matches
 
 
 @dataclass

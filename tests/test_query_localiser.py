@@ -13,7 +13,6 @@ from torchvision.ops import roi_align
 
 from models.query_localiser import (
     DynamicConv,
-    HungarianMatcher,
     LocaliserOutput,
     QueryLocaliser,
     SimpleFeaturePyramid,
@@ -21,8 +20,8 @@ from models.query_localiser import (
     decode_box_deltas,
     multilevel_roi_align,
     postprocess,
-    set_losses,
 )
+from models.set_criterion import HungarianMatcher, set_losses
 
 
 def giou_ref(a: list[float], b: list[float]) -> float:
