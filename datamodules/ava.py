@@ -220,6 +220,7 @@ class AVADataModule(KeyframeDetectionDataModule):
         synthetic_seconds: int = 8,
         synthetic_fps: int = 12,
         synthetic_max_actors: int = 2,
+        synthetic_actor_size: tuple[float, float] = (0.13, 0.36),
         synthetic_seed: int = 0,
         download_hint: str | None = None,
         batch_size: int = 8,
@@ -279,7 +280,8 @@ class AVADataModule(KeyframeDetectionDataModule):
         self.synthetic_config = {
             "num_videos": synthetic_num_videos, "val_fraction": synthetic_val_fraction,
             "size": tuple(synthetic_size), "seconds": synthetic_seconds, "fps": synthetic_fps,
-            "max_actors": synthetic_max_actors, "seed": synthetic_seed,
+            "max_actors": synthetic_max_actors, "actor_size": tuple(float(v) for v in synthetic_actor_size),
+            "seed": synthetic_seed,
         }  # fmt: skip
         self.download_hint = download_hint
         self._label_map: dict[int, str] | None = None

@@ -560,6 +560,7 @@ def generate_spatiotemporal(
     seconds: int = 8,
     fps: int = 12,
     max_actors: int = 2,
+    actor_size: tuple[float, float] = (0.13, 0.36),
     seed: int = 0,
 ) -> Path:
     """AVA-style: root/videos/<video_id>.mp4, root/annotations/{train,val}.csv,
@@ -567,7 +568,8 @@ def generate_spatiotemporal(
 
     CSV rows: ``video_id,timestamp,x1,y1,x2,y2,action_id,person_id`` (no header) with the timestamp written
     as in AVA (4-digit zero-padded integer second, keyframes 1..seconds-1 at frame round(t*fps)), boxes
-    normalised to [0, 1] with 3 decimals, 1-based action ids and 0-based per-video person ids.
+    normalised to [0, 1] with 3 decimals, 1-based action ids and 0-based per-video person ids. Each actor is an
+    upright rectangle of ``actor_size`` (fractions of the frame's width and height) before it rotates.
     """
     seed = _check_seed(seed)
     height, width = int(size[0]), int(size[1])
@@ -578,7 +580,9 @@ def generate_spatiotemporal(
     root = Path(root)
     _begin(root)
     num_frames = int(seconds * fps)
-    aw, ah = max(4, round(0.13 * width)), max(6, round(0.36 * height))
+    if not (0 < actor_size[0] <= 1 and 0 < actor_size[1] <= 1):
+        raise ValueError(f"actor_size must be two fractions in (0, 1] of (width, height), got {actor_size}")
+    aw, ah = max(4, round(actor_size[0] * width)), max(6, round(actor_size[1] * height))
     if math.hypot(aw, ah) > min(height, width):
         raise ValueError(f"frame {size} too small for {aw}x{ah} actors")
     n_val = _num_val(num_videos, val_fraction)
@@ -623,6 +627,7 @@ def generate_spatiotemporal(
             "seconds": seconds,
             "fps": fps,
             "max_actors": max_actors,
+            "actor_size": [float(actor_size[0]), float(actor_size[1])],
         },
     )
     return root

@@ -320,3 +320,25 @@ def test_detector_proposals_travel_in_pixels(tmp_path, make_video):
     np.testing.assert_allclose(batch["proposals"][1].numpy(), [[0.5 * w, 0.5 * h, w, h]], rtol=1e-5)
     assert batch["boxes"][1].shape == (0, 4) and batch["labels"][1].shape == (0, 3)
     np.testing.assert_allclose(batch["boxes"][0].numpy(), [[0.1 * w, 0.2 * h, 0.5 * w, 0.6 * h]], rtol=1e-5)
+
+
+def test_synthetic_actor_size_sets_the_boxes_and_regenerates(tmp_path):
+    root = tmp_path / "synthetic"
+    args = {**SYNTHETIC, "synthetic_num_videos": 6, "synthetic_val_fraction": 0.5}
+    sides = {}
+    for actor_size in ((0.13, 0.36), (0.25, 0.5)):
+        AVADataModule(str(root), synthetic=True, synthetic_actor_size=actor_size, **args).prepare_data()
+        assert synthetic.is_complete(root, "spatiotemporal", actor_size=list(actor_size))
+        boxes = np.array(
+            [box for rows in csv_boxes(root / "annotations" / "train.csv").values() for box, _ in rows]
+        )
+        # a (a x b) rectangle turned by any angle has the box W = a|cos| + b|sin|, H = a|sin| + b|cos|, so
+        # ((W + H) / (a + b))**2 + ((W - H) / (a - b))**2 = 2 for every row (actors keep clear of the edges)
+        w, h = (boxes[:, 2] - boxes[:, 0]) * 80, (boxes[:, 3] - boxes[:, 1]) * 64
+        a, b = max(4, round(actor_size[0] * 80)), max(6, round(actor_size[1] * 64))
+        identity = ((w + h) / (a + b)) ** 2 + ((w - h) / (a - b)) ** 2
+        np.testing.assert_allclose(identity, 2.0, atol=0.03, err_msg=str(actor_size))
+        sides[actor_size] = (a, b)
+    assert sides[(0.25, 0.5)] == (20, 32)
+    with pytest.raises(ValueError, match="actor_size must be two fractions"):
+        synthetic.generate_spatiotemporal(tmp_path / "bad", actor_size=(0.0, 0.5))
