@@ -168,11 +168,18 @@ class DynamicConv(nn.Module):
     to a (C, dim_dynamic) and a (dim_dynamic, C) matrix (row-major in the generator's output); the RoI features
     go through ``rois @ K1 -> LN -> ReLU -> @ K2 -> LN -> ReLU``, are flattened cell-major to (R, S*C) and
     projected to (R, C) -> LN -> ReLU.
+
+    ``recompute`` (training only) stores just the inputs and recomputes the kernels and the interaction in the
+    backward pass: the generated kernels, (R, 2*C*dim_dynamic), and the (R, S, C) intermediates are most of a
+    stage's activations (about 50 of its 70 MB at ViT-B batch 2, 300 MB over 6 stages) for a few per cent of a
+    training step's work.
     """
 
-    def __init__(self, hidden_dim: int = 256, dim_dynamic: int = 64, resolution: int = 7):
+    def __init__(
+        self, hidden_dim: int = 256, dim_dynamic: int = 64, resolution: int = 7, recompute: bool = False
+    ):
         super().__init__()
-        self.hidden_dim, self.dim_dynamic = hidden_dim, dim_dynamic
+        self.hidden_dim, self.dim_dynamic, self.recompute = hidden_dim, dim_dynamic, recompute
         self.dynamic_layer = nn.Linear(hidden_dim, 2 * hidden_dim * dim_dynamic)
         self.norm1 = nn.LayerNorm(dim_dynamic)
         self.norm2 = nn.LayerNorm(hidden_dim)
@@ -180,6 +187,11 @@ class DynamicConv(nn.Module):
         self.norm3 = nn.LayerNorm(hidden_dim)
 
     def forward(self, proposals: Tensor, rois: Tensor) -> Tensor:
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(self.interact, proposals, rois, use_reentrant=False)
+        return self.interact(proposals, rois)
+
+    def interact(self, proposals: Tensor, rois: Tensor) -> Tensor:
         c, d = self.hidden_dim, self.dim_dynamic
         params = self.dynamic_layer(proposals)  # (R, 2*C*d)
         kernel1 = params[:, : c * d].reshape(-1, c, d)
@@ -217,6 +229,7 @@ class LocaliserStage(nn.Module):
         num_box_layers: int,
         box_weights: Sequence[float],
         roi_impl: RoIAlignImpl = "auto",
+        recompute_dynamic: bool = True,
     ):
         super().__init__()
         self.strides, self.pooler_resolution, self.sampling_ratio = (
@@ -228,7 +241,7 @@ class LocaliserStage(nn.Module):
         self.box_weights = tuple(box_weights)
         self.self_attn = nn.MultiheadAttention(hidden_dim, num_heads, batch_first=True)
         self.norm1 = nn.LayerNorm(hidden_dim)
-        self.dynamic_conv = DynamicConv(hidden_dim, dim_dynamic, pooler_resolution)
+        self.dynamic_conv = DynamicConv(hidden_dim, dim_dynamic, pooler_resolution, recompute_dynamic)
         self.norm2 = nn.LayerNorm(hidden_dim)
         self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
@@ -274,9 +287,9 @@ class QueryLocaliser(nn.Module):
     image-normalised (cx, cy, w, h), initialised to the whole image; proposal features ~ N(0, 1). Every matrix of
     the stages is Xavier-uniform initialised, as the official head does. ``roi_impl`` chooses the RoIAlign
     implementation (``models.roi_align.resolve_impl``: the factorised form for CPU training).
-    ``activation_checkpointing`` recomputes each stage in the backward pass instead of storing its activations
-    (training only): the dynamic kernels and RoI features of 6 stages are the largest fixed share of EVAD's
-    activations, about 690 MB of ViT-B's 3.4 GB at batch 2, whatever the keep rate.
+    ``recompute_dynamic`` recomputes each stage's dynamic interaction in the backward pass (``DynamicConv``:
+    its generated kernels are the largest fixed share of EVAD's activations, whatever the keep rate);
+    ``activation_checkpointing`` recomputes whole stages (training only).
     """
 
     def __init__(
@@ -294,6 +307,7 @@ class QueryLocaliser(nn.Module):
         num_box_layers: int = 3,
         box_weights: Sequence[float] = (2.0, 2.0, 1.0, 1.0),
         roi_impl: RoIAlignImpl = "auto",
+        recompute_dynamic: bool = True,
         activation_checkpointing: bool = False,
     ):
         super().__init__()
@@ -319,6 +333,7 @@ class QueryLocaliser(nn.Module):
                 num_box_layers,
                 box_weights,
                 roi_impl,
+                recompute_dynamic,
             )
             for _ in range(num_stages)
         )

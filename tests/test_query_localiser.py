@@ -351,3 +351,29 @@ def test_postprocess_threshold_and_fallback():
     assert second.index.tolist() == [0, 1, 2, 3, 4]  # none reaches 0.7: every proposal is kept
     torch.testing.assert_close(second.scores, torch.tensor([0.6, 0.1, 0.69, 0.3, 0.5]))
     torch.testing.assert_close(second.boxes[1], torch.tensor([10.0, 20.0, 30.0, 40.0]))
+
+
+def test_dynamic_conv_recompute_gives_the_same_values_and_gradients_and_stores_less():
+    torch.manual_seed(0)
+    conv = DynamicConv(hidden_dim=16, dim_dynamic=4, resolution=3).train()
+    proposals = torch.randn(6, 16, requires_grad=True)
+    rois = torch.randn(6, 9, 16, requires_grad=True)
+    results, stored = [], []
+    for recompute in (False, True):
+        conv.recompute = recompute
+        sizes: list[int] = []
+
+        def pack(t: torch.Tensor, sizes=sizes) -> torch.Tensor:
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = conv(proposals, rois)
+        grads = torch.autograd.grad(out.square().sum(), [proposals, rois, *conv.parameters()])
+        results.append((out.detach(), grads))
+        stored.append(sum(sizes))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b)
+    # recomputing keeps only the inputs (and the weights), not the (R, 2*C*d) kernels or the (R, S, .) maps
+    assert stored[1] < stored[0] / 2, stored
