@@ -8,6 +8,40 @@ import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# The tests' models and clips are tiny: a second intra-op thread brings nothing, and on a shared 2-core machine each
+# small op then waits for a core the other thread cannot get (an op of microseconds takes milliseconds). One thread
+# here and, through the environment, in the commands the tests start (CLI subprocesses and their DDP ranks); an
+# explicit setting wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_intra_op_thread():
+    """Torch may have been imported (and sized its thread pool) before the environment above was read."""
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "forkserver_preload(*modules): the test's loader workers start from this process's fork server, which "
+        "should import these modules once (started in the background at collection; see below)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """If a selected test starts loader workers here, start the fork server now with the modules they need
+    preloaded: it imports torch and Lightning (seconds) on a core the earlier, single-threaded tests leave free,
+    and each worker is then a fork of it instead of a fresh import."""
+    modules = sorted({m for item in items for mark in item.iter_markers("forkserver_preload") for m in mark.args})
+    if modules:
+        import multiprocessing
+        from multiprocessing import forkserver
+
+        multiprocessing.set_forkserver_preload(modules)
+        forkserver.ensure_running()
 
 
 def ramp_video(num_frames: int, height: int = 48, width: int = 64) -> np.ndarray:

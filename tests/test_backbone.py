@@ -29,18 +29,27 @@ def hf_videomae(layers: int, use_mean_pooling: bool, classifier: bool = False, q
     return model
 
 
-@pytest.mark.parametrize("safe_serialization", [True, False])
-def test_videomae_small_matches_transformers(tmp_path, safe_serialization):
-    """ViT-S, 16 frames at 224: token features equal to transformers' VideoMAEModel with the same weights."""
+@pytest.fixture(scope="module")
+def videomae_small():
+    """transformers' ViT-S VideoMAEModel, a 16-frame clip at 224 and its token features: the reference both
+    serialisations are checked against (built and run once, most of those checks' time)."""
     hf = hf_videomae(layers=12, use_mean_pooling=False)
+    video = torch.randn(1, 3, 16, 224, 224)
+    with torch.no_grad():
+        expected = hf(pixel_values=video.transpose(1, 2)).last_hidden_state
+    return hf, video, expected
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False])
+def test_videomae_small_matches_transformers(tmp_path, safe_serialization, videomae_small):
+    """ViT-S, 16 frames at 224: token features equal to transformers' VideoMAEModel with the same weights."""
+    hf, video, expected = videomae_small
     hf.save_pretrained(tmp_path, safe_serialization=safe_serialization)
     ours = VideoMAEViT(size="small", num_frames=16, img_size=224, use_mean_pooling=False).eval()
     report = load_pretrained(ours, tmp_path)
     assert report.source_format == "huggingface-videomae"
     assert report.missing == [] and report.unexpected == []
-    video = torch.randn(1, 3, 16, 224, 224)
     with torch.no_grad():
-        expected = hf(pixel_values=video.transpose(1, 2)).last_hidden_state
         got = ours.forward_features(video)
     assert got.shape == (1, 8 * 14 * 14, 384)
     assert (got - expected).abs().max().item() <= 1e-4

@@ -165,8 +165,9 @@ def test_two_process_ddp_fit_without_the_motion_loss(tmp_path, synthetic_classif
         "--config", str(recipe), *quick_overrides(tmp_path, synthetic_classification, batch_size=2),
         "--trainer.limit_train_batches=2",
         "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.accelerator=cpu",
-        "--trainer.devices=2", "--trainer.strategy=ddp_spawn",
+        "--trainer.devices=2", "--trainer.strategy=ddp_fork",
     ]  # fmt: skip
+    # The ranks are forks of this process: spawned ones would each import torch and Lightning afresh.
     cli = main(["fit", *args])
     metrics = cli.trainer.callback_metrics
     assert cli.model.motion_head is None

@@ -59,7 +59,8 @@ def test_exact_under_ddp_padding():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_rank, args=(2, port, results), nprocs=2, join=True)
+    # Forked ranks: a spawned one would import torch and the metrics afresh, most of this test's time.
+    mp.start_processes(_rank, args=(2, port, results), nprocs=2, join=True, start_method="fork")
     scores, targets = fixed_data()
     for rank in range(2):
         assert results[rank]["num_samples"] == NUM

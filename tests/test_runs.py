@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,19 +38,23 @@ def args(run_root: Path, data: Path, *extra: str) -> list[str]:
     return ["--config", str(QUICKSTART), *quick_overrides(run_root, data), *SHORT, *extra]
 
 
-def fit_subprocess(run_root: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
-    """``python -m lightning_modules fit`` in its own process; its output goes to a file, not a pipe, so processes
-    it leaves behind cannot keep the call waiting."""
+def launch_fit(run_root: Path, data: Path, *extra: str) -> subprocess.Popen:
+    """``python -m lightning_modules fit`` in its own process; its output goes to ``run_root/fit.log``, not a pipe,
+    so processes it leaves behind cannot keep a reader waiting."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
     env.pop("EVT_RUN_ID", None)
-    log_file = run_root / "fit.log"
-    with log_file.open("w") as out:
-        done = subprocess.run(
+    with (run_root / "fit.log").open("w") as out:
+        return subprocess.Popen(
             [sys.executable, "-m", "lightning_modules", "fit", *args(run_root, data, *extra)],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600,
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
-    done.stderr = log_file.read_text()
-    return done
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def ckpt_state(path: Path) -> dict:
@@ -63,6 +68,67 @@ def best_record(cli) -> tuple[float, str, dict[str, float]]:
         Path(ckpt.best_model_path).name,
         {Path(k).name: float(v) for k, v in ckpt.best_k_models.items()},
     )
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, synthetic_classification):
+    """Two fits in their own processes, started side by side and left running (each is one thread, and start-up is
+    most of their time: the tests' own work here goes on meanwhile); a test takes one with ``finished``:
+
+    - ``kill``: run k with a loader worker per loader (a fork server starts them), SIGKILLed before step 5, mid
+      second epoch; a watcher records ``children``, the ids of its child processes then, and ``left``, those
+      still alive 15 s after its exit;
+    - ``term``: run t, sent SIGTERM before step 4."""
+    root = tmp_path_factory.mktemp("interrupted")
+    pids_file = root / "kill" / "children.json"
+    extra = {
+        "kill": ["--run_id=k", "--data.init_args.num_workers=1", "--trainer.callbacks+=tests.helpers.KillAt",
+                 "--trainer.callbacks.step=5", f"--trainer.callbacks.pids_file={pids_file}"],
+        "term": ["--run_id=t", "--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.step=4",
+                 "--trainer.callbacks.sig=SIGTERM"],
+    }  # fmt: skip
+    runs = {}
+    for name, more in extra.items():
+        (root / name).mkdir()
+        runs[name] = {"root": root / name, "proc": launch_fit(root / name, synthetic_classification, *more)}
+    kill = runs["kill"]
+    kill["watcher"] = threading.Thread(target=watch_children, args=(kill, pids_file), daemon=True)
+    kill["watcher"].start()
+    yield runs
+    for r in runs.values():
+        if r["proc"].poll() is None:
+            r["proc"].kill()
+            r["proc"].wait()
+
+
+def watch_children(run: dict, pids_file: Path) -> None:
+    """Once the killed run has exited: its child processes then (``children``), and those still alive 15 s later
+    (``left``)."""
+    try:
+        run["proc"].wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        return
+    run["children"] = json.loads(pids_file.read_text()) if pids_file.is_file() else []
+    gone_by = time.monotonic() + 15
+    while any(alive(p) for p in run["children"]) and time.monotonic() < gone_by:
+        time.sleep(0.5)
+    run["left"] = [p for p in run["children"] if alive(p)]
+
+
+def finished(run: dict) -> dict:
+    """One of the ``interrupted`` runs once it has ended, with its ``returncode`` (None: still running after 10
+    minutes, then killed) and ``output``."""
+    if "returncode" not in run:
+        try:
+            run["returncode"] = run["proc"].wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            run["returncode"] = None
+            run["proc"].kill()
+            run["proc"].wait()
+        if "watcher" in run:
+            run["watcher"].join()
+        run["output"] = (run["root"] / "fit.log").read_text()
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -89,53 +155,38 @@ def test_last_checkpoint_is_written_every_epoch_whatever_the_validation(tmp_path
     assert ckpt_state(tmp_path / "r" / "checkpoints" / "last.ckpt")["global_step"] == 6
 
 
+def test_sigterm_saves_and_exits_nonzero_then_resumes(interrupted, synthetic_classification, uninterrupted):
+    stopped = finished(interrupted["term"])
+    assert stopped["returncode"] == SIGTERM_EXIT, stopped["output"][-2000:]
+    root = stopped["root"]
+    saved = ckpt_state(root / "t" / "checkpoints" / "last.ckpt")["global_step"]
+    assert 4 <= saved <= 5  # saved mid-epoch, where it stopped
+    resumed = main(["fit", *args(root, synthetic_classification, "--run_id=t")])
+    assert resumed.trainer.global_step == uninterrupted[0]
+
+
 def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(
-    tmp_path, synthetic_classification, uninterrupted
+    interrupted, synthetic_classification, uninterrupted
 ):
-    killed = fit_subprocess(tmp_path, synthetic_classification, "--run_id=k",
-                            "--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.step=5")  # fmt: skip
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    last = tmp_path / "k" / "checkpoints" / "last.ckpt"
+    killed = finished(interrupted["kill"])
+    assert killed["returncode"] == -signal.SIGKILL, killed["output"][-2000:]
+    root = killed["root"]
+    last = root / "k" / "checkpoints" / "last.ckpt"
     assert ckpt_state(last)["global_step"] == 3  # killed in the second epoch: the first epoch's end is kept
-    resumed = main(["fit", *args(tmp_path, synthetic_classification, "--run_id=k")])
+    resumed = main(["fit", *args(root, synthetic_classification, "--run_id=k")])
     steps, record = uninterrupted
     assert resumed.trainer.global_step == steps == 9
     assert best_record(resumed) == record  # same scores, same files: the first part's best is remembered
-    with (tmp_path / "k" / "metrics.csv").open() as f:
+    with (root / "k" / "metrics.csv").open() as f:
         val_steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("val/top1")]
     assert val_steps == [2, 5, 8]  # one validation row per epoch: the lost part's rows were dropped
 
 
-def test_sigterm_saves_and_exits_nonzero_then_resumes(tmp_path, synthetic_classification, uninterrupted):
-    stopped = fit_subprocess(tmp_path, synthetic_classification, "--run_id=t",
-                             "--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.step=4",
-                             "--trainer.callbacks.sig=SIGTERM")  # fmt: skip
-    assert stopped.returncode == SIGTERM_EXIT, stopped.stderr[-2000:]
-    saved = ckpt_state(tmp_path / "t" / "checkpoints" / "last.ckpt")["global_step"]
-    assert 4 <= saved <= 5  # saved mid-epoch, where it stopped
-    resumed = main(["fit", *args(tmp_path, synthetic_classification, "--run_id=t")])
-    assert resumed.trainer.global_step == uninterrupted[0]
-
-
-def test_loader_workers_die_with_a_killed_trainer(tmp_path, synthetic_classification):
-    pids_file = tmp_path / "children.json"
-    killed = fit_subprocess(tmp_path, synthetic_classification, "--run_id=w", "--data.init_args.num_workers=2",
-                            "--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.step=2",
-                            f"--trainer.callbacks.pids_file={pids_file}")  # fmt: skip
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    children = json.loads(pids_file.read_text())
-    assert len(children) >= 2  # the fork server and the workers (and the resource tracker)
-
-    def alive(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    deadline = time.monotonic() + 15
-    while any(alive(p) for p in children) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not [p for p in children if alive(p)], "processes left behind by a SIGKILLed trainer"
+def test_loader_workers_die_with_a_killed_trainer(interrupted):
+    killed = finished(interrupted["kill"])
+    assert killed["returncode"] == -signal.SIGKILL, killed["output"][-2000:]
+    assert len(killed.get("children", [])) >= 2  # the fork server and the workers (and the resource tracker)
+    assert not killed.get("left", ["(not watched)"]), "processes left behind by a SIGKILLed trainer"
 
 
 def test_wandb_disabled_writes_nothing(tmp_path, synthetic_classification, monkeypatch):

@@ -160,6 +160,9 @@ def cluster():
         pytest.skip(f"SLURM is not installed (missing {', '.join(missing)}; Debian packages slurmctld slurmd "
                     "slurm-client munge, which .ci/run installs)")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k == "SLURM_LOCAL_DIR"}
+    # The script declares the node's CPUs with `nproc`, which reports OMP_NUM_THREADS (set to 1 for the tests'
+    # own processes) instead of the cores when it is set: the 2-task jobs would never fit.
+    env.pop("OMP_NUM_THREADS", None)
     conf = subprocess.run([str(CLUSTER), "env"], env=env, capture_output=True, text=True, check=True).stdout
     conf = conf.strip().split("=", 1)[1]
     was_running = subprocess.run([str(CLUSTER), "status"], check=False, env=env, capture_output=True).returncode == 0
@@ -205,42 +208,27 @@ def global_step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
 
-def test_quickstart_job_trains_with_two_ddp_ranks(jobs, tmp_path, synthetic_classification):
+def test_quickstart_job_trains_on_two_ddp_ranks_and_resumes_after_preemption(
+    jobs, tmp_path, synthetic_classification
+):
+    """The submit helper's command for the quickstart recipe on 2 CPU ranks, preempted (USR1) mid-epoch: every
+    rank joins the HPC checkpoint, the job is requeued and resumes in the same run directory and W&B run, ending
+    with the uninterrupted step count. One job for both (each start of 2 ranks costs tens of seconds)."""
     runs, ranks, out = tmp_path / "runs", tmp_path / "ranks", tmp_path / "job.out"
+    epochs, batches, pause = 2, 2, 3  # 4 optimiser steps; the signal comes before step 3, mid second epoch
     overrides = [
         *quick_overrides(runs, synthetic_classification, batch_size=2), *CPU_DDP,
-        "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-        "--trainer.callbacks+=tests.helpers.SlurmRankLog", f"--trainer.callbacks.out_dir={ranks}",
-    ]  # fmt: skip
-    # What the submit helper would run, with the output kept out of the repository.
-    cmd = submit.sbatch_command(QUICKSTART, overrides, gpus_per_node=0, cpus_per_task=1, job_name=f"{JOB_PREFIX}quick")
-    assert cmd[:6] == ["sbatch", f"--job-name={JOB_PREFIX}quick", "--nodes=1", "--ntasks-per-node=2", "--gres=none",
-                       "--cpus-per-task=1"]  # fmt: skip
-    started = time.monotonic()
-    job = jobs.sbatch(f"--output={out}", *cmd[1:])
-    state = wait_done(jobs, job, 240, out)
-    print(f"\nquickstart job {job}: 2 ranks, 2 steps, {time.monotonic() - started:.1f} s from sbatch to COMPLETED")
-    assert state == "COMPLETED", tail(out)
-    for procid in (0, 1):
-        assert rank_lines(ranks, procid) == [f"start job={job} restart=0 rank={procid} world=2 step=0", "end step=2"]
-    run = runs / job  # the run directory is named by the job id
-    assert sorted(p.name for p in runs.iterdir()) == [job]
-    assert (run / "config.yaml").is_file() and global_step(run / "checkpoints" / "last.ckpt") == 2
-
-
-def test_preempted_job_is_requeued_and_resumes_in_the_same_run(jobs, tmp_path, synthetic_classification):
-    runs, ranks, out = tmp_path / "runs", tmp_path / "ranks", tmp_path / "job.out"
-    epochs, batches, pause = 3, 3, 4  # 9 optimiser steps; the signal comes before step 4, mid second epoch
-    overrides = [
-        *quick_overrides(runs, synthetic_classification, batch_size=2), *CPU_DDP, "--trainer.accelerator=cpu",
         f"--trainer.max_epochs={epochs}", f"--trainer.limit_train_batches={batches}", "--trainer.limit_val_batches=1",
         "--trainer.check_val_every_n_epoch=1", "--trainer.logger+=lightning_modules.loggers.AutoWandbLogger",
         "--trainer.callbacks+=tests.helpers.SlurmRankLog", f"--trainer.callbacks.out_dir={ranks}",
         f"--trainer.callbacks.pause_at_step={pause}",
     ]  # fmt: skip
+    # What the submit helper would run, with the output kept out of the repository.
+    cmd = submit.sbatch_command(QUICKSTART, overrides, gpus_per_node=0, cpus_per_task=1, job_name=f"{JOB_PREFIX}quick")
+    assert cmd[:6] == ["sbatch", f"--job-name={JOB_PREFIX}quick", "--nodes=1", "--ntasks-per-node=2", "--gres=none",
+                       "--cpus-per-task=1"], f"submit helper: {cmd}"  # fmt: skip
     t0 = time.monotonic()
-    job = jobs.sbatch(f"--job-name={JOB_PREFIX}preempt", "--ntasks-per-node=2", "--cpus-per-task=1", "--gres=none",
-                      f"--output={out}", "recipes/slurm/train.sbatch", str(QUICKSTART), *overrides)  # fmt: skip
+    job = jobs.sbatch(f"--output={out}", *cmd[1:])
 
     def paused() -> bool:
         if jobs.state(job)["JobState"] in TERMINAL:
@@ -249,6 +237,10 @@ def test_preempted_job_is_requeued_and_resumes_in_the_same_run(jobs, tmp_path, s
 
     wait_for(paused, 240, f"both ranks reaching step {pause}", lambda: tail(out))
     t_signal = time.monotonic()
+    for procid in (0, 1):
+        assert rank_lines(ranks, procid)[0] == f"start job={job} restart=0 rank={procid} world=2 step=0", (
+            f"quickstart job: rank {procid} did not start as rank {procid} of 2: {rank_lines(ranks, procid)}"
+        )
     jobs.run("scancel", "--signal=USR1", job)
     # Rank 0 requeues the job; SLURM holds a requeued job back (EligibleTime, about 2 minutes): start it now.
     requeued = wait_for(lambda: (s := jobs.state(job))["JobState"] != "RUNNING" and int(s["Restarts"]) >= 1 and s,
@@ -260,13 +252,14 @@ def test_preempted_job_is_requeued_and_resumes_in_the_same_run(jobs, tmp_path, s
     state = wait_done(jobs, job, 300, out)
     t_end = time.monotonic()
     print(
-        f"\npreemption job {job}: submit -> step {pause} {t_signal - t0:.1f} s, USR1 -> requeued (pending) "
+        f"\nquickstart job {job}, 2 ranks: submit -> step {pause} {t_signal - t0:.1f} s, USR1 -> requeued (pending) "
         f"{t_requeued - t_signal:.1f} s, restart -> COMPLETED {t_end - t_requeued:.1f} s, total {t_end - t0:.1f} s"
     )
     log = tail(out, 200_000)
     assert state == "COMPLETED", log[-4000:]
-    run = runs / job
+    run = runs / job  # the run directory is named by the job id
     assert sorted(p.name for p in runs.iterdir()) == [job]  # the requeued job wrote to the same run directory
+    assert (run / "config.yaml").is_file()
     assert global_step(run / "hpc_ckpt_1.ckpt") == pause  # every rank joined the save before the requeue
     for procid in (0, 1):
         assert rank_lines(ranks, procid) == [

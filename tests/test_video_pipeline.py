@@ -196,6 +196,9 @@ def test_video_list_errors(tmp_path):
         read_video_list(tmp_path / "absent.txt", tmp_path)
 
 
+# The workers start from a fork server (the default) that imported the data module's code once, instead of every
+# worker of both loaders importing torch and Lightning anew (seconds each).
+@pytest.mark.forkserver_preload("datamodules.classification")
 def test_datamodule_streams_synthetic_set_with_workers(synthetic_classification):
     dm = VideoClassificationDataModule(
         root=str(synthetic_classification), num_frames=8, frame_interval=2, crop_size=64, train_short_side=(64, 72),
