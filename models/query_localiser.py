@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import roi_align
 
-from models.roi_align import RoIAlignImpl, resolve_impl, roi_align_boxes
+from models.roi_align import RoIAlignImpl, resolve_impl, roi_align_boxes, roi_align_rois
 
 #: Upper bound of the predicted log-scale change of a box side (detectron2's default), so exp() cannot overflow.
 DEFAULT_SCALE_CLAMP = math.log(100000.0 / 16)
@@ -151,7 +150,7 @@ def multilevel_roi_align(
             if rows.numel():
                 image_index = rows.div(p, rounding_mode="floor").to(boxes.dtype)
                 rois = torch.cat([image_index[:, None], boxes.reshape(b * p, 4)[rows]], dim=1)
-                out = roi_align(feature, rois, output_size, 1.0 / stride, sampling_ratio, aligned=True)
+                out = roi_align_rois(feature, rois, output_size, 1.0 / stride, sampling_ratio, True)
                 pooled = pooled.flatten(0, 1).index_put((rows,), out).view_as(pooled)
         elif bool(on_level.any()):  # every box on this map, the others' outputs masked to zero
             out = roi_align_boxes(

@@ -15,10 +15,17 @@ passes as batched matrix products. Its cost grows with the map size (every box t
 ``resolve_impl`` picks it only for CPU training on small maps; CUDA keeps torchvision's kernel, which reads just
 the samples it needs.
 Boxes are constants here as in torchvision: no gradient flows to them.
+
+``roi_align_rois`` is torchvision's kernel for the other cases; without autograd on the CPU it splits the boxes
+over a few threads, since that kernel uses one core (EVAD's decoder pools 1,600 boxes x 768 channels per clip
+pair at inference).
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -109,6 +116,51 @@ def resolve_impl(
     return impl
 
 
+#: Fewest boxes per thread worth splitting torchvision's CPU kernel for (smaller calls stay in one call).
+MIN_ROIS_PER_THREAD = 32
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, workers, pool)
+_POOL_LOCK = threading.Lock()
+
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A shared pool of at least ``workers`` threads, made anew in a forked child (threads do not survive
+    a fork)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
+            _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="roi_align"))
+        return _POOL[2]
+
+
+def roi_align_rois(
+    features: Tensor,
+    rois: Tensor,
+    output_size: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    threads: int | None = None,
+) -> Tensor:
+    """``torchvision.ops.roi_align`` of ``rois`` (K, 5) (image index, x1, y1, x2, y2) on ``features``
+    (N, C, H, W). Its CPU kernel runs on one core: without autograd, on the CPU, the rois are split into
+    ``threads`` (default ``torch.get_num_threads()``) contiguous groups pooled concurrently (the kernel
+    releases the GIL); the result is the same tensor, row for row."""
+    threads = torch.get_num_threads() if threads is None else threads
+    needs_grad = torch.is_grad_enabled() and features.requires_grad
+    groups = min(threads, rois.shape[0] // MIN_ROIS_PER_THREAD)
+    if needs_grad or features.device.type != "cpu" or groups < 2:
+        return torchvision_roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    inference = torch.is_inference_mode_enabled()
+
+    def pool(part: Tensor) -> Tensor:
+        # grad and inference modes are per thread: the workers take the caller's
+        with torch.inference_mode(inference), torch.no_grad():
+            return torchvision_roi_align(features, part, output_size, spatial_scale, sampling_ratio, aligned)
+
+    parts = rois.tensor_split(groups)
+    return torch.cat(list(_thread_pool(groups).map(pool, parts)))
+
+
 def pool_with_weights(features: Tensor, wy: Tensor, wx: Tensor) -> Tensor:
     """``Wy @ F @ Wx.T`` for every box of every image: features (B, S, C, H, W), weights (B, P, out_h, H) and
     (B, P, out_w, W) -> (B, S, P, C, out_h, out_w). ``S`` slices of an image share its boxes."""
@@ -162,9 +214,7 @@ def roi_align_boxes(
     index = torch.arange(b * s, device=boxes.device, dtype=box_dtype).repeat_interleave(p)
     per_slice = boxes[:, None].expand(b, s, p, 4).reshape(b * s * p, 4)
     rois = torch.cat([index[:, None], per_slice], dim=1)
-    pooled = torchvision_roi_align(
-        flat.to(box_dtype), rois, output_size, spatial_scale, sampling_ratio, aligned
-    )
+    pooled = roi_align_rois(flat.to(box_dtype), rois, output_size, spatial_scale, sampling_ratio, aligned)
     return pooled.to(features.dtype).view(b, s, p, c, output_size, output_size)
 
 

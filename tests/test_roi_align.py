@@ -8,7 +8,7 @@ from torchvision.ops import roi_align as torchvision_roi_align
 
 from models.context_decoder import pool_actor_tokens
 from models.query_localiser import multilevel_roi_align
-from models.roi_align import resolve_impl, roi_align_boxes, roi_weights
+from models.roi_align import resolve_impl, roi_align_boxes, roi_align_rois, roi_weights
 
 
 def random_boxes(gen: torch.Generator, b: int, p: int, height: float, width: float) -> torch.Tensor:
@@ -111,3 +111,38 @@ def test_bfloat16_features_are_pooled_in_float32():
     assert ours.dtype == torch.bfloat16
     # only the features' own rounding remains (bf16 keeps 8 bits): no extra error from bf16 weights
     torch.testing.assert_close(ours.float(), exact, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad"])
+def test_threaded_torchvision_kernel_equals_one_call(mode: str):
+    gen = torch.Generator().manual_seed(1)
+    features = torch.randn(6, 5, 9, 11, generator=gen)
+    boxes = random_boxes(gen, 1, 200, 9 * 16, 11 * 16)[0]
+    rois = torch.cat([torch.randint(0, 6, (200, 1), generator=gen).float(), boxes], dim=1)
+    expected = torchvision_roi_align(features, rois, 7, 1 / 16, 2, True)
+    context = torch.inference_mode() if mode == "inference" else torch.no_grad()
+    with context:
+        for threads in (2, 3, 7):  # uneven splits too
+            out = roi_align_rois(features, rois, 7, 1 / 16, 2, True, threads=threads)
+            assert out.is_inference() == (mode == "inference")
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    # with autograd the single differentiable call is kept
+    leaf = features.clone().requires_grad_()
+    out = roi_align_rois(leaf, rois, 7, 1 / 16, 2, True, threads=4)
+    assert out.grad_fn is not None
+
+
+def test_threaded_pool_works_in_a_forked_child():
+    features = torch.randn(2, 3, 8, 8)
+    rois = torch.cat([torch.zeros(128, 1), torch.tensor([[0.0, 0.0, 60.0, 60.0]]).expand(128, 4)], dim=1)
+    with torch.no_grad():
+        expected = roi_align_rois(features, rois, 3, 1 / 8, 2, True, threads=2)  # the parent's pool exists
+    context = torch.multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        out = pool.apply_async(_threaded_in_child, (features, rois)).get(timeout=60)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def _threaded_in_child(features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return roi_align_rois(features, rois, 3, 1 / 8, 2, True, threads=2)
