@@ -612,7 +612,7 @@ def evad_model(size: str, keep_rate: float, activation_checkpointing: bool = Fal
 def bench_evad_throughput(size: str, batch: int, repeats: int) -> dict:
     """Inference clips/s of EVAD at keep rate 0.7 vs 1.0: the same weights (one model, its keep rate switched),
     ``batch`` clips of 16x224x224, CPU float32, interleaved, best of ``repeats`` (at least 5: a forward takes
-    10-20 s and this machine's speed drifts by a third between calls, so the fastest call of each is the least
+    10-20 s and a shared CPU's speed can drift by a third between calls, so the fastest call of each is the least
     disturbed; the medians are reported too). Target >= 1.55x (the paper's A100: 411 / 298 = 1.38x; the MACs
     bound is about 1.67x)."""
     model = evad_model(size, 0.7).eval()

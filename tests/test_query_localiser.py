@@ -4,10 +4,14 @@ permutations, per-proposal loops, hand-worked boxes and kernels, repeat_interlea
 from __future__ import annotations
 
 import math
+import os
+import socket
 from itertools import permutations
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
@@ -21,7 +25,7 @@ from models.query_localiser import (
     multilevel_roi_align,
     postprocess,
 )
-from models.set_criterion import HungarianMatcher, set_losses
+from models.set_criterion import HungarianMatcher, mean_over_ranks, set_losses
 
 
 def giou_ref(a: list[float], b: list[float]) -> float:
@@ -277,6 +281,41 @@ def test_set_losses_equal_direct_recomputation():
     assert halved["stage1_l1"].item() == pytest.approx(losses["stage1_l1"].item() / 2)
     assert halved["stage1_giou"].item() == pytest.approx(losses["stage1_giou"].item() / 2)
     assert halved["stage1_class"].item() == pytest.approx(losses["stage1_class"].item())
+
+
+def _box_losses_on_rank(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    output, gts, image_sizes = _loss_case()
+    rows = [[0, 1], [2]][rank]  # 4 ground-truth boxes on rank 0, none on rank 1
+    part = LocaliserOutput(
+        [b[rows] for b in output.boxes], [lg[rows] for lg in output.logits], output.features
+    )
+    losses, _ = set_losses(
+        part, [gts[i] for i in rows], image_sizes[rows], HungarianMatcher(), reduce_num_boxes=mean_over_ranks
+    )
+    results[rank] = {k: v.item() for k, v in losses.items()} | {
+        "count": mean_over_ranks(torch.tensor(float(4 - 4 * rank))).item()
+    }
+    dist.destroy_process_group()
+
+
+def test_rank_averaged_count_makes_ddp_box_losses_equal_one_process():
+    """DDP averages the ranks' losses (their gradients): with the ground-truth count averaged over the ranks,
+    that average equals the box losses of the whole batch in one process, however unevenly the boxes fall."""
+    assert mean_over_ranks(torch.tensor(3.0)).item() == 3.0  # no process group: the value itself
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.start_processes(_box_losses_on_rank, args=(port, results), nprocs=2, join=True, start_method="fork")
+    output, gts, image_sizes = _loss_case()
+    whole, _ = set_losses(output, gts, image_sizes, HungarianMatcher())
+    assert results[0]["count"] == results[1]["count"] == 2.0
+    for s in range(2):
+        for term in ("l1", "giou"):
+            key = f"stage{s}_{term}"
+            assert (results[0][key] + results[1][key]) / 2 == pytest.approx(whole[key].item(), rel=1e-9)
 
 
 def test_set_losses_without_any_ground_truth():
