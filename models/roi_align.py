@@ -128,6 +128,8 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
+            if _POOL is not None and _POOL[0] == os.getpid():
+                _POOL[2].shutdown(wait=False)  # outgrown: its idle threads end
             _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="roi_align"))
         return _POOL[2]
 
