@@ -575,8 +575,8 @@ PAPER_EVAD_GFLOPS = {1.0: 223.8, 0.9: 186.3, 0.8: 157.0, 0.7: 134.2, 0.6: 116.3}
 
 def bench_evad_flops() -> dict:
     """Multiply-accumulates of the whole EVAD detector (ViT-B, 16x224x224, 100 proposals) per keep rate beside the
-    paper's Table 2a; target: each within 5%. Counted without computing (``models.evad.evad_gmacs``)."""
-    from models.evad import evad_gmacs
+    paper's Table 2a; target: each within 5%. Counted without computing (``models.evad_flops.evad_gmacs``)."""
+    from models.evad_flops import evad_gmacs
 
     ours = {rho: evad_gmacs(rho) for rho in PAPER_EVAD_GFLOPS}
     errors = {rho: ours[rho]["total"] / paper - 1 for rho, paper in PAPER_EVAD_GFLOPS.items()}

@@ -9,8 +9,8 @@ classifier.
   ``ContextRefinementDecoder`` (``models.context_decoder``), which applies the encoder's final LayerNorm.
 
 ``EVAD.forward`` returns an ``EVADOutput``; ``EVAD.loss`` and ``EVAD.predict`` turn it into the training loss
-and per-image detections. ``evad_gmacs`` counts the multiply-accumulates of the whole detector without running
-it (the paper's "GFLOPs").
+and per-image detections. ``models.evad_flops.evad_gmacs`` counts the multiply-accumulates of the whole
+detector without running it (the paper's "GFLOPs").
 """
 
 from __future__ import annotations
@@ -20,19 +20,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental import _config as fx_config
 from torch.utils.checkpoint import checkpoint
 
 from models.checkpoint import load_pretrained
 from models.context_decoder import ContextRefinementDecoder, extend_boxes
-from models.flops import count_macs
 from models.layers import Block, BlockHook
 from models.query_localiser import LocaliserOutput, QueryLocaliser, SimpleFeaturePyramid, postprocess
-from models.set_criterion import HungarianMatcher, Matches, mean_over_ranks, set_losses
+from models.set_criterion import HungarianMatcher, action_losses, action_targets, mean_over_ranks, set_losses
 from models.token_pruning import keyframe_pruning_hooks, keyframe_tokens
 from models.vit import VideoMAEViT
 
@@ -85,42 +81,6 @@ class ActionDetections:
     person_scores: Tensor
     action_scores: Tensor
     index: Tensor
-
-
-def action_targets(matches: Matches, labels: Sequence[Tensor], num_proposals: int) -> tuple[Tensor, Tensor]:
-    """Action targets (B, P, C) and the matched mask (B, P) from the last box stage's matches.
-
-    A matched proposal gets its ground-truth actor's multi-hot labels, every other proposal zeros; only the
-    matched ones enter the action loss (as in the official code). ``labels`` holds (G_i, C) per image.
-    """
-    num_classes = labels[0].shape[-1]
-    device = labels[0].device
-    targets = torch.zeros(len(labels), num_proposals, num_classes, device=device)
-    matched = torch.zeros(len(labels), num_proposals, dtype=torch.bool, device=device)
-    for i, ((proposal, gt), image_labels) in enumerate(zip(matches, labels)):
-        targets[i, proposal.to(device)] = image_labels[gt.to(device)].float()
-        matched[i, proposal.to(device)] = True
-    return targets, matched
-
-
-def action_losses(
-    logits: Sequence[Tensor], targets: Tensor, matched: Tensor, weight: float
-) -> dict[str, Tensor]:
-    """``weight`` x sigmoid BCE of each decoder layer's logits on the matched proposals, ``action{l}``.
-
-    The BCE is the mean over matched proposals and classes (the default reduction of
-    ``F.binary_cross_entropy_with_logits``, as the official code computes it). A batch without any match
-    contributes a zero that keeps the graph whole.
-    """
-    losses = {}
-    any_match = bool(matched.any())
-    for layer, x in enumerate(logits):
-        if any_match:
-            bce = F.binary_cross_entropy_with_logits(x[matched].float(), targets.to(x.device)[matched])
-        else:
-            bce = x.float().sum() * 0.0
-        losses[f"action{layer}"] = weight * bce
-    return losses
 
 
 class EVAD(nn.Module):
@@ -409,47 +369,3 @@ class EVAD(nn.Module):
                 scores = scores * person[:, None]
             detections.append(ActionDetections(boxes, person, scores, index))
         return detections
-
-
-def evad_gmacs(
-    keep_rate: float,
-    size: Literal["base", "large"] = "base",
-    num_frames: int = 16,
-    image_size: tuple[int, int] = (224, 224),
-    num_proposals: int = 100,
-) -> dict[str, float]:
-    """Giga multiply-accumulates of one clip through the whole detector, by part and ``total``.
-
-    The paper's "GFLOPs" (16x224x224: 223.8 / 186.3 / 157.0 / 134.2 / 116.3 at keep rates 1.0 / 0.9 / 0.8 /
-    0.7 / 0.6). Nothing is computed: the localiser (pyramid + box stages) runs on the meta device, told to
-    take every box on every pyramid level (its level choice is data-dependent; the per-box work counted is the
-    same), the backbone and the decoder on fake tensors (the pruning score's autocast guard refuses the meta
-    device). RoIAlign is not counted (nor does fvcore count it). ``backbone`` includes the key-importance
-    scoring of the pruning blocks, which this implementation computes beside fused attention (a second q.k
-    product there: 3.3 GMACs of ViT-B at 224 and keep rate 0.7).
-    """
-    height, width = image_size
-    with torch.device("meta"):
-        backbone = VideoMAEViT(size, use_mean_pooling=False)
-        model = EVAD(backbone, localiser=QueryLocaliser(num_proposals), keep_rate=keep_rate)
-        # frozen: under no_grad a view of a trainable parameter (the proposal features) still asks for
-        # gradient, which the counter's module tracker refuses
-        model.requires_grad_(False).eval()
-        grid = backbone.token_grid((num_frames, height, width))
-        maps = [torch.empty(1, backbone.embed_dim, *grid[1:]) for _ in model.tap_layers]
-        sizes = torch.tensor([[height, width]])
-    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
-        localise = count_macs(model.localise, maps, sizes)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        model.to_empty(device="cpu")
-        video = torch.empty(1, 3, num_frames, height, width)
-        sizes = torch.tensor([[height, width]])
-        encoded = []
-        encode = count_macs(lambda: encoded.append(model.encode(video, keyframe_maps=False)))
-        tokens = encoded[0][0]
-        kept = model._kept_after(len(backbone.blocks) - 1, tokens)
-        boxes = torch.zeros(1, num_proposals, 4)
-        decode = count_macs(model.classify, tokens, boxes, sizes, grid, kept)
-    parts = {"backbone": encode / 1e9, "localiser": localise / 1e9, "decoder": decode / 1e9}
-    parts["total"] = sum(parts.values())
-    return parts

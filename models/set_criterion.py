@@ -6,6 +6,8 @@
   class, L1 on image-normalised boxes, GIoU), on every stage (deep supervision); the last stage's matches feed
   the action loss (``Matches``).
 - ``mean_over_ranks``: the ground-truth count averaged over DDP ranks, the official box-loss normaliser.
+- ``action_targets`` / ``action_losses``: the action BCE of the context refinement decoder's layers on the
+  proposals the last box stage matched.
 
 The localiser itself (pyramid, stages, ``LocaliserOutput``) lives in ``models.query_localiser``. Boxes are
 (x1, y1, x2, y2) pixels of the un-padded input image; image sizes are (height, width) rows.
@@ -128,3 +130,39 @@ def set_losses(
         losses[f"stage{s}_l1"] = l1_weight * l1
         losses[f"stage{s}_giou"] = giou_weight * giou
     return losses, matches
+
+
+def action_targets(matches: Matches, labels: Sequence[Tensor], num_proposals: int) -> tuple[Tensor, Tensor]:
+    """Action targets (B, P, C) and the matched mask (B, P) from the last box stage's matches.
+
+    A matched proposal gets its ground-truth actor's multi-hot labels, every other proposal zeros; only the
+    matched ones enter the action loss (as in the official code). ``labels`` holds (G_i, C) per image.
+    """
+    num_classes = labels[0].shape[-1]
+    device = labels[0].device
+    targets = torch.zeros(len(labels), num_proposals, num_classes, device=device)
+    matched = torch.zeros(len(labels), num_proposals, dtype=torch.bool, device=device)
+    for i, ((proposal, gt), image_labels) in enumerate(zip(matches, labels)):
+        targets[i, proposal.to(device)] = image_labels[gt.to(device)].float()
+        matched[i, proposal.to(device)] = True
+    return targets, matched
+
+
+def action_losses(
+    logits: Sequence[Tensor], targets: Tensor, matched: Tensor, weight: float
+) -> dict[str, Tensor]:
+    """``weight`` x sigmoid BCE of each decoder layer's logits on the matched proposals, ``action{l}``.
+
+    The BCE is the mean over matched proposals and classes (the default reduction of
+    ``F.binary_cross_entropy_with_logits``, as the official code computes it). A batch without any match
+    contributes a zero that keeps the graph whole.
+    """
+    losses = {}
+    any_match = bool(matched.any())
+    for layer, x in enumerate(logits):
+        if any_match:
+            bce = F.binary_cross_entropy_with_logits(x[matched].float(), targets.to(x.device)[matched])
+        else:
+            bce = x.float().sum() * 0.0
+        losses[f"action{layer}"] = weight * bce
+    return losses

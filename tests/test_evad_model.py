@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from models.context_decoder import ContextRefinementDecoder
-from models.evad import EVAD, EVADOutput, action_losses, action_targets, default_tap_layers, evad_gmacs
+from models.evad import EVAD, EVADOutput, default_tap_layers
+from models.evad_flops import evad_gmacs
 from models.query_localiser import LocaliserOutput, QueryLocaliser
+from models.set_criterion import action_losses, action_targets
 from models.vit import VideoMAEViT
 
 CLASSES = 5
