@@ -20,6 +20,7 @@ SLURM job, picks up where it stopped, in the same W&B run and CSV file.
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import os
 import signal
@@ -53,8 +54,14 @@ def slurm_run_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+_new_ids = itertools.count()
+
+
 def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    """A time stamp, the process id and a count of the ids this process made before: two runs started by one
+    process within the same second (the demo's two fits) get different directories, never each other's
+    checkpoints."""
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{next(_new_ids)}"
 
 
 def resolve_run_id(explicit: str | None) -> str:

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import psutil
 import pytest
@@ -146,6 +147,19 @@ def test_run_directory_layout(tmp_path, synthetic_classification):
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in names and any(n.startswith("epoch000") for n in names)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one"]  # nothing written beside the run directory
+
+
+def test_two_fits_of_one_process_in_the_same_second_get_their_own_runs(tmp_path, synthetic_classification):
+    """A fresh run id is unique within the process: the second fit must start from scratch, not resume the first
+    (the demo fits two different models back to back)."""
+    quick = [*args(tmp_path, synthetic_classification, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+                   "--trainer.limit_val_batches=1")]  # fmt: skip
+    with mock.patch("time.strftime", return_value="20260101-000000"):  # both in the same second
+        first = main(["fit", *quick])
+        second = main(["fit", *quick, "--model.init_args.backbone.init_args.embed_dim=32"])
+    assert first.trainer.default_root_dir != second.trainer.default_root_dir
+    assert second.trainer.global_step == 1  # one step of its own, nothing resumed
+    assert len([p for p in tmp_path.iterdir() if (p / "checkpoints" / "last.ckpt").is_file()]) == 2
 
 
 def test_last_checkpoint_is_written_every_epoch_whatever_the_validation(tmp_path, synthetic_classification):
