@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from models.layers import Block, drop_path_rates, resize_grid_positions, sinusoid_table, trunc_normal_init
-from models.roi_align import RoIAlignImpl, roi_align_boxes
+from models.roi_align import RoIAlignImpl, roi_align_max
 
 Grid = tuple[int, int, int]
 
@@ -97,14 +97,11 @@ def pool_actor_tokens(
     ``aligned=True``, ``sampling_ratio`` samples per bin side, as detectron2's ROIAlignV2 in the official code);
     each slice's bins are reduced by their maximum, then the slices by their mean. ``boxes`` (B, P, 4) are
     x1, y1, x2, y2 in input pixels; ``spatial_scale`` maps them onto the map (1 / patch size). ``impl`` as in
-    ``models.roi_align.roi_align_boxes``.
+    ``models.roi_align.roi_align_max`` (which computes without autograd on the CPU in groups of boxes).
     """
     _check_boxes(boxes)
     slices = rearrange(feature_map, "b c t h w -> b t c h w")
-    pooled = roi_align_boxes(slices, boxes, output_size, spatial_scale, sampling_ratio, True, impl)
-    # (B, t, P, C): spatial max per slice. max over one flattened dim keeps only the argmax indices for the
-    # backward pass, where amax would keep the whole pooled tensor (EVAD ViT-B, batch 2: 120 MB per step)
-    pooled = pooled.flatten(-2).max(dim=-1).values
+    pooled = roi_align_max(slices, boxes, output_size, spatial_scale, sampling_ratio, True, impl)  # (B, t, P, C)
     return pooled.mean(dim=1)  # temporal mean
 
 

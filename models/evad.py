@@ -136,7 +136,7 @@ class EVAD(nn.Module):
         no_object_weight: float = 0.1,
         score: Score = "person_x_action",
         activation_checkpointing: bool = False,
-        importance_chunk: int = 256,
+        importance_chunk: int | None = None,
     ):
         super().__init__()
         if score not in ("person_x_action", "action"):

@@ -38,6 +38,9 @@ def evad_gmacs(
         # frozen: under no_grad a view of a trainable parameter (the proposal features) still asks for
         # gradient, which the counter's module tracker refuses
         model.requires_grad_(False).eval()
+        # RoIAlign is not counted: torchvision's operator, which the counter does not see (the factorised
+        # form's matrix products would be counted, and its sample counts are data-dependent)
+        model.decoder.roi_impl = "torchvision"
         grid = backbone.token_grid((num_frames, height, width))
         maps = [torch.empty(1, backbone.embed_dim, *grid[1:]) for _ in model.tap_layers]
         sizes = torch.tensor([[height, width]])

@@ -42,13 +42,21 @@ class KeyImportanceHook(BlockHook, Protocol):
     ``query_weights(x)`` is called with the block input ``x`` (B, N, C) and returns per-query weights ``w``
     (B, N), or ``None`` to ask for nothing this time (the hook then gets ``attn=None``). The hook then receives
     ``importance[b, j] = mean over heads h and all N queries i of w[b, i] * softmax_j(q_i . k_j * scale)`` (no
-    renormalisation by the weights), computed by ``key_importance`` over chunks of ``importance_chunk`` queries,
-    without gradient. ``needs_attention`` must be False.
+    renormalisation by the weights), computed by ``key_importance`` over chunks of ``importance_chunk`` queries
+    (None: sized to a memory budget), without gradient. ``needs_attention`` must be False.
     """
 
-    importance_chunk: int
+    importance_chunk: int | None
 
     def query_weights(self, x: Tensor) -> Tensor | None: ...
+
+
+def importance_chunk_elements(device: torch.device) -> int:
+    """How many logits (B x heads x queries x keys) ``key_importance`` holds at once when not told. On the CPU,
+    8 MiB of float32, so that the softmax and the weighted sum read a chunk back from cache: ViT-B's first
+    pruning block (2 clips, 1568 tokens) scores 2.3x faster in 55-query chunks than in 256-query ones
+    (38 MiB). Elsewhere (CUDA) 64 MiB, where fewer, larger kernels win."""
+    return 1 << 21 if torch.device(device).type == "cpu" else 1 << 24
 
 
 def key_importance(
@@ -57,23 +65,27 @@ def key_importance(
     scale: float,
     query_weights: Tensor,
     attn_mask: Tensor | None = None,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Per-key attention importance without the (B, heads, N, N) map: (B, N_keys).
 
     ``q`` (B, H, N, d), ``k`` (B, H, M, d), ``query_weights`` (B, N) or (N,), ``attn_mask`` boolean, broadcastable
     to (B, H, N, M), True where attention is allowed. Returns ``sum_h sum_i w_i softmax(q_i k^T scale)_j / (H N)``,
     the softmax taken over ``chunk_size`` query rows at a time, in float32 (ties in a top-k are then rare) and
-    without gradient: the score only chooses tokens, it is not trained through.
+    without gradient: the score only chooses tokens, it is not trained through. ``chunk_size=None`` takes as
+    many rows as keep one chunk's logits within ``importance_chunk_elements(q.device)``.
     """
+    b, h, n, _ = q.shape
+    if chunk_size is None:
+        chunk_size = max(1, importance_chunk_elements(q.device) // (b * h * k.shape[-2]))
     if chunk_size < 1:
         raise ValueError(
             f"the key importance chunk size must be a positive number of queries, got {chunk_size}"
         )
-    b, h, n, _ = q.shape
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         q = q.float() * scale
-        keys_t = k.float().transpose(-2, -1)  # (B, H, d, M)
+        # k is a strided view of the fused qkv projection: one contiguous copy, not one per chunk of queries
+        keys_t = k.float().contiguous().transpose(-2, -1)  # (B, H, d, M)
         weights = query_weights.float().expand(b, n)
         total = q.new_zeros(b, 1, k.shape[-2])
         for start in range(0, n, chunk_size):
@@ -150,7 +162,7 @@ class Attention(nn.Module):
         attn_mask: Tensor | None = None,
         need_weights: bool = False,
         query_weights: Tensor | None = None,
-        importance_chunk: int = 256,
+        importance_chunk: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """``x`` (B, N, C); ``attn_mask`` boolean, broadcastable to (B, heads, N, N), True where attention is allowed.
 

@@ -37,7 +37,8 @@ class KeyframeTokenPruning:
     preceding pruning block, from which this one learns which original positions its input tokens hold; the first
     hook (``previous=None``) expects the full t*h*w tokens. ``keep_rate`` is a plain attribute: change it at
     evaluation time without retraining; at 1.0 the hook is the identity and asks for nothing.
-    ``importance_chunk`` is the number of queries whose attention is held at once while scoring.
+    ``importance_chunk`` is the number of queries whose attention is held at once while scoring (None: as many
+    as fit a cache-sized budget, ``models.layers.importance_chunk_elements``).
     """
 
     needs_attention = False
@@ -48,10 +49,10 @@ class KeyframeTokenPruning:
         keyframe_weight: float = 1.0,
         grid: Grid = (8, 14, 14),
         keyframe_index: int | None = None,
-        importance_chunk: int = 256,
+        importance_chunk: int | None = None,
         previous: KeyframeTokenPruning | None = None,
     ):
-        if importance_chunk < 1:
+        if importance_chunk is not None and importance_chunk < 1:
             raise ValueError(f"importance_chunk must be a positive number of queries, got {importance_chunk}")
         if keyframe_weight < 0:
             raise ValueError(f"keyframe_weight must be >= 0, got {keyframe_weight}")
@@ -218,7 +219,7 @@ def keyframe_pruning_hooks(
     keep_rate: float = 0.7,
     keyframe_weight: float = 1.0,
     keyframe_index: int | None = None,
-    importance_chunk: int = 256,
+    importance_chunk: int | None = None,
 ) -> KeyframePruning:
     """KTP hooks for ``model`` on inputs of token grid ``grid`` (``model.token_grid(video.shape)``).
 

@@ -8,7 +8,8 @@ from torchvision.ops import roi_align as torchvision_roi_align
 
 from models.context_decoder import pool_actor_tokens
 from models.query_localiser import multilevel_roi_align
-from models.roi_align import resolve_impl, roi_align_boxes, roi_align_rois, roi_weights
+from models import roi_align
+from models.roi_align import resolve_impl, roi_align_boxes, roi_align_max, roi_align_rois, roi_weights
 
 
 def random_boxes(gen: torch.Generator, b: int, p: int, height: float, width: float) -> torch.Tensor:
@@ -51,6 +52,33 @@ def test_separable_equals_torchvision_values_and_gradients(ratio: int, aligned: 
     (grad_ours,) = torch.autograd.grad(ours, features, upstream)
     (grad_theirs,) = torch.autograd.grad(theirs, features, upstream)
     torch.testing.assert_close(grad_ours, grad_theirs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("ratio", [2, -1])
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("boxes_per_group", [1, 4, 100])
+def test_grouped_bin_maximum_equals_torchvision_then_max(ratio, aligned, boxes_per_group, monkeypatch):
+    """Without autograd on the CPU the bins' maximum comes from groups of boxes (uneven last group too)."""
+    gen = torch.Generator().manual_seed(ratio + 10 * aligned)
+    b, s, c, h, w, scale = 2, 3, 5, 9, 13, 0.25
+    monkeypatch.setattr(roi_align, "MAX_GROUP_ELEMENTS", boxes_per_group * 4 * w * s * c)
+    features = torch.randn(b, s, c, h, w, generator=gen, dtype=torch.float64)
+    boxes = random_boxes(gen, b, 7, h / scale, w / scale).double()
+    expected = reference(features, boxes, 4, scale, ratio, aligned).flatten(-2).amax(-1)  # (B, S, P, C)
+    for impl in ("auto", "separable"):
+        with torch.inference_mode():
+            torch.testing.assert_close(
+                roi_align_max(features, boxes, 4, scale, ratio, aligned, impl), expected, rtol=0, atol=1e-12
+            )
+    # with autograd: the same values and a gradient
+    leaf = features.clone().requires_grad_()
+    got = roi_align_max(leaf, boxes, 4, scale, ratio, aligned)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert got.grad_fn is not None
+    with torch.no_grad():  # and in bfloat16, pooled in float32
+        half = roi_align_max(features.float().bfloat16(), boxes.float(), 4, scale, ratio, aligned)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), expected, rtol=2e-2, atol=3e-2)
 
 
 def test_weights_of_a_hand_worked_box():

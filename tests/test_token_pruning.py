@@ -44,8 +44,10 @@ def explicit_importance(maps: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return torch.stack(per_head).mean(dim=0)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 16, 37, 1000])
-def test_chunked_importance_equals_full_softmax_definition(chunk):
+@pytest.mark.parametrize("chunk", [1, 7, 16, 37, 1000, None])
+def test_chunked_importance_equals_full_softmax_definition(chunk, monkeypatch):
+    if chunk is None:  # sized by the memory budget: 2 samples x 3 heads x 37 keys x 5 queries per chunk
+        monkeypatch.setattr("models.layers.importance_chunk_elements", lambda device: 2 * 3 * 37 * 5 + 1)
     torch.manual_seed(1)
     attn = Attention(24, 3, "qv").eval()
     torch.nn.init.normal_(attn.q_bias)
