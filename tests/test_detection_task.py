@@ -5,6 +5,7 @@ against a hand-made list, and the step schedule against hand-worked multipliers.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -240,3 +241,62 @@ def test_ddp_fit_and_validation_equal_a_single_process(tmp_path):
     assert set(logged) == set(reference) and reference["val/frame_mAP@0.5"] > 0
     for key, value in reference.items():
         assert logged[key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "recipe, pickle_name, frame_file",
+    [("evad_ucf24.yaml", "UCF101v2-GT.pkl", "rgb-images/{video}/{index:05d}.jpg"),
+     ("evad_jhmdb.yaml", "JHMDB-GT.pkl", "Frames/{video}/{index:05d}.png")],
+)  # fmt: skip
+def test_act_recipes_fit_and_test_with_video_map_on_act_pickle_frames(tmp_path, recipe, pickle_name, frame_file):
+    """The UCF101-24 and JHMDB recipes end to end on a tiny ACT-pickle set in each one's layout: fit, then test
+    with video-mAP. Every frame of the split's test videos is evaluated once, and every metric is a fraction."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.test_act_data import NFRAMES, ground_truth, write_pickle
+
+    root = tmp_path / "data"
+    truth = ground_truth()
+    truth["resolution"] = {v: (48, 64) for v in NFRAMES}
+    write_pickle(root / pickle_name, truth)
+    for video, n in NFRAMES.items():
+        for f in range(1, n + 1):
+            path = root / frame_file.format(video=video, index=f)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((48, 64, 3), 10 * f, np.uint8)).save(path)
+    d = "--model.init_args.detector"
+    tiny_parts = {
+        "pretrained": None, "num_classes": 2,
+        "backbone": {"class_path": "models.vit.VideoMAEViT", "init_args": {
+            "size": None, "embed_dim": 32, "depth": 4, "num_heads": 2, "num_frames": 4, "img_size": 48}},
+        "localiser": {"class_path": "models.query_localiser.QueryLocaliser", "init_args": {
+            "num_proposals": 8, "hidden_dim": 32, "num_stages": 1, "num_heads": 2, "dim_dynamic": 8,
+            "dim_feedforward": 64}},
+        "decoder": {"class_path": "models.context_decoder.ContextRefinementDecoder", "init_args": {
+            "num_classes": 2, "encoder_dim": 32, "embed_dim": 32, "depth": 1, "num_heads": 2,
+            "head_hidden_dim": 32, "pretrain_grid": [2, 3, 3]}},
+        "pyramid": {"class_path": "models.query_localiser.SimpleFeaturePyramid", "init_args": {
+            "in_channels": 32, "out_channels": 32}},
+    }  # fmt: skip
+    args = [
+        "--config", str(REPO / "recipes" / recipe), f"--data.init_args.root={root}",
+        "--data.init_args.num_workers=0", "--data.init_args.clip_length=4", "--data.init_args.train_short_side=[48, 48]",
+        "--data.init_args.eval_short_side=48", "--trainer.accelerator=cpu", "--trainer.devices=1",
+        "--trainer.strategy=auto", "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.logger=lightning_modules.runs.RunCSVLogger",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", "--trainer.callbacks=[]",
+        f"{d}.init_args.activation_checkpointing=false", f"{d}={json.dumps({'init_args': tiny_parts})}",
+    ]  # fmt: skip
+    main(["fit", *args, "--run_id=fit"])
+    ckpt = tmp_path / "runs" / "fit" / "checkpoints" / "last.ckpt"
+    tested = main(["test", *args, "--run_id=fit", f"--ckpt_path={ckpt}"])
+    # below the person threshold every proposal is kept, so each evaluated frame has detections in the CSV
+    with (tmp_path / "runs" / "fit" / "detections_test.csv").open() as f:
+        frames = {(row[0], int(row[1])) for row in csv.reader(f)}
+    test_videos = truth["test_videos"][0]  # split 1
+    assert {video for video, _ in frames} == set(test_videos)
+    assert len(frames) == sum(NFRAMES[v] for v in test_videos)
+    logged = {k: float(v) for k, v in tested.trainer.callback_metrics.items() if k.startswith("test/")}
+    assert {"test/frame_mAP@0.5", "test/video_mAP@0.5", "test/video_mAP@0.5:0.95"} <= set(logged)
+    assert all(0.0 <= v <= 1.0 for k, v in logged.items() if "mAP" in k), logged
