@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -184,6 +185,37 @@ def pool_with_weights(features: Tensor, wy: Tensor, wx: Tensor) -> Tensor:
     return pooled.view(b, p, out_h, s, c, out_w).permute(0, 3, 1, 4, 2, 5)
 
 
+def _box_dtype(features: Tensor, boxes: Tensor) -> torch.dtype:
+    """The wider of the two dtypes: box coordinates in half precision would move by whole pixels."""
+    return torch.promote_types(features.dtype, boxes.dtype)
+
+
+def _separable(
+    pool: Callable[[Tensor, Tensor, Tensor], Tensor],
+    features: Tensor,
+    boxes: Tensor,
+    output_size: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
+    """``pool(features, Wy, Wx)`` (``pool_with_weights`` or ``_grouped_max_with_weights``) with the boxes' weights,
+    in the boxes' precision as torchvision's kernel (also under autocast), returned in the features' dtype."""
+    b, _, _, height, width = features.shape
+    p = boxes.shape[1]
+    box_dtype = _box_dtype(features, boxes)
+    with torch.no_grad():
+        wy, wx = roi_weights(
+            boxes.detach().to(box_dtype).reshape(b * p, 4), (height, width), (output_size, output_size),
+            spatial_scale, sampling_ratio, aligned,
+        )  # fmt: skip
+    with torch.autocast(features.device.type, enabled=False):
+        pooled = pool(
+            features.to(box_dtype), wy.view(b, p, output_size, height), wx.view(b, p, output_size, width)
+        )
+    return pooled.to(features.dtype)
+
+
 def roi_align_boxes(
     features: Tensor,
     boxes: Tensor,
@@ -202,21 +234,10 @@ def roi_align_boxes(
     b, s, c, height, width = features.shape
     p = boxes.shape[1]
     impl = resolve_impl(impl, features, p, output_size)
-    # the wider dtype for the boxes: coordinates in half precision would move by whole pixels
-    box_dtype = torch.promote_types(features.dtype, boxes.dtype)
-    boxes = boxes.detach().to(box_dtype)
     if impl == "separable":
-        with torch.no_grad():
-            size = (output_size, output_size)
-            wy, wx = roi_weights(
-                boxes.reshape(b * p, 4), (height, width), size, spatial_scale, sampling_ratio, aligned
-            )
-        # in the boxes' precision, as torchvision's kernel, also under autocast
-        with torch.autocast(features.device.type, enabled=False):
-            pooled = pool_with_weights(
-                features.to(box_dtype), wy.view(b, p, output_size, height), wx.view(b, p, output_size, width)
-            )
-        return pooled.to(features.dtype)
+        return _separable(pool_with_weights, features, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+    box_dtype = _box_dtype(features, boxes)
+    boxes = boxes.detach().to(box_dtype)
     flat = features.reshape(b * s, c, height, width)
     index = torch.arange(b * s, device=boxes.device, dtype=box_dtype).repeat_interleave(p)
     per_slice = boxes[:, None].expand(b, s, p, 4).reshape(b * s * p, 4)
@@ -270,19 +291,9 @@ def roi_align_max(
             features, boxes, output_size, spatial_scale, sampling_ratio, aligned, impl
         ).flatten(-2).max(dim=-1).values
     resolve_impl(impl, features)  # an unknown impl is refused here too
-    b, _, _, height, width = features.shape
-    p = boxes.shape[1]
-    box_dtype = torch.promote_types(features.dtype, boxes.dtype)
-    size = (output_size, output_size)
-    wy, wx = roi_weights(
-        boxes.detach().to(box_dtype).reshape(b * p, 4), (height, width), size, spatial_scale, sampling_ratio,
-        aligned,
-    )  # fmt: skip
-    with torch.autocast(features.device.type, enabled=False):
-        pooled = _grouped_max_with_weights(
-            features.to(box_dtype), wy.view(b, p, output_size, height), wx.view(b, p, output_size, width)
-        )
-    return pooled.to(features.dtype)
+    return _separable(
+        _grouped_max_with_weights, features, boxes, output_size, spatial_scale, sampling_ratio, aligned
+    )
 
 
 __all__ = [

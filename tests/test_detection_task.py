@@ -1,6 +1,7 @@
-"""The EVAD task through the CLI on a tiny synthetic AVA-style set (fit, validate at another keep rate, test
-writing the official CSV, which the offline scorer reads back to the logged figure), its optimiser groups
-against a hand-made list, and the step schedule against hand-worked multipliers."""
+"""The EVAD task through the CLI on tiny synthetic AVA-style and ACT-pickle sets (fit, validate at another keep
+rate, test writing the official CSV, which the offline scorer reads back to the logged figure; the UCF101-24 and
+JHMDB recipes with video-mAP), its optimiser groups against a hand-made list, and the step schedule against
+hand-worked multipliers."""
 
 from __future__ import annotations
 
