@@ -23,7 +23,8 @@ over a few threads, since that kernel uses one core.
 it runs the factorised form a few boxes at a time and reduces each group's bins while they are in cache, never
 holding all bins of all boxes: EVAD's decoder (ViT-B, 2 clips, 100 boxes on 8 slices of a 14x14 map with 384
 channels) pools in about a quarter of the time of torchvision's kernel split over threads, whose 120 MB of bins
-are written out and read back for the maximum.
+are written out and read back for the maximum; on the 18x24 maps of a 288x384 input with ViT-L's 512 channels,
+in half the time. Its memory stays bounded (``MAX_GROUP_ELEMENTS``), so it serves maps of any size.
 """
 
 from __future__ import annotations
