@@ -6,9 +6,9 @@ import pytest
 import torch
 from torchvision.ops import roi_align as torchvision_roi_align
 
+from models import roi_align
 from models.context_decoder import pool_actor_tokens
 from models.query_localiser import multilevel_roi_align
-from models import roi_align
 from models.roi_align import resolve_impl, roi_align_boxes, roi_align_max, roi_align_rois, roi_weights
 
 

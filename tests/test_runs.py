@@ -152,8 +152,8 @@ def test_run_directory_layout(tmp_path, synthetic_classification):
 def test_two_fits_of_one_process_in_the_same_second_get_their_own_runs(tmp_path, synthetic_classification):
     """A fresh run id is unique within the process: the second fit must start from scratch, not resume the first
     (the demo fits two different models back to back)."""
-    quick = [*args(tmp_path, synthetic_classification, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
-                   "--trainer.limit_val_batches=1")]  # fmt: skip
+    quick = args(tmp_path, synthetic_classification, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+                 "--trainer.limit_val_batches=1")  # fmt: skip
     with mock.patch("time.strftime", return_value="20260101-000000"):  # both in the same second
         first = main(["fit", *quick])
         second = main(["fit", *quick, "--model.init_args.backbone.init_args.embed_dim=32"])
