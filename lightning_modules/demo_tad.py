@@ -23,6 +23,7 @@ scored again here by the offline scorer).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import time
@@ -44,12 +45,15 @@ def train_backbone(out: Path, overrides: Sequence[str]) -> dict:
     """Stage 1: fit the dense quickstart ViT as run ``tad_backbone``, or reuse the one a previous demo finished.
 
     The record (checkpoint, validation top-1, minutes) is kept in ``out/backbone.json`` and trusted while the
-    checkpoint it names exists and the stage's overrides are the same.
+    checkpoint it names exists and the recipe's text and the stage's overrides are the same; after a change of
+    the recipe the run continues from its last checkpoint to the recipe's epochs.
     """
     record_path = out / "backbone.json"
+    recipe = hashlib.sha256(BACKBONE_RECIPE.read_bytes()).hexdigest()
     if record_path.exists():
         record = json.loads(record_path.read_text())
-        if Path(record["checkpoint"]).exists() and record["overrides"] == list(overrides):
+        same = record["overrides"] == list(overrides) and record.get("recipe_sha256") == recipe
+        if Path(record["checkpoint"]).exists() and same:
             return {**record, "reused": True}
     start = time.perf_counter()
     cli = cli_main(["fit", "--config", str(BACKBONE_RECIPE), f"--run_id={BACKBONE_RUN}", *overrides])
@@ -64,6 +68,7 @@ def train_backbone(out: Path, overrides: Sequence[str]) -> dict:
         "val_top1": None if top1 is None else float(top1),
         "minutes": minutes,
         "overrides": list(overrides),
+        "recipe_sha256": recipe,
     }
     out.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2))

@@ -167,6 +167,13 @@ def test_demo_tad_starts_the_detector_from_the_backbone_it_trained(
     second = demo([*args, *detector("second")])
     assert second["backbone"]["reused"] and second["backbone"]["checkpoint"] == str(ckpt)
     assert ckpt.stat().st_mtime_ns == stamp
+    # A record of another version of the backbone recipe is not trusted: the run is fitted again (here a no-op
+    # resume of the finished run), and the record names this recipe.
+    record = json.loads((tmp_path / "demo" / "backbone.json").read_text())
+    (tmp_path / "demo" / "backbone.json").write_text(json.dumps({**record, "recipe_sha256": "an older recipe"}))
+    changed = demo([*args, *detector("changed")])
+    assert not changed["backbone"]["reused"] and changed["backbone"]["checkpoint"] == str(ckpt)
+    assert json.loads((tmp_path / "demo" / "backbone.json").read_text())["recipe_sha256"] == record["recipe_sha256"]
     # Without the demo's record, the finished run resumes as a no-op fit and still names its checkpoint.
     (tmp_path / "demo" / "backbone.json").unlink()
     third = demo([*args, *detector("third")])
