@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from models.blockdrop import BlockOutputs, feature_alignment
@@ -177,9 +178,11 @@ class VideoTask(L.LightningModule):
         return sum(terms.values(), torch.zeros((), device=self.device))
 
     def load_backbone(self, backbone: nn.Module, pretrained: str | None) -> None:
+        """Load ``pretrained`` into ``backbone`` and report what was loaded. Tasks load in their constructor,
+        before any trainer exists, so the report goes through Lightning's rank-zero logger, not ``self.print``."""
         if pretrained:
             report = load_pretrained(backbone, pretrained)
-            self.print(report.summary())
+            rank_zero_info(report.summary())
 
     def empty_batch_loss(self) -> torch.Tensor:
         """Loss of a batch whose clips were all skipped bad videos: zero, but touching every parameter, so this

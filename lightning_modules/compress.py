@@ -205,6 +205,7 @@ class Compressor:
         cfg = copy.deepcopy(self.cfg)
         for key, value in (data or {}).items():
             cfg.data.init_args[key] = value
+        _without_pretrained(cfg.model)  # every task built here takes its weights from a checkpoint
         if run is not None:
             place_loggers(cfg.trainer, run, wandb_id=f"{self.compression_id}-{run.root.name}")
             place_checkpoints(cfg.trainer, run, fit=True)
@@ -213,6 +214,17 @@ class Compressor:
             cfg.trainer.callbacks = []
         init = self.parser.instantiate_classes(cfg)
         return init.model, init.data, dict(init.trainer)
+
+    def data_module(self, data: dict[str, Any] | None = None) -> L.LightningDataModule:
+        """A new data module from the recipe (``data`` overrides applied), without building a task: scoring
+        evaluates every candidate on its own data module, and a task of the recipe's size costs seconds."""
+        cfg = copy.deepcopy(self.cfg)
+        for key, value in (data or {}).items():
+            cfg.data.init_args[key] = value
+        cfg.model = None
+        cfg.trainer.logger = False
+        cfg.trainer.callbacks = []
+        return self.parser.instantiate_classes(cfg).data
 
     def load(self, task: VideoTask, source: Path | None) -> VideoTask:
         """Give ``task`` (fresh from the recipe) the weights of ``source`` (a round's model.pt) or, for None, of
@@ -249,7 +261,7 @@ class Compressor:
         )  # fmt: skip
 
     def evaluate(self, task: VideoTask, data: dict[str, Any] | None, root: Path) -> float:
-        _, dm, _ = self.fresh(data)
+        dm = self.data_module(data)
         results = self.trainer(root, enable_progress_bar=False).validate(task, datamodule=dm, verbose=False)
         key = self.settings.score_key
         if key not in results[0]:
@@ -257,7 +269,7 @@ class Compressor:
         return float(results[0][key])
 
     def costs(self, task: VideoTask) -> dict[str, float]:
-        _, dm, _ = self.fresh()
+        dm = self.data_module()
         dm.setup("validate")
         inputs = task.cost_inputs(self.ready(dm, task, next(iter(dm.val_dataloader()))))
         task.eval()
@@ -275,7 +287,7 @@ class Compressor:
     def sparsity(self, task: VideoTask) -> float:
         """Share of the MLP hidden activations that are exactly zero, over one window or clip of each of the
         first ``sparsity_batches`` evaluation batches."""
-        _, dm, _ = self.fresh()
+        dm = self.data_module()
         dm.setup("validate")
         task.eval()
         with torch.inference_mode(), ActivationSparsity(task.block_stack()) as counted:
@@ -301,7 +313,7 @@ class Compressor:
         if s.metric == "map":
             scores = score_candidates(task, "map", evaluate=lambda t: self.evaluate(t, s.score_data, root))
         else:
-            _, dm, _ = self.fresh(s.score_data)
+            dm = self.data_module(s.score_data)
             dm.setup("validate")
             batches = [self.ready(dm, task, b) for b in _take(dm.val_dataloader(), s.score_batches)]
             scores = score_candidates(task, s.metric, batches=batches)
@@ -493,6 +505,19 @@ class Compressor:
             }
             save_atomic(state, self.out / f"{name}.ckpt")
             (self.out / f"{name}.yaml").write_text(task.compressed_config(kept["dropped"], activation))
+
+
+def _without_pretrained(node: Any) -> None:
+    """Set every ``pretrained`` weight file of a model config to None, wherever the task keeps it."""
+    if isinstance(node, Namespace):
+        for key in list(node.keys()):
+            if key == "pretrained" or key.endswith(".pretrained"):
+                node[key] = None
+            else:
+                _without_pretrained(node[key])
+    elif isinstance(node, list):
+        for item in node:
+            _without_pretrained(item)
 
 
 def _take(loader: Any, count: int | None):

@@ -140,3 +140,24 @@ class SlurmRankLog(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(f"end step={trainer.global_step}")
+
+
+
+class LoadedFrom(L.Callback):
+    """Compares, as fitting starts (before any optimiser step), the task's backbone with the weight file it was
+    built from (``tests.paper_files.assert_loaded``): ``compared`` counts the equal tensors, ``error`` holds the
+    first difference."""
+
+    def __init__(self, weights: str, backbone: str):
+        self.weights = weights
+        self.backbone = backbone
+        self.compared = 0
+        self.error: str | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from tests.paper_files import assert_loaded, file_tensors
+
+        try:
+            self.compared = assert_loaded(pl_module.state_dict(), file_tensors(self.weights), self.backbone)
+        except AssertionError as failed:
+            self.error = str(failed)
