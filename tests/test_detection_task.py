@@ -252,20 +252,11 @@ def test_ddp_fit_and_validation_equal_a_single_process(tmp_path):
 def test_act_recipes_fit_and_test_with_video_map_on_act_pickle_frames(tmp_path, recipe, pickle_name, frame_file):
     """The UCF101-24 and JHMDB recipes end to end on a tiny ACT-pickle set in each one's layout: fit, then test
     with video-mAP. Every frame of the split's test videos is evaluated once, and every metric is a fraction."""
-    import numpy as np
-    from PIL import Image
+    from tests.paper_files import act_pickle
+    from tests.test_act_data import NFRAMES, ground_truth
 
-    from tests.test_act_data import NFRAMES, ground_truth, write_pickle
-
-    root = tmp_path / "data"
+    root = act_pickle(tmp_path / "data", pickle_name, frame_file, num_classes=2)
     truth = ground_truth()
-    truth["resolution"] = {v: (48, 64) for v in NFRAMES}
-    write_pickle(root / pickle_name, truth)
-    for video, n in NFRAMES.items():
-        for f in range(1, n + 1):
-            path = root / frame_file.format(video=video, index=f)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.full((48, 64, 3), 10 * f, np.uint8)).save(path)
     d = "--model.init_args.detector"
     tiny_parts = {
         "pretrained": None, "num_classes": 2,
