@@ -1,18 +1,19 @@
-"""What every task shares: optimiser with decay/no-decay groups, warmup + cosine schedule, pretrained loading."""
+"""What every task shares: optimiser with decay/no-decay groups, warmup + cosine schedule, pretrained loading.
+
+What only some tasks do lives with its capability: block drop in ``lightning_modules.compression``.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import nn
 
-from models.blockdrop import BlockOutputs, feature_alignment
 from models.checkpoint import load_pretrained
 
 #: Parameters that never get weight decay besides biases and norms (1-D tensors).
@@ -46,26 +47,6 @@ def warmup_step_decay(
     if step < warmup_steps:
         return start_factor + (1.0 - start_factor) * step / warmup_steps
     return gamma ** sum(step >= m for m in milestones)
-
-
-@dataclass
-class Alignment:
-    """Losses that pull a compressed student towards its teacher during recovery (block drop), each weighted
-    (0 switches it off): ``feature`` the MSE of every kept block's output against the teacher's block of the same
-    original index; ``prediction`` the KL of class scores at ``temperature``; ``segment`` (detectors) the DIoU
-    of the regressed segments at the ground truth's positive points."""
-
-    feature: float = 1.0
-    prediction: float = 1.0
-    segment: float = 1.0
-    temperature: float = 3.5
-
-    def __post_init__(self) -> None:
-        for name in ("feature", "prediction", "segment"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"alignment weight {name} must be >= 0, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise ValueError(f"alignment temperature must be > 0, got {self.temperature}")
 
 
 class VideoTask(L.LightningModule):
@@ -114,68 +95,6 @@ class VideoTask(L.LightningModule):
         self.lr_schedule = lr_schedule
         self.lr_milestones = tuple(float(m) for m in lr_milestones)
         self.lr_gamma = lr_gamma
-
-    # ------------------------------------------------------------------------------ alignment with a teacher
-
-    def set_teacher(self, teacher: VideoTask | None, alignment: Alignment | None = None) -> None:
-        """Train against ``teacher`` (a task of the same kind, frozen) with the ``alignment`` losses added to the
-        task's own; None removes it. The teacher is not a submodule: it is neither trained, nor saved in
-        checkpoints, nor wrapped by DDP, and it follows this task's device when fitting starts."""
-        if teacher is not None:
-            teacher.eval().requires_grad_(False)
-        self._teacher = [teacher] if teacher is not None else []
-        self.alignment = (alignment or Alignment()) if teacher is not None else None
-
-    @property
-    def teacher(self) -> VideoTask | None:
-        return self._teacher[0] if getattr(self, "_teacher", None) else None
-
-    def block_stack(self) -> nn.Module:
-        """The block stack (a module with ``blocks``) whose outputs feature alignment compares."""
-        raise NotImplementedError(f"{type(self).__name__} does not name its block stack for alignment")
-
-    def batch_loss(self, batch: dict[str, Any]) -> Tensor:
-        """The task's own loss on a batch, nothing logged: what the ``train_loss`` block-drop metric scores."""
-        raise NotImplementedError(f"{type(self).__name__} has no batch_loss")
-
-    def cost_inputs(self, batch: dict[str, Any]) -> tuple[Tensor, ...]:
-        """The inputs of one clip (or window) of an evaluation batch, for MACs and latency."""
-        raise NotImplementedError(f"{type(self).__name__} has no cost_inputs")
-
-    def compressed_config(self, dropped: list[int], mlp_activation: str = "gelu") -> str:
-        """A YAML recipe override that rebuilds this task with the ``dropped`` blocks removed (and the MLPs'
-        activation ``mlp_activation``)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot be rebuilt compressed")
-
-    def on_fit_start(self) -> None:
-        if self.teacher is not None:
-            self.teacher.to(self.device)
-
-    def aligned(
-        self, run: Callable[[VideoTask], Any], predictions: Callable[[Any, Any], dict[str, Tensor]]
-    ) -> tuple[Any, dict[str, Tensor]]:
-        """``run(task)`` -> output, on this task and, with a teacher, on the teacher (no grad); returns this
-        task's output and the weighted alignment terms: ``feature_mse`` and what ``predictions(student output,
-        teacher output)`` gives (already weighted). Without a teacher: the output and no terms."""
-        teacher = self.teacher
-        if teacher is None:
-            return run(self), {}
-        teacher.eval()
-        with BlockOutputs(self.block_stack()) as mine:
-            out = run(self)
-        with torch.no_grad(), BlockOutputs(teacher.block_stack()) as theirs:
-            reference = run(teacher)
-        terms = {}
-        if self.alignment.feature > 0:
-            terms["feature_mse"] = self.alignment.feature * feature_alignment(mine.features, theirs.features)
-        terms.update(predictions(out, reference))
-        return out, terms
-
-    def log_alignment(self, terms: dict[str, Tensor], batch_size: int) -> Tensor:
-        """Log each weighted alignment term as ``train/align_<name>``; return their sum (0 without any)."""
-        for name, value in terms.items():
-            self.log(f"train/align_{name}", value, batch_size=batch_size)
-        return sum(terms.values(), torch.zeros((), device=self.device))
 
     def load_backbone(self, backbone: nn.Module, pretrained: str | None) -> None:
         """Load ``pretrained`` into ``backbone`` and report what was loaded. Tasks load in their constructor,

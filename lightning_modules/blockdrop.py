@@ -21,43 +21,43 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import move_data_to_device
 from tqdm.auto import tqdm
 
-from lightning_modules.base import VideoTask
-from models.blockdrop import BlockOutputs, block_ids, without_blocks
+from lightning_modules.compression.task import Compressible
+from models.blockdrop import block_ids, droppable_blocks, without_blocks
 
 Metric = Literal["map", "train_loss", "feature_mse"]
 HIGHER_IS_BETTER: dict[str, bool] = {"map": True, "train_loss": False, "feature_mse": False}
 
 
 def _stack_output(
-    task: VideoTask, batch: dict[str, Any], forward: Callable[[VideoTask, dict], Any]
+    task: Compressible, batch: dict[str, Any], forward: Callable[[Compressible, dict], Any]
 ) -> torch.Tensor:
     """The output of the last block of the task's stack on ``batch``."""
     stack = task.block_stack()
-    with BlockOutputs(stack) as outputs:
+    with stack.recording() as outputs:
         forward(task, batch)
-    return outputs.features[block_ids(stack)[-1]]
+    return outputs[block_ids(stack)[-1]]
 
 
-def _forward(task: VideoTask, batch: dict[str, Any]) -> Any:
+def _forward(task: Compressible, batch: dict[str, Any]) -> Any:
     return task(batch["video"], batch["valid"]) if "valid" in batch else task(batch["video"])
 
 
 @torch.no_grad()
 def score_candidates(
-    task: VideoTask,
+    task: Compressible,
     metric: Metric,
     candidates: Sequence[int] | None = None,
     batches: Iterable[dict[str, Any]] | None = None,
-    evaluate: Callable[[VideoTask], float] | None = None,
+    evaluate: Callable[[Compressible], float] | None = None,
     progress: bool = True,
 ) -> dict[int, float]:
-    """Score dropping each of ``candidates`` (original block indices; default: every current block) from
+    """Score dropping each of ``candidates`` (original block indices; default: every block the stack lets go) from
     ``task``'s block stack; returns ``{block: score}``. ``batches`` feed ``train_loss`` / ``feature_mse``;
     ``evaluate`` gives ``map``. The task is left as it was (train/eval mode included)."""
     if metric not in HIGHER_IS_BETTER:
         raise ValueError(f"metric must be one of {sorted(HIGHER_IS_BETTER)}, got {metric!r}")
     stack = task.block_stack()
-    candidates = list(block_ids(stack) if candidates is None else candidates)
+    candidates = list(droppable_blocks(stack) if candidates is None else candidates)
     was_training = task.training
     task.eval()
     try:

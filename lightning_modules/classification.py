@@ -7,25 +7,25 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_modules.base import VideoTask
+from lightning_modules.compression.task import Compressible
 from lightning_modules.metrics import VideoClassificationScores, first_occurrences
-from models.blockdrop import MLPActivation, class_alignment, set_mlp_activation
-from models.blockdrop import drop_blocks as remove_blocks
+from models.blockdrop import MLPActivation, class_alignment
 from models.flops import count_macs
 
 
-class VideoClassifier(VideoTask):
+class VideoClassifier(Compressible, VideoTask):
     """Any backbone that maps (B, 3, T, H, W) to a (B, D) clip feature, with a linear classifier on top.
 
     Multi-label targets train with per-class sigmoid BCE (``multilabel_loss: bce``) or with softmax
     cross-entropy on the normalised multi-hot target (``softmax_ce``, HaltingVT's ActivityNet protocol).
     Evaluation averages the scores of all views of a video (clips x crops), with the activation the loss used
     (softmax; sigmoid for ``bce``), and logs the mean GFLOPs (multiply-accumulates) per clip; a dense model's
-    cost is counted once per clip shape.
+    cost is counted once per clip shape. Block drop can compress it (``Compressible``): the backbone is the
+    block stack, and its ``drop_blocks`` / ``mlp_activation`` rebuild a compressed model.
     """
 
     def __init__(
@@ -47,8 +47,6 @@ class VideoClassifier(VideoTask):
         min_lr_ratio: float = 0.01,
         schedule_epochs: float | None = None,
         lr_interval: Literal["step", "epoch"] = "step",
-        drop_blocks: list[int] | None = None,
-        mlp_activation: MLPActivation = "gelu",
     ):
         super().__init__(
             lr, weight_decay, optimizer, betas, warmup_epochs, warmup_start_factor, min_lr_ratio, schedule_epochs,
@@ -57,10 +55,6 @@ class VideoClassifier(VideoTask):
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self.load_backbone(backbone, pretrained)
-        if drop_blocks:  # a block-drop-compressed model: blocks removed after the pretrained weights are in
-            remove_blocks(backbone, drop_blocks)
-        if mlp_activation != "gelu":  # the block-drop supplement's ReLU model
-            set_mlp_activation(backbone, mlp_activation)
         self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(backbone.embed_dim, num_classes))
         nn.init.trunc_normal_(self.head[1].weight, std=0.02)
         nn.init.zeros_(self.head[1].bias)
@@ -105,17 +99,22 @@ class VideoClassifier(VideoTask):
         return self.backbone
 
     def batch_loss(self, batch: dict[str, Any]) -> Tensor:
-        """The task's loss on a batch, nothing logged (block-drop scoring)."""
-        return self.loss(self(batch["video"]), batch["label"])
+        """The task's loss on a batch, nothing logged (block-drop scoring): per clip, each view of an evaluation
+        batch (B, views, 3, T, H, W) a clip with its video's label."""
+        video, label = batch["video"], batch["label"]
+        if video.dim() == 6:
+            label = label.repeat_interleave(video.shape[1], dim=0)
+            video = video.flatten(0, 1)
+        return self.loss(self(video), label)
 
     def cost_inputs(self, batch: dict[str, Any]) -> tuple[Tensor, ...]:
         """One clip of an evaluation batch (B, views, 3, T, H, W), as ``forward`` takes it."""
         return (batch["video"][0, :1],)
 
-    def compressed_config(self, dropped: list[int], mlp_activation: MLPActivation = "gelu") -> str:
-        """The recipe override that rebuilds this task with ``dropped`` blocks removed (and ReLU MLPs)."""
-        args = {"drop_blocks": list(dropped), "pretrained": None, "mlp_activation": mlp_activation}
-        return yaml.safe_dump({"model": {"init_args": args}})
+    def compressed_overrides(self, dropped: list[int], mlp_activation: MLPActivation) -> dict[str, Any]:
+        """The backbone built without the ``dropped`` blocks (and with ReLU MLPs), no pretrained file to read."""
+        stack = {"drop_blocks": list(dropped), "mlp_activation": mlp_activation}
+        return {"model": {"init_args": {"pretrained": None, "backbone": {"init_args": stack}}}}
 
     def _score_alignment(self, student: Tensor, teacher: Tensor) -> dict[str, Tensor]:
         if self.alignment.prediction <= 0:

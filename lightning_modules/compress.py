@@ -28,6 +28,7 @@ command resumes at the round, and inside a recovery at the epoch, it reached.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import random
@@ -43,7 +44,6 @@ from jsonargparse import ActionConfigFile, Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 
-from lightning_modules.base import Alignment, VideoTask
 from lightning_modules.blockdrop import HIGHER_IS_BETTER, score_candidates
 from lightning_modules.cli import as_list, place_checkpoints, place_loggers
 from lightning_modules.compress_report import (
@@ -55,6 +55,7 @@ from lightning_modules.compress_report import (
     seeds_report,
     write_json,
 )
+from lightning_modules.compression.task import Alignment, Compressible
 from lightning_modules.runs import (
     AtomicCheckpointIO,
     LastCheckpoint,
@@ -69,6 +70,7 @@ from models.blockdrop import (
     block_ids,
     choose_block,
     drop_blocks,
+    droppable_blocks,
     prepare_recovery,
     set_mlp_activation,
 )
@@ -181,6 +183,16 @@ class Compressor:
         settings["alignment"] = Alignment(**(settings.get("alignment") or {}))
         self.settings = BlockDrop(**settings)
         self.out = Path(self.settings.out_dir)
+        task_class = _class_of(cfg.model)
+        if not issubclass(task_class, Compressible):
+            raise TypeError(
+                f"{task_class.__name__} ({cfg.model.class_path}) cannot be compressed: block drop needs a task that "
+                "implements lightning_modules.compression.task.Compressible (its block stack, batch loss, cost "
+                "inputs and compressed layout); the temporal detector, the classifiers and HaltingVT do"
+            )
+        problem = task_class.alignment_problem(cfg.model.get("init_args") or {}, self.settings.alignment)
+        if problem:
+            raise ValueError(f"compress.alignment: {problem}")
         if not Path(self.settings.checkpoint).is_file():
             raise FileNotFoundError(
                 f"compress.checkpoint {self.settings.checkpoint} not found: give the trained task's Lightning "
@@ -226,7 +238,7 @@ class Compressor:
         cfg.trainer.callbacks = []
         return self.parser.instantiate_classes(cfg).data
 
-    def load(self, task: VideoTask, source: Path | None) -> VideoTask:
+    def load(self, task: Compressible, source: Path | None) -> Compressible:
         """Give ``task`` (fresh from the recipe) the weights of ``source`` (a round's model.pt) or, for None, of
         the uncompressed checkpoint; LoRA merged, dropped blocks removed."""
         if source is None:
@@ -249,7 +261,7 @@ class Compressor:
     # ---------------------------------------------------------------------------------------- measuring
 
     @staticmethod
-    def ready(dm: L.LightningDataModule, task: VideoTask, batch: dict[str, Any]) -> dict[str, Any]:
+    def ready(dm: L.LightningDataModule, task: Compressible, batch: dict[str, Any]) -> dict[str, Any]:
         """A loader batch as the task sees it in a Trainer: on its device, normalised by the data module."""
         return dm.on_after_batch_transfer(move_data_to_device(batch, task.device), 0)
 
@@ -260,7 +272,7 @@ class Compressor:
             default_root_dir=str(root), enable_model_summary=False, **kwargs,
         )  # fmt: skip
 
-    def evaluate(self, task: VideoTask, data: dict[str, Any] | None, root: Path) -> float:
+    def evaluate(self, task: Compressible, data: dict[str, Any] | None, root: Path) -> float:
         dm = self.data_module(data)
         results = self.trainer(root, enable_progress_bar=False).validate(task, datamodule=dm, verbose=False)
         key = self.settings.score_key
@@ -268,7 +280,7 @@ class Compressor:
             raise KeyError(f"compress.score_key {key!r} was not logged; the task logs {sorted(results[0])}")
         return float(results[0][key])
 
-    def costs(self, task: VideoTask) -> dict[str, float]:
+    def costs(self, task: Compressible) -> dict[str, float]:
         dm = self.data_module()
         dm.setup("validate")
         inputs = task.cost_inputs(self.ready(dm, task, next(iter(dm.val_dataloader()))))
@@ -284,7 +296,7 @@ class Compressor:
             out["latency_ms"] = 1e3 * min(times[1:])
         return out
 
-    def sparsity(self, task: VideoTask) -> float:
+    def sparsity(self, task: Compressible) -> float:
         """Share of the MLP hidden activations that are exactly zero, over one window or clip of each of the
         first ``sparsity_batches`` evaluation batches."""
         dm = self.data_module()
@@ -297,7 +309,7 @@ class Compressor:
 
     # ------------------------------------------------------------------------------------------- rounds
 
-    def choose(self, task: VideoTask, k: int) -> dict[str, Any]:
+    def choose(self, task: Compressible, k: int) -> dict[str, Any]:
         s = self.settings
         stack = task.block_stack()
         count = s.max_blocks if s.one_shot else 1
@@ -308,7 +320,7 @@ class Compressor:
             }
         if s.metric == "random":
             rng = random.Random(s.seed * 1000 + k)
-            return {"chosen": rng.sample(block_ids(stack), count), "scores": {}}
+            return {"chosen": rng.sample(droppable_blocks(stack), count), "scores": {}}
         root = self.out / f"round_{k}" / "scoring"
         if s.metric == "map":
             scores = score_candidates(task, "map", evaluate=lambda t: self.evaluate(t, s.score_data, root))
@@ -323,7 +335,7 @@ class Compressor:
         return {"chosen": chosen, "scores": {str(b): v for b, v in scores.items()}}
 
     def recover(
-        self, task: VideoTask, teacher: VideoTask | None, folder: Path, epochs: int
+        self, task: Compressible, teacher: Compressible | None, folder: Path, epochs: int
     ) -> dict[str, Any]:
         """Fine-tune ``task`` (its recovery run directory in ``folder``; resumed if one is there)."""
         s = self.settings
@@ -505,6 +517,12 @@ class Compressor:
             }
             save_atomic(state, self.out / f"{name}.ckpt")
             (self.out / f"{name}.yaml").write_text(task.compressed_config(kept["dropped"], activation))
+
+
+def _class_of(model: Namespace) -> type:
+    """The task class a recipe's ``model.class_path`` names."""
+    module, _, name = model.class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def _without_pretrained(node: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.classification import VideoClassifier
+from lightning_modules.compression.task import Alignment
 from models.haltingvt import HaltingOutput, HaltingViT
 
 
@@ -44,6 +46,8 @@ class HaltingVTClassifier(VideoClassifier):
     the tokens early exit skips, so it is then not logged — validate with ``early_exit: false`` for it. With
     ``early_exit: false`` both figures come from the one full pass (the early-exit one counted up to each
     sample's exit, exactly what the early-exit pass computes).
+    Block drop compresses the joint blocks (the Glimpser stays); a recovery aligns every block's output with the
+    teacher's on the masked training path.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class HaltingVTClassifier(VideoClassifier):
         )  # fmt: skip
         self.ponder_weight = ponder_weight
         self.prior_weight = prior_weight
+        self.prior_mean, self.prior_std = prior_mean, prior_std
         self.motion_weight = motion_weight
         self.static_label_weight = static_label_weight
         if training_path not in ("compact", "masked"):
@@ -106,11 +111,10 @@ class HaltingVTClassifier(VideoClassifier):
         if paired:
             video = torch.cat([video, batch["static"]])
             label = torch.cat([label, label])
-        if self.training_path == "compact":
-            out: HaltingOutput = self.backbone.forward_compact(video, losses=True)
-        else:
-            out = self.backbone.forward_masked(video)
-        logits = self.head(out.feature)
+        (out, logits), terms = self.aligned(
+            lambda task: task.halting_forward(video),
+            lambda student, teacher: self._score_alignment(student[1], teacher[1]),
+        )
         n = batch["batch_size"]
         if paired:
             # The official loss is the mean over real and static clips (static_label_weight 1).
@@ -122,6 +126,8 @@ class HaltingVTClassifier(VideoClassifier):
         loss = loss_cls + self.ponder_weight * loss_ponder
         self.log_dict({"train/loss_cls": loss_cls, "train/ponder": loss_ponder}, batch_size=n)
         if self.prior_weight > 0:
+            if len(self.prior) != len(out.halting):  # blocks dropped since the prior was built
+                self.prior = depth_prior(len(out.halting), self.prior_mean, self.prior_std).to(self.prior)
             loss_prior = prior_kl(out.halting, self.prior)
             loss = loss + self.prior_weight * loss_prior
             self.log("train/prior_kl", loss_prior, batch_size=n)
@@ -130,9 +136,28 @@ class HaltingVTClassifier(VideoClassifier):
             loss_motion = F.cross_entropy(self.motion_head(out.feature), motion_target)
             loss = loss + self.motion_weight * loss_motion
             self.log("train/loss_motion", loss_motion, batch_size=n)
+        loss = loss + self.log_alignment(terms, n)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/active_last", out.active[:, -1].float().mean(), batch_size=n)
         return loss
+
+    def halting_forward(self, video: Tensor) -> tuple[HaltingOutput, Tensor]:
+        """The training forward (``training_path``): the halting output with its losses' terms, and the logits."""
+        if self.training_path == "compact":
+            out: HaltingOutput = self.backbone.forward_compact(video, losses=True)
+        else:
+            out = self.backbone.forward_masked(video)
+        return out, self.head(out.feature)
+
+    @classmethod
+    def alignment_problem(cls, init_args: Mapping[str, Any], alignment: Alignment) -> str | None:
+        if alignment.feature > 0 and init_args.get("training_path") == "compact":
+            return (
+                "feature alignment compares every token's block output with the teacher's, which the compact "
+                "training path removes once halted: recover with model.init_args.training_path: masked (or "
+                "compress.alignment.feature: 0)"
+            )
+        return None
 
     def macs_names(self) -> tuple[str, ...]:
         return ("gflops_early_exit",) if self.early_exit else ("gflops", "gflops_early_exit")

@@ -22,10 +22,10 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import Tensor, nn
 
 from lightning_modules.base import VideoTask, param_groups
+from lightning_modules.compression.task import Compressible
 from lightning_modules.tad_metrics import THUMOS_TIOUS, TemporalDetectionMAP, map_key
 from models.actionformer import ActionFormerHead, ActionFormerOutputs
 from models.blockdrop import MLPActivation, detector_alignment
@@ -69,7 +69,7 @@ def read_class_scores(path: str | Path, video_ids: list[str], class_names: list[
     return out
 
 
-class TemporalActionDetection(VideoTask):
+class TemporalActionDetection(Compressible, VideoTask):
     """``backbone`` (a ``ChunkedVideoBackbone`` over a VideoMAE ViT) + ``head`` (an ``ActionFormerHead`` given
     without its ``in_channels``/``num_classes``, which the task fills in) + ``postprocess``.
 
@@ -156,13 +156,12 @@ class TemporalActionDetection(VideoTask):
         """One window of an evaluation batch, as ``forward`` takes it."""
         return batch["video"][:1], batch["valid"][:1]
 
-    def compressed_config(self, dropped: list[int], mlp_activation: MLPActivation = "gelu") -> str:
-        """The recipe override that rebuilds this detector with ``dropped`` blocks removed and the LoRA merged
-        (plain weights: ``finetune: full``; no pretrained backbone to read), with ReLU MLPs if asked."""
-        backbone = {
-            "drop_blocks": list(dropped), "finetune": "full", "pretrained": None, "mlp_activation": mlp_activation,
-        }  # fmt: skip
-        return yaml.safe_dump({"model": {"init_args": {"backbone": {"init_args": backbone}}}})
+    def compressed_overrides(self, dropped: list[int], mlp_activation: MLPActivation) -> dict[str, Any]:
+        """The ViT built without the ``dropped`` blocks (and with ReLU MLPs if asked), the LoRA merged (plain
+        weights: ``finetune: full``), no pretrained backbone to read."""
+        vit = {"init_args": {"drop_blocks": list(dropped), "mlp_activation": mlp_activation}}
+        backbone = {"finetune": "full", "pretrained": None, "vit": vit}
+        return {"model": {"init_args": {"backbone": {"init_args": backbone}}}}
 
     def batch_loss(self, batch: dict[str, Any]) -> Tensor:
         """Focal + DIoU loss on a batch, normalised by its own positive count, nothing logged (block-drop

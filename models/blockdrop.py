@@ -1,14 +1,13 @@
 """Progressive block drop on any block stack of the shared core: removal, scoring views, alignment losses.
 
-A "stack" is a module with an ``nn.ModuleList`` named ``blocks`` that its forward runs in order (``VideoMAEViT``,
-``InflatedViT``, the ViT inside the TAD backbone). Removing a block deletes it from the list, so the model really
-runs one block fewer; the stack's ``block_ids`` attribute keeps the original index of every remaining block, for
-reports and for aligning each kept block with the teacher's block of the same original index.
+A "stack" is a ViT of the shared core (``VideoMAEViT``, ``InflatedViT``, ``HaltingViT``, the ViT inside the TAD
+backbone): its ``blocks`` run through its block runner. Removing a block deletes it from the list, so the model
+really runs one block fewer; the stack's ``block_ids`` keep the original index of every remaining block, for
+reports and for aligning each kept block with the teacher's block of the same original index (recorded by the
+runner: ``stack.recording()``). Every stack is built compressed with ``drop_blocks`` / ``mlp_activation``.
 
 - ``drop_blocks(stack, ids)``: remove blocks for good (by original index).
 - ``without_blocks(stack, ids)``: remove them only inside a ``with`` (scoring candidate drops on one model).
-- ``BlockOutputs(stack)``: records each block's output by original index during a forward (a block run on
-  several micro-batches contributes their concatenation).
 - ``feature_alignment``, ``class_alignment``, ``segment_alignment``: the recovery's alignment losses against
   the teacher (block features, class scores, and for detectors the regressed segments).
 - ``prepare_recovery(model, stack, mode)``: what trains while the model recovers from a drop (LoRA through peft
@@ -38,8 +37,14 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 def block_ids(stack: nn.Module) -> list[int]:
     """Original indices of ``stack.blocks`` (0..depth-1 until a block is dropped)."""
-    ids = getattr(stack, "block_ids", None)
-    return list(range(len(stack.blocks))) if ids is None else list(ids)
+    return list(stack.block_ids)
+
+
+def droppable_blocks(stack: nn.Module) -> list[int]:
+    """The blocks block drop may remove (original indices): ``stack.droppable_blocks()`` where the stack
+    restricts them (HaltingVT's Glimpser stays), else every block."""
+    restrict = getattr(stack, "droppable_blocks", None)
+    return restrict() if restrict is not None else block_ids(stack)
 
 
 def _positions(stack: nn.Module, ids: Iterable[int]) -> list[int]:
@@ -48,6 +53,11 @@ def _positions(stack: nn.Module, ids: Iterable[int]) -> list[int]:
     unknown = [i for i in ids if i not in current]
     if unknown:
         raise ValueError(f"blocks {unknown} are not in the model (its blocks, by original index: {current})")
+    fixed = [i for i in ids if i not in droppable_blocks(stack)]
+    if fixed:
+        raise ValueError(
+            f"blocks {fixed} cannot be dropped from {type(stack).__name__} (droppable: {droppable_blocks(stack)})"
+        )
     if len(set(ids)) != len(ids):
         raise ValueError(f"block ids repeat: {ids}")
     if len(ids) >= len(current):
@@ -58,8 +68,7 @@ def _positions(stack: nn.Module, ids: Iterable[int]) -> list[int]:
 def _set_blocks(stack: nn.Module, keep: list[int], ids: list[int]) -> None:
     stack.blocks = nn.ModuleList(stack.blocks[p] for p in keep)
     stack.block_ids = ids
-    if hasattr(stack, "depth"):
-        stack.depth = len(ids)
+    stack.depth = len(ids)
 
 
 def drop_blocks(stack: nn.Module, ids: Iterable[int]) -> nn.Module:
@@ -74,53 +83,12 @@ def drop_blocks(stack: nn.Module, ids: Iterable[int]) -> nn.Module:
 @contextmanager
 def without_blocks(stack: nn.Module, ids: Iterable[int]) -> Iterator[nn.Module]:
     """Inside the ``with``, ``stack`` runs without the blocks ``ids``; afterwards it is as it was (same modules)."""
-    blocks, previous = stack.blocks, getattr(stack, "block_ids", None)
-    depth = getattr(stack, "depth", None)
+    blocks, previous, depth = stack.blocks, stack.block_ids, stack.depth
     drop_blocks(stack, ids)
     try:
         yield stack
     finally:
-        stack.blocks = blocks
-        if previous is None:
-            del stack.block_ids
-        else:
-            stack.block_ids = previous
-        if depth is not None:
-            stack.depth = depth
-
-
-class BlockOutputs:
-    """Records every block's output during forwards, by original block index.
-
-    ``with BlockOutputs(stack) as outputs: model(x)`` leaves ``outputs.features`` ``{original index: tensor}``;
-    a block called on several micro-batches (the chunked TAD backbone) contributes their concatenation along
-    dimension 0, in call order.
-    """
-
-    def __init__(self, stack: nn.Module):
-        self.stack = stack
-        self.features: dict[int, Tensor] = {}
-        self._parts: dict[int, list[Tensor]] = {}
-        self._handles = []
-
-    def __enter__(self) -> BlockOutputs:  # noqa: PYI034 (a plain class, not meant for subclassing)
-        self._parts = {}
-        for block, index in zip(self.stack.blocks, block_ids(self.stack), strict=True):
-            self._handles.append(block.register_forward_hook(self._record(index)))
-        return self
-
-    def _record(self, index: int):
-        def hook(module: nn.Module, args, output: Tensor) -> None:
-            self._parts.setdefault(index, []).append(output)
-
-        return hook
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.features = {i: p[0] if len(p) == 1 else torch.cat(p) for i, p in self._parts.items()}
-        self._parts = {}
+        stack.blocks, stack.block_ids, stack.depth = blocks, previous, depth
 
 
 def set_mlp_activation(stack: nn.Module, activation: MLPActivation) -> nn.Module:
@@ -173,6 +141,12 @@ def feature_alignment(student: dict[int, Tensor], teacher: dict[int, Tensor]) ->
     missing = sorted(set(student) - set(teacher))
     if missing:
         raise KeyError(f"the teacher has no output for blocks {missing}: it must be the larger model")
+    differ = [i for i, out in student.items() if out.shape != teacher[i].shape]
+    if differ:
+        raise ValueError(
+            f"block {differ[0]}'s output is {tuple(student[differ[0]].shape)} in the student but "
+            f"{tuple(teacher[differ[0]].shape)} in the teacher: feature alignment needs the same tokens in both"
+        )
     losses = [F.mse_loss(out.float(), teacher[i].float()) for i, out in student.items()]
     return torch.stack(losses).mean()
 

@@ -245,7 +245,7 @@ def to_backbone_keys(raw: dict[str, Tensor], source: str = "checkpoint") -> tupl
 def adapt_to_model(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Reshape tensors whose shape depends on the input size or patch form to the model's."""
     target = model.state_dict()
-    out = dict(sd)
+    out = _kept_blocks(dict(sd), model)
     w = out.get("patch_embed.proj.weight")
     want = target.get("patch_embed.proj.weight")
     if w is not None and want is not None and w.ndim == 4 and want.ndim == 5:
@@ -304,6 +304,26 @@ def _refuse_feature_changes(
             "trained with the fixed sinusoid positions (a 'pos_embed' equal to that table is accepted and "
             "ignored)"
         )
+
+
+def _kept_blocks(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """An uncompressed checkpoint for a block-drop-compressed model (``model.block_ids`` not 0..n-1): its kept
+    blocks renumbered to their positions, the dropped ones left out (logged)."""
+    ids = list(getattr(model, "block_ids", None) or [])
+    if ids == list(range(len(ids))) or _depth(sd) <= max(ids):
+        return sd
+    position = {block: p for p, block in enumerate(ids)}
+    out, dropped = {}, set()
+    for key, value in sd.items():
+        m = _BLOCK.match(key)
+        if m is None:
+            out[key] = value
+        elif int(m.group(1)) in position:
+            out[f"blocks.{position[int(m.group(1))]}.{key[m.end() :]}"] = value
+        else:
+            dropped.add(int(m.group(1)))
+    log.info("checkpoint blocks %s left out: the model was built without them (drop_blocks)", sorted(dropped))
+    return out
 
 
 def _depth(keys: Iterable[str]) -> int:

@@ -22,11 +22,9 @@ from typing import Literal
 import torch
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from models.checkpoint import load_pretrained
 from models.context_decoder import ContextRefinementDecoder, extend_boxes
-from models.layers import Block, BlockHook
 from models.query_localiser import LocaliserOutput, QueryLocaliser, SimpleFeaturePyramid, postprocess
 from models.set_criterion import HungarianMatcher, action_losses, action_targets, mean_over_ranks, set_losses
 from models.token_pruning import keyframe_pruning_hooks, keyframe_tokens
@@ -219,6 +217,7 @@ class EVAD(nn.Module):
         self.matcher = HungarianMatcher(class_loss_weight, l1_loss_weight, giou_loss_weight)
         self.score = score
         self.activation_checkpointing = activation_checkpointing
+        backbone.activation_checkpointing = backbone.activation_checkpointing or activation_checkpointing
 
     @property
     def keep_rate(self) -> float:
@@ -237,12 +236,6 @@ class EVAD(nn.Module):
     def keyframe_weight(self, value: float) -> None:
         self.pruning.keyframe_weight = value
 
-    def _run_block(self, block: Block, x: Tensor, hook: BlockHook | None) -> Tensor:
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            # The recomputation runs the pruning hook again on the same tokens: the same tokens are kept.
-            return checkpoint(block, x, None, hook, use_reentrant=False)
-        return block(x, None, hook)
-
     def _kept_after(self, block: int, x: Tensor) -> Tensor:
         """Original positions (B, n) of the tokens ``x`` leaving ``block``."""
         if any(i <= block for i in self.pruning):
@@ -259,12 +252,12 @@ class EVAD(nn.Module):
         _, h, w = grid
         self.pruning.set_grid(grid)
         x = self.backbone.embed(video)  # (B, t*h*w, D)
+        taps = self.tap_layers if keyframe_maps else ()
+        x, tapped = self.backbone.forward_blocks(x, hooks=self.pruning, taps=taps)
         maps = []
-        for i, block in enumerate(self.backbone.blocks):
-            x = self._run_block(block, x, self.pruning.get(i))
-            if keyframe_maps and i in self.tap_layers:
-                keyframe = keyframe_tokens(x, self._kept_after(i, x), grid)  # (B, h*w, D)
-                maps.append(rearrange(keyframe, "b (h w) d -> b d h w", h=h, w=w))
+        for i in taps:
+            keyframe = keyframe_tokens(tapped[i], self._kept_after(i, tapped[i]), grid)  # (B, h*w, D)
+            maps.append(rearrange(keyframe, "b (h w) d -> b d h w", h=h, w=w))
         kept = {i: self.pruning[i].kept for i in self.pruning}
         return x, maps, kept, grid
 

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
-from models.layers import Attention, Block, QKVBias, trunc_normal_init
+from models.blockdrop import MLPActivation
+from models.layers import Attention, Block, Packed, QKVBias, trunc_normal_init
 from models.vit import InflatedViT, Size
 
 
@@ -152,6 +152,7 @@ class HaltingViT(InflatedViT):
     ``glimpser_init`` (training from scratch): ``trunc_normal`` initialises the Glimpser blocks as the joint
     blocks and the official model (truncated normal 0.02, zero temporal_fc); ``torch_default`` leaves PyTorch's
     default Linear initialisation in them (larger weights; the small quickstart escapes the chance plateau with it).
+    ``drop_blocks`` (joint blocks only) and ``mlp_activation`` give a block-drop-compressed model's layout.
     """
 
     def __init__(
@@ -176,11 +177,19 @@ class HaltingViT(InflatedViT):
         tubelet_size: int = 1,
         pos_init: Literal["trunc_normal", "sinusoid"] = "trunc_normal",
         glimpser_init: Literal["trunc_normal", "torch_default"] = "trunc_normal",
+        drop_blocks: list[int] | None = None,
+        mlp_activation: MLPActivation = "gelu",
     ):
         super().__init__(
             size, embed_dim, depth, num_heads, img_size, num_frames, patch_size, in_chans,
             mlp_ratio, qkv_bias, drop_path_rate, norm_eps, tubelet_size, pos_init,
         )  # fmt: skip
+        glimpser = sorted(set(drop_blocks or ()) & set(range(glimpser_blocks)))
+        if glimpser:
+            raise ValueError(
+                f"drop_blocks {list(drop_blocks)} names Glimpser blocks {glimpser}: only the joint blocks "
+                f"{glimpser_blocks}..{self.depth - 1} can be dropped"
+            )
         if not 0 < glimpse_ratio <= 1:
             raise ValueError(f"glimpse_ratio must be in (0, 1], got {glimpse_ratio}")
         if glimpser_blocks >= self.depth:
@@ -207,6 +216,11 @@ class HaltingViT(InflatedViT):
                 raise ValueError(
                     f"glimpser_init must be 'trunc_normal' or 'torch_default', got {glimpser_init!r}"
                 )
+        self.compress(drop_blocks, mlp_activation)
+
+    def droppable_blocks(self) -> list[int]:
+        """The blocks block drop may remove (original indices): the joint ones, not the Glimpser."""
+        return self.block_ids[self.glimpser_blocks :]
 
     @property
     def joint_blocks(self) -> list[Block]:
@@ -218,8 +232,8 @@ class HaltingViT(InflatedViT):
         frames, h, w = self.token_grid(video.shape)
         x = self.embed(video)
         kept = torch.arange(h * w, device=x.device).expand(x.shape[0], frames, -1)
-        for block in self.blocks[: self.glimpser_blocks]:
-            x, keep = block(x, frames, return_kept=True)
+        for position in range(self.glimpser_blocks):
+            x, keep = self.run_block(position, x, frames, return_kept=True)
             if keep is not None:
                 kept = kept.gather(2, keep)
         return (x, kept) if return_kept else x
@@ -244,12 +258,12 @@ class HaltingViT(InflatedViT):
         feature = x.new_zeros(b, x.shape[-1])
         counts, halting = [], []
         depth = torch.zeros(b, n, dtype=torch.long, device=x.device)
-        for i, block in enumerate(joint):
+        for i in range(len(joint)):
             counts.append(active.sum(1))
             depth += active
             # A sample with no active token left attends to all (its rows are discarded) rather than to none.
             keys = active | ~active.any(1, keepdim=True)
-            y = block(x, attn_mask=keys[:, None, None, :])
+            y = self.run_block(self.glimpser_blocks + i, x, attn_mask=keys[:, None, None, :])
             x = torch.where(active[..., None], y, x)
             score = self.halting_score(x, last=False)
             # A-ViT's layer mean for the prior: the unforced score over all tokens, a halted one counting 0.
@@ -294,10 +308,10 @@ class HaltingViT(InflatedViT):
         depth = torch.zeros(b * n, dtype=torch.long, device=x.device)
         exit_depth = torch.full((b,), len(joint), dtype=torch.long, device=x.device)
         counts, halting = [], []
-        for i, block in enumerate(joint):
+        for i in range(len(joint)):
             lengths = torch.bincount(owner, minlength=b)
             counts.append(lengths)
-            tokens = packed_block(block, tokens, lengths, owner)
+            tokens = self.run_block(self.glimpser_blocks + i, tokens, packed=Packed(lengths, owner))
             score = self.halting_score(tokens, last=False)
             h = torch.ones_like(score) if i == len(joint) - 1 else score
             cum = cum + h
@@ -375,36 +389,3 @@ class HaltingViT(InflatedViT):
     def forward(self, video: Tensor) -> Tensor:
         """(B, 3, T, H, W) -> (B, C) class feature: masked halting in training, token removal otherwise."""
         return (self.forward_masked(video) if self.training else self.forward_compact(video)).feature
-
-
-def packed_block(block: Block, tokens: Tensor, lengths: Tensor, owner: Tensor | None = None) -> Tensor:
-    """Run a joint block on the packed tokens (M, C) of several samples (``lengths`` tokens each).
-
-    Norms, projections and the MLP see all M tokens at once; attention runs within each sample. In training,
-    stochastic depth drops a residual branch per sample (``owner`` (M,) names each token's sample), drawing
-    its random numbers as ``Block`` does on the unpacked batch, so both paths drop the same samples.
-    """
-    attn = block.attn
-    qkv = F.linear(block.norm1(tokens), attn.qkv.weight, attn._qkv_bias())
-    outs = []
-    for part in qkv.split(lengths.tolist()):
-        if part.shape[0] == 0:
-            continue
-        q, k, v = rearrange(part, "n (three h d) -> three 1 h n d", three=3, h=attn.num_heads)
-        outs.append(rearrange(F.scaled_dot_product_attention(q, k, v), "1 h n d -> n (h d)"))
-    tokens = tokens + _packed_drop_path(block, attn.proj(torch.cat(outs)), len(lengths), owner)
-    return tokens + _packed_drop_path(block, block.mlp(block.norm2(tokens)), len(lengths), owner)
-
-
-def _packed_drop_path(block: Block, y: Tensor, samples: int, owner: Tensor | None) -> Tensor:
-    """timm's per-sample ``DropPath`` of ``block`` on packed rows: one draw per sample, spread over its tokens."""
-    drop = block.drop_path
-    if not (isinstance(drop, DropPath) and drop.training and drop.drop_prob > 0):
-        return y
-    if owner is None:
-        raise ValueError("packed stochastic depth needs each token's sample (owner)")
-    keep = 1.0 - drop.drop_prob
-    mask = y.new_empty(samples, 1, 1).bernoulli_(keep)
-    if keep > 0 and drop.scale_by_keep:
-        mask.div_(keep)
-    return y * mask.view(samples, 1)[owner]

@@ -7,6 +7,7 @@ The names of parameters follow the VideoMAE / timm convention (``patch_embed.pro
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -156,6 +157,22 @@ class Attention(nn.Module):
             return self.qkv.bias
         return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
 
+    def project_qkv(self, x: Tensor) -> Tensor:
+        """``x`` (..., N, C) -> the fused q, k, v projection (..., N, 3C). Always through the ``qkv`` module, never
+        its weight, so that a wrapper on it (peft LoRA) takes part; VideoMAE's separate q/v biases are added
+        afterwards."""
+        qkv = self.qkv(x)
+        return qkv + self._qkv_bias() if self.q_bias is not None else qkv
+
+    def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, N, 3C) -> q, k, v, each (B, heads, N, C / heads)."""
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        return q, k, v
+
+    def project_out(self, out: Tensor) -> Tensor:
+        """Per-head outputs (B, heads, N, d) -> (B, N, C) through the ``proj`` module."""
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
     def forward(
         self,
         x: Tensor,
@@ -171,12 +188,7 @@ class Attention(nn.Module):
         """
         if need_weights and query_weights is not None:
             raise ValueError("ask Attention for either the attention map or the key importance, not both")
-        # Through the module, not its weight, so that a wrapper on qkv (LoRA) takes part; VideoMAE's separate
-        # q/v biases are added afterwards.
-        qkv = self.qkv(x)
-        if self.q_bias is not None:
-            qkv = qkv + self._qkv_bias()
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k, v = self.split_heads(self.project_qkv(x))
         drop = self.attn_drop if self.training else 0.0
         if not need_weights:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
@@ -189,7 +201,40 @@ class Attention(nn.Module):
                 logits = logits.masked_fill(~attn_mask, float("-inf"))
             attn = logits.softmax(dim=-1)
             out = F.dropout(attn, drop) @ v
-        return self.proj(rearrange(out, "b h n d -> b n (h d)")), attn
+        return self.project_out(out), attn
+
+    def forward_packed(self, x: Tensor, packed: Packed) -> Tensor:
+        """Attention within each sample of packed tokens ``x`` (M, C) (see ``Packed``) -> (M, C). The projections
+        see all M tokens at once."""
+        qkv = self.project_qkv(x)
+        drop = self.attn_drop if self.training else 0.0
+        outs = []
+        for part in qkv.split(packed.sizes):
+            if part.shape[0] == 0:
+                continue
+            q, k, v = self.split_heads(part[None])
+            outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=drop))
+        return self.proj(torch.cat([rearrange(o, "1 h n d -> n (h d)") for o in outs]))
+
+
+@dataclass
+class Packed:
+    """Variable-length token sets of several samples in one (M, C) tensor, sample after sample.
+
+    ``lengths`` (B,) tokens per sample; ``owner`` (M,) each token's sample. Token-wise layers run on all M tokens
+    at once, attention within each sample (``Attention.forward_packed``), stochastic depth per sample.
+    """
+
+    lengths: Tensor
+    owner: Tensor
+
+    @property
+    def sizes(self) -> list[int]:
+        return self.lengths.tolist()
+
+    @property
+    def samples(self) -> int:
+        return len(self.lengths)
 
 
 class Block(nn.Module):
@@ -211,7 +256,20 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, hook: BlockHook | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        hook: BlockHook | None = None,
+        packed: Packed | None = None,
+    ) -> Tensor:
+        """``x`` (B, N, C) -> (B, N', C) (N' < N when the hook prunes); with ``packed``, ``x`` is the (M, C)
+        packed tokens of several samples (no hook, no mask)."""
+        if packed is not None:
+            if hook is not None or attn_mask is not None:
+                raise ValueError("a block on packed tokens takes no hook and no attention mask")
+            x = x + self._drop_packed(self.attn.forward_packed(self.norm1(x), packed), packed)
+            return x + self._drop_packed(self.mlp(self.norm2(x)), packed)
         need = hook is not None and hook.needs_attention
         query_weights = getattr(hook, "query_weights", None)
         weights = query_weights(x) if query_weights is not None and not need else None
@@ -235,6 +293,18 @@ class Block(nn.Module):
         if y.dtype == x.dtype:
             return y.add_(x)
         return x + y if hook is not None else x.add_(y)
+
+    def _drop_packed(self, y: Tensor, packed: Packed) -> Tensor:
+        """timm's per-sample ``DropPath`` on packed rows: one draw per sample, spread over its tokens, drawing the
+        random numbers as ``DropPath`` does on the unpacked batch (so both forms drop the same samples)."""
+        drop = self.drop_path
+        if not (isinstance(drop, DropPath) and drop.training and drop.drop_prob > 0):
+            return y
+        keep = 1.0 - drop.drop_prob
+        mask = y.new_empty(packed.samples, 1, 1).bernoulli_(keep)
+        if keep > 0 and drop.scale_by_keep:
+            mask.div_(keep)
+        return y * mask.view(packed.samples, 1)[packed.owner]
 
 
 def sinusoid_table(num_positions: int, dim: int) -> Tensor:

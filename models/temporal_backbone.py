@@ -15,13 +15,13 @@ How the ViT is fine-tuned (``finetune``):
 
 Each adapter is a child of its block (``vit.blocks[i].adapter``, AdaTAD's checkpoint layout), so
 ``vit.blocks`` stays the one list of blocks: deleting ``vit.blocks[i]`` deletes its adapter with it. The ViT's
-own ``forward`` does not run adapters; this module does.
+own ``forward`` does not run adapters; this module runs them through the ViT's block runner (``forward_blocks``
+with ``after``), which also gives the micro-batches and activation checkpointing.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from functools import partial
 from typing import Literal
 
@@ -29,10 +29,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from models.blockdrop import MLPActivation, set_mlp_activation
-from models.blockdrop import drop_blocks as remove_blocks
 from models.checkpoint import load_pretrained
 from models.lora import add_lora
 from models.vit import VideoMAEViT
@@ -87,10 +84,8 @@ class ChunkedVideoBackbone(nn.Module):
     ``chunk_batch`` runs each block on that many chunks at a time (adapters, which mix chunks, still see the
     whole window), bounding the transient memory of attention and MLP. ``activation_checkpointing``
     recomputes each block and adapter in the backward pass instead of storing its activations.
-    ``pretrained`` is loaded into ``vit`` before LoRA or adapters are added, while its keys still match.
-    ``drop_blocks`` (original block indices) are then removed: the layout of a block-drop-compressed model, whose
-    checkpoints number the remaining blocks 0..depth-k-1 (``vit.block_ids`` keeps their original indices).
-    ``mlp_activation: relu`` swaps every block's GELU for ReLU (the block-drop supplement's sparse model).
+    ``pretrained`` is loaded into ``vit`` before LoRA or adapters are added, while its keys still match (a
+    block-drop-compressed ``vit``, built with ``drop_blocks``, takes its kept blocks from it).
     """
 
     def __init__(
@@ -107,8 +102,6 @@ class ChunkedVideoBackbone(nn.Module):
         activation_checkpointing: bool = False,
         chunk_batch: int | None = None,
         pretrained: str | None = None,
-        drop_blocks: list[int] | None = None,
-        mlp_activation: MLPActivation = "gelu",
     ):
         super().__init__()
         if finetune not in ("frozen", "full", "lora", "adapter"):
@@ -123,14 +116,10 @@ class ChunkedVideoBackbone(nn.Module):
         self.chunk_frames = chunk_frames
         self.head_length = head_length
         self.finetune = finetune
-        self.activation_checkpointing = activation_checkpointing
-        self.chunk_batch = chunk_batch
+        vit.activation_checkpointing = activation_checkpointing
+        vit.micro_batch = chunk_batch
         if pretrained:
             load_pretrained(vit, pretrained)
-        if drop_blocks:
-            remove_blocks(vit, drop_blocks)
-        if mlp_activation != "gelu":
-            set_mlp_activation(vit, mlp_activation)
 
         vit.requires_grad_(finetune == "full")
         if vit.fc_norm is not None:
@@ -151,14 +140,21 @@ class ChunkedVideoBackbone(nn.Module):
         """The adapters by the position of their block in ``vit.blocks``."""
         return {i: b.adapter for i, b in enumerate(self.vit.blocks) if hasattr(b, "adapter")}
 
-    def _call(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, x, use_reentrant=False)
-        return fn(x)
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.vit.activation_checkpointing
 
-    def _per_micro_batch(self, fn: Callable[[Tensor], Tensor], chunks: Tensor) -> Tensor:
-        parts = [fn(part) for part in chunks.split(self.chunk_batch)] if self.chunk_batch else [fn(chunks)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: bool) -> None:
+        self.vit.activation_checkpointing = value
+
+    @property
+    def chunk_batch(self) -> int | None:
+        return self.vit.micro_batch
+
+    @chunk_batch.setter
+    def chunk_batch(self, value: int | None) -> None:
+        self.vit.micro_batch = value
 
     def forward_tokens(self, video: Tensor) -> tuple[Tensor, int, tuple[int, int, int]]:
         """(B, 3, T, H, W) -> tokens (B*n, t*h*w, D) after all blocks, the n = T / chunk_frames chunks of
@@ -172,11 +168,15 @@ class ChunkedVideoBackbone(nn.Module):
         n = frames // self.chunk_frames
         chunks = rearrange(video, "b c (n t) h w -> (b n) c t h w", n=n)
         grid = self.vit.token_grid(chunks.shape)
-        x = self._per_micro_batch(self.vit.embed, chunks)
-        for block in self.vit.blocks:
-            x = self._per_micro_batch(partial(self._call, block), x)
-            if hasattr(block, "adapter"):  # on all chunks at once: it mixes them
-                x = self._call(partial(block.adapter, num_chunks=n, grid=grid), x)
+        micro = self.chunk_batch
+        x = (
+            torch.cat([self.vit.embed(part) for part in chunks.split(micro)])
+            if micro
+            else self.vit.embed(chunks)
+        )
+        ids = self.vit.block_ids
+        after = {ids[i]: partial(adapter, num_chunks=n, grid=grid) for i, adapter in self.adapters.items()}
+        x, _ = self.vit.forward_blocks(x, after=after)  # adapters on all chunks at once: they mix them
         return self.vit.norm(x), n, grid
 
     def forward(self, video: Tensor) -> Tensor:

@@ -5,18 +5,26 @@
 - ``InflatedViT``: an image ViT (DeiT) inflated to video: 2D patches per frame, a class token, DeiT's learned
   spatial positions added per frame plus a learnable time embedding. HaltingVT uses it.
 
-Both run the same ``Block``s; a method acts inside a block through a ``BlockHook`` (see ``models.layers``).
+Both run the same ``Block``s through one runner (``run_block`` / ``forward_blocks``): hooks by original block
+index (a method acts inside a block through a ``BlockHook``, see ``models.layers``), taps, activation
+checkpointing, micro-batches, packed variable-length tokens and recording for block drop's alignment. Every
+stack takes ``drop_blocks`` / ``mlp_activation``: the layout of a block-drop-compressed model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Literal
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Literal
 
 import torch
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from models.blockdrop import MLPActivation, set_mlp_activation
+from models.blockdrop import drop_blocks as drop_stack_blocks
 from models.layers import (
     Block,
     BlockHook,
@@ -71,25 +79,92 @@ class _JointViT(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr, norm_eps)
             for dpr in drop_path_rates(drop_path_rate, depth)
         )
+        #: The original index of each block of ``blocks``: 0..depth-1 until block drop removes some.
+        self.block_ids = list(range(depth))
+        #: How ``run_block`` runs blocks (set by the model that owns the stack).
+        self.activation_checkpointing = False
+        self.micro_batch: int | None = None
+        self._recording: dict[int, Tensor] | None = None
 
     def embed(self, video: Tensor) -> Tensor:
         """(B, C, T, H, W) -> (B, N, D) tokens with positions; N includes any class token."""
         raise NotImplementedError
+
+    def compress(self, drop_blocks: Sequence[int] | None, mlp_activation: MLPActivation) -> None:
+        """The layout of a block-drop-compressed stack: the blocks ``drop_blocks`` (original indices) removed, so
+        that the remaining ones number 0..depth-k-1 as in its checkpoints, and ``mlp_activation`` in every MLP."""
+        if drop_blocks:
+            drop_stack_blocks(self, drop_blocks)
+        if mlp_activation != "gelu":
+            set_mlp_activation(self, mlp_activation)
+
+    def run_block(self, position: int, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Run ``blocks[position]`` on ``x`` (further arguments go to the block) the way this stack runs blocks.
+
+        - ``activation_checkpointing``: recomputed in the backward pass instead of storing its activations
+          (training with gradients only; a hook runs again on the same tokens and decides the same);
+        - ``micro_batch``: on that many samples at a time, when nothing but ``x`` is given (a hook, a mask or
+          packed tokens tie the samples together);
+        - inside ``recording()``: its output (the first, if it returns several) is kept by original index.
+        """
+        block = self.blocks[position]
+
+        def call(tokens: Tensor) -> Any:
+            return block(tokens, *args, **kwargs)
+
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            call = partial(checkpoint, call, use_reentrant=False)
+        given = args or any(v is not None for v in kwargs.values())
+        if self.micro_batch and not given and x.shape[0] > self.micro_batch:
+            out = torch.cat([call(part) for part in x.split(self.micro_batch)])
+        else:
+            out = call(x)
+        if self._recording is not None:
+            self._recording[self.block_ids[position]] = out[0] if isinstance(out, tuple) else out
+        return out
 
     def forward_blocks(
         self,
         x: Tensor,
         hooks: Mapping[int, BlockHook] | None = None,
         attn_mask: Tensor | None = None,
-        return_layers: tuple[int, ...] = (),
-    ) -> tuple[Tensor, list[Tensor]]:
-        """Run all blocks; ``hooks[i]`` acts inside block ``i``; outputs of ``return_layers`` are collected."""
-        taps = []
-        for i, block in enumerate(self.blocks):
-            x = block(x, attn_mask, hooks.get(i) if hooks else None)
-            if i in return_layers:
-                taps.append(x)
-        return x, taps
+        taps: Collection[int] = (),
+        after: Mapping[int, Callable[[Tensor], Tensor]] | None = None,
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """Run every block through ``run_block``; ``hooks``, ``taps`` and ``after`` are keyed by original block
+        index. ``hooks[i]`` acts inside block ``i``; ``after[i]`` runs on the whole batch after it (an adapter
+        that mixes samples: not split into micro-batches, recomputed under activation checkpointing); the
+        outputs of the ``taps`` blocks (after their ``after``) are returned ``{index: (B, N, D)}``."""
+        if len(self.block_ids) != len(self.blocks):
+            raise RuntimeError(
+                f"{type(self).__name__} has {len(self.blocks)} blocks but {len(self.block_ids)} block ids: remove "
+                "blocks with models.blockdrop.drop_blocks, which keeps both"
+            )
+        out = {}
+        for position, i in enumerate(self.block_ids):
+            hook = hooks.get(i) if hooks else None
+            x = self.run_block(position, x, attn_mask=attn_mask, hook=hook)
+            if after and i in after:
+                fn = after[i]
+                if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                    fn = partial(checkpoint, fn, use_reentrant=False)
+                x = fn(x)
+                if self._recording is not None:
+                    self._recording[i] = x
+            if i in taps:
+                out[i] = x
+        return x, out
+
+    @contextmanager
+    def recording(self) -> Iterator[dict[int, Tensor]]:
+        """``with stack.recording() as outputs: model(x)`` leaves ``{original block index: its output}`` of the
+        last forward inside the ``with`` (the block's output after anything ``forward_blocks`` runs after it; packed
+        (M, D) rows on a packed path)."""
+        previous, self._recording = self._recording, {}
+        try:
+            yield self._recording
+        finally:
+            self._recording = previous
 
     def forward_features(self, video: Tensor, hooks: Mapping[int, BlockHook] | None = None) -> Tensor:
         """Token features after the last block and the final norm, (B, N, D)."""
@@ -105,6 +180,7 @@ class VideoMAEViT(_JointViT):
 
     ``use_mean_pooling`` (the fine-tuning default) skips the token-wise final norm and normalises the mean token
     with ``fc_norm``; otherwise ``norm`` applies to every token and the pooled feature is their mean.
+    ``drop_blocks`` (original indices) and ``mlp_activation``: see ``compress``.
     """
 
     def __init__(
@@ -123,6 +199,8 @@ class VideoMAEViT(_JointViT):
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
         use_mean_pooling: bool = True,
+        drop_blocks: list[int] | None = None,
+        mlp_activation: MLPActivation = "gelu",
     ):
         super().__init__(
             size, embed_dim, depth, num_heads, img_size, num_frames, patch_size, tubelet_size, in_chans,
@@ -134,6 +212,7 @@ class VideoMAEViT(_JointViT):
         n = self.pretrain_grid[0] * self.pretrain_grid[1] * self.pretrain_grid[2]
         self.register_buffer("pos_table", sinusoid_table(n, self.embed_dim), persistent=False)
         self.apply(trunc_normal_init)
+        self.compress(drop_blocks, mlp_activation)
 
     def position_embedding(self, grid: tuple[int, int, int]) -> Tensor:
         """(t*h*w, D) positions for a token grid, resized from the pre-training grid."""
@@ -161,6 +240,7 @@ class InflatedViT(_JointViT):
     ``tubelet_size`` > 1 embeds that many frames per token (DeiT's kernel is spread over them on load) and the
     time embedding then runs over tubelets. ``pos_init`` chooses the initial position/time tables when training
     from scratch: DeiT's small random positions and zero time, or fixed-frequency sinusoids (still learned).
+    ``drop_blocks`` (original indices) and ``mlp_activation``: see ``compress``.
     """
 
     def __init__(
@@ -179,6 +259,8 @@ class InflatedViT(_JointViT):
         norm_eps: float = 1e-6,
         tubelet_size: int = 1,
         pos_init: Literal["trunc_normal", "sinusoid"] = "trunc_normal",
+        drop_blocks: list[int] | None = None,
+        mlp_activation: MLPActivation = "gelu",
     ):
         super().__init__(
             size, embed_dim, depth, num_heads, img_size, num_frames, patch_size, tubelet_size, in_chans,
@@ -202,6 +284,7 @@ class InflatedViT(_JointViT):
         else:
             raise ValueError(f"pos_init must be 'trunc_normal' or 'sinusoid', got {pos_init!r}")
         self.apply(trunc_normal_init)
+        self.compress(drop_blocks, mlp_activation)
 
     def position_embedding(self, grid: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
         """Class-token position (1, 1, D) and patch positions (1, t*h*w, D) for a token grid."""

@@ -10,7 +10,6 @@ import torch
 
 from models.blockdrop import (
     ActivationSparsity,
-    BlockOutputs,
     block_ids,
     choose_block,
     class_alignment,
@@ -38,6 +37,14 @@ def skipping_forward(vit: VideoMAEViT, video: torch.Tensor, skip: set[int]) -> t
         if i not in skip:
             x = block(x)
     return vit.norm(x)
+
+
+def by_hand(vit: VideoMAEViT, video: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The reference: every block's output by original index, the blocks called one after another by hand."""
+    x, out = vit.embed(video), {}
+    for i, block in zip(vit.block_ids, vit.blocks, strict=True):
+        x = out[i] = block(x)
+    return out
 
 
 def test_dropped_blocks_are_gone_and_the_rest_run_in_order():
@@ -75,27 +82,29 @@ def test_without_blocks_is_temporary():
         assert torch.equal(inside, skipping_forward(vit, video, {2}))
         assert torch.equal(vit.forward_features(video), full)
     assert all(a is b for a, b in zip(vit.blocks, blocks, strict=True)) and vit.depth == 5
-    assert not hasattr(vit, "block_ids")
+    assert vit.block_ids == [0, 1, 2, 3, 4]
     drop_blocks(vit, [0])
     with without_blocks(vit, [4]):
         assert block_ids(vit) == [1, 2, 3]
     assert block_ids(vit) == [1, 2, 3, 4]
 
 
-def test_block_outputs_by_original_index_match_the_models_own_taps():
+def test_recorded_outputs_and_taps_by_original_index_are_the_blocks_own():
     vit = tiny_vit()
     video = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
-        _, taps = vit.forward_blocks(vit.embed(video), return_layers=(0, 1, 2, 3, 4))
+        full = by_hand(vit, video)
         drop_blocks(vit, [1])
-        _, kept_taps = vit.forward_blocks(vit.embed(video), return_layers=(0, 1, 2, 3))
-        with BlockOutputs(vit) as outputs:
+        kept = by_hand(vit, video)
+        with vit.recording() as outputs:
             vit.forward_features(video)
-    assert sorted(outputs.features) == [0, 2, 3, 4]
-    assert torch.equal(outputs.features[0], taps[0])  # before the dropped block: the full model's output
-    for position, index in enumerate([0, 2, 3, 4]):
-        assert torch.equal(outputs.features[index], kept_taps[position])
-    assert all(not block._forward_hooks for block in vit.blocks)  # hooks removed on exit
+        _, taps = vit.forward_blocks(vit.embed(video), taps=(0, 3))
+    assert sorted(outputs) == [0, 2, 3, 4] and sorted(taps) == [0, 3]
+    assert torch.equal(outputs[0], full[0])  # before the dropped block: the full model's output
+    for index in [0, 2, 3, 4]:
+        assert torch.equal(outputs[index], kept[index])
+    assert torch.equal(taps[0], kept[0]) and torch.equal(taps[3], kept[3])
+    assert vit._recording is None  # nothing recorded after the with
 
 
 def test_block_outputs_of_micro_batched_chunks_are_whole():
@@ -107,13 +116,13 @@ def test_block_outputs_of_micro_batched_chunks_are_whole():
     parts = ChunkedVideoBackbone(
         vit, chunk_frames=4, head_length=None, finetune="frozen", chunk_batch=1
     ).eval()
-    with torch.no_grad(), BlockOutputs(whole.vit) as a, BlockOutputs(parts.vit) as b:
+    with torch.no_grad(), whole.vit.recording() as a, parts.vit.recording() as b:
         whole(video)
         parts(video)
-    assert sorted(a.features) == sorted(b.features) == [0, 1, 2]
+    assert sorted(a) == sorted(b) == [0, 1, 2]
     for i in range(3):
-        assert a.features[i].shape == (4, 2 * 2 * 2, 32)
-        assert torch.allclose(a.features[i], b.features[i], atol=1e-6)
+        assert a[i].shape == (4, 2 * 2 * 2, 32)
+        assert torch.allclose(a[i], b[i], atol=1e-6)
 
 
 def test_feature_alignment_is_the_mean_blockwise_mse_at_the_same_original_index():
@@ -189,19 +198,29 @@ def test_detector_alignment_reads_every_valid_point_of_every_level():
     assert keep.sum() == 4 and torch.isclose(terms["segment_diou"], expected)
 
 
-def test_a_compressed_backbone_is_rebuilt_from_its_dropped_blocks():
-    """The layout the TAD commands load a compressed model into: ``drop_blocks`` at construction."""
+def test_a_compressed_backbone_is_rebuilt_from_its_dropped_blocks(tmp_path):
+    """The layout the TAD commands load a compressed model into: the ViT built with ``drop_blocks``."""
     video = torch.randn(1, 3, 8, 32, 32)
     compressed = ChunkedVideoBackbone(tiny_vit(), chunk_frames=4, head_length=None, finetune="lora").eval()
     drop_blocks(compressed.vit, [1, 3])
+    tiny = {"size": None, "embed_dim": 32, "depth": 5, "num_heads": 2, "img_size": 32, "num_frames": 4}
     rebuilt = ChunkedVideoBackbone(
-        VideoMAEViT(size=None, embed_dim=32, depth=5, num_heads=2, img_size=32, num_frames=4),
-        chunk_frames=4, head_length=None, finetune="lora", drop_blocks=[1, 3],
-    ).eval()  # fmt: skip
+        VideoMAEViT(**tiny, drop_blocks=[1, 3]), chunk_frames=4, head_length=None, finetune="lora"
+    ).eval()
     rebuilt.load_state_dict(compressed.state_dict())  # strict: the same keys
     assert block_ids(rebuilt.vit) == [0, 2, 4]
     with torch.no_grad():
         assert torch.equal(rebuilt(video), compressed(video))
+    # An uncompressed pretrained file gives a compressed ViT the weights of its kept blocks.
+    full = tiny_vit()
+    torch.save({"module": full.state_dict()}, tmp_path / "full.pth")
+    pretrained = ChunkedVideoBackbone(
+        VideoMAEViT(**tiny, drop_blocks=[1, 3]), chunk_frames=4, head_length=None, finetune="frozen",
+        pretrained=str(tmp_path / "full.pth"),
+    ).eval()  # fmt: skip
+    for position, index in enumerate([0, 2, 4]):
+        mine, theirs = pretrained.vit.blocks[position].state_dict(), full.blocks[index].state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 # ------------------------------------------------------------------------------ recovery against a teacher
@@ -222,7 +241,7 @@ def tiny_classifier():
 
 
 def test_classifier_recovery_adds_the_weighted_alignment_terms():
-    from lightning_modules.base import Alignment
+    from lightning_modules.compression.task import Alignment
 
     teacher = tiny_classifier()
     student = copy.deepcopy(teacher)
@@ -237,14 +256,11 @@ def test_classifier_recovery_adds_the_weighted_alignment_terms():
     with torch.no_grad():
         student.eval()  # no dropout in these tiny models: train and eval agree
         s_logits, t_logits = student(batch["video"]), teacher(batch["video"])
-        _, s_taps = student.backbone.forward_blocks(
-            student.backbone.embed(batch["video"]), return_layers=(0, 1, 2, 3)
-        )
-        _, t_taps = teacher.backbone.forward_blocks(
-            teacher.backbone.embed(batch["video"]), return_layers=(0, 1, 3, 4)
-        )
+        s_taps = by_hand(student.backbone, batch["video"])
+        t_taps = by_hand(teacher.backbone, batch["video"])
     ce = torch.nn.functional.cross_entropy(s_logits, batch["label"])
-    mse = sum(torch.nn.functional.mse_loss(a, b) for a, b in zip(s_taps, t_taps, strict=True)) / 4
+    assert sorted(s_taps) == [0, 1, 3, 4]
+    mse = sum(torch.nn.functional.mse_loss(s_taps[i], t_taps[i]) for i in s_taps) / 4
     kl = class_alignment(s_logits, t_logits, 2.0)
     assert abs(logged["train/align_feature_mse"] - 0.5 * mse.item()) < 1e-6
     assert abs(logged["train/align_class_kl"] - 2.0 * kl.item()) < 1e-6
@@ -261,7 +277,7 @@ def test_classifier_recovery_adds_the_weighted_alignment_terms():
 
 
 def test_alignment_weights_are_checked():
-    from lightning_modules.base import Alignment
+    from lightning_modules.compression.task import Alignment
 
     with pytest.raises(ValueError, match="feature must be >= 0"):
         Alignment(feature=-1.0)
@@ -270,7 +286,7 @@ def test_alignment_weights_are_checked():
 
 
 def test_detector_recovery_aligns_features_scores_and_segments():
-    from lightning_modules.base import Alignment
+    from lightning_modules.compression.task import Alignment
     from lightning_modules.temporal_detection import TemporalActionDetection
     from models.actionformer import ActionFormerHead
 
@@ -342,12 +358,9 @@ def test_train_loss_and_feature_mse_scores_match_separately_dropped_models():
             if block in mses:
                 diffs = []
                 for b in batches:
-                    x_full = task.backbone.embed(b["video"])
-                    _, full = task.backbone.forward_blocks(x_full, return_layers=(4,))
-                    _, dropped = other.backbone.forward_blocks(
-                        other.backbone.embed(b["video"]), return_layers=(3,)
-                    )
-                    diffs.append(((dropped[0] - full[0]) ** 2).mean().item())
+                    full = by_hand(task.backbone, b["video"])[4]
+                    dropped = by_hand(other.backbone, b["video"])[4 if block != 4 else 3]
+                    diffs.append(((dropped - full) ** 2).mean().item())
                 assert abs(mses[block] - sum(diffs) / len(diffs)) < 1e-6
     assert sorted(mses) == [1, 4] and all(v > 0 for v in mses.values())
 

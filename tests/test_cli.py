@@ -176,6 +176,6 @@ def test_missing_data_root_is_named(tmp_path):
 def test_command_line_applies_once_without_a_checkpoint(tmp_path, synthetic_classification):
     """Without checkpoint hyperparameters the command line is parsed once: a list append stays one append."""
     args = quick_args(tmp_path, synthetic_classification, "--trainer.limit_val_batches=1")
-    cli = main(["validate", *args, "--model.init_args.drop_blocks+=2"])
-    assert cli.config.validate.model.init_args.drop_blocks == [2]
+    cli = main(["validate", *args, "--model.init_args.backbone.init_args.drop_blocks+=2"])
+    assert cli.config.validate.model.init_args.backbone.init_args.drop_blocks == [2]
     assert cli.model.backbone.block_ids == [0, 1, 3]  # the quickstart ViT's 4 blocks, block 2 removed

@@ -174,6 +174,55 @@ def test_the_dense_quickstart_classifier_compresses_by_top1_on_training_videos(
     assert abs(float(validated.trainer.callback_metrics["val/top1"]) - records[1]["score"]) < 1e-6
 
 
+def test_haltingvt_compresses_its_joint_blocks_and_the_export_validates_to_the_recorded_score(
+    tmp_path, synthetic_classification
+):
+    """HaltingVT through the same protocol: only joint blocks are candidates (the Glimpser stays), the recovery
+    aligns block outputs and class scores on the masked path (prior loss on: its depth prior follows the drop),
+    and the exported compressed model loads and validates to the last round's score."""
+    from tests.quick import quick_overrides
+
+    recipe = REPO / "recipes" / "quickstart" / "synthetic_haltingvt.yaml"
+    base = [
+        "--config", str(recipe), *quick_overrides(tmp_path / "runs", synthetic_classification),
+        "--data.init_args.num_frames=4", "--model.init_args.backbone.init_args.num_frames=4",
+        "--model.init_args.prior_weight=0.1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
+        "--trainer.callbacks=[]",
+    ]  # fmt: skip
+    cli_main(["fit", *base, "--trainer.max_epochs=1", "--run_id=teacher"])
+    checkpoint = tmp_path / "runs" / "teacher" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "bd"
+    records = compress([
+        *base, f"--compress.checkpoint={checkpoint}", f"--compress.out_dir={out}", "--compress.metric=train_loss",
+        "--compress.score_batches=1", "--compress.max_blocks=2", "--compress.epochs=1", "--compress.score_key=val/top1",
+    ])  # fmt: skip
+    assert records[0]["kept"] == [0, 1, 2, 3, 4, 5]
+    assert sorted(int(b) for b in records[1]["scores"]) == [2, 3, 4, 5]  # the joint blocks only
+    assert records[2]["gmacs"] < records[1]["gmacs"] < records[0]["gmacs"]
+    validated = cli_main([
+        "validate", *base, "--config", str(out / "compressed.yaml"), f"--ckpt_path={out / 'compressed.ckpt'}",
+    ])  # fmt: skip
+    assert validated.model.backbone.block_ids == records[2]["kept"] and len(records[2]["kept"]) == 4
+    assert abs(float(validated.trainer.callback_metrics["val/top1"]) - records[2]["score"]) < 1e-6
+    # The compact training path removes halted tokens: feature alignment is refused before anything is built.
+    with pytest.raises(ValueError, match="training_path: masked"):
+        compress([
+            *base, "--model.init_args.training_path=compact", f"--compress.checkpoint={checkpoint}",
+            f"--compress.out_dir={tmp_path / 'refused'}",
+        ])  # fmt: skip
+    assert not (tmp_path / "refused").exists()
+
+
+def test_a_task_without_the_protocol_is_refused_at_set_up(tmp_path):
+    """EVAD does not implement block drop: compress names the task and the protocol before reading anything."""
+    recipe = REPO / "recipes" / "quickstart" / "evad_synthetic.yaml"
+    with pytest.raises(TypeError, match=r"SpatioTemporalDetection .*cannot be compressed.*Compressible"):
+        compress([
+            "--config", str(recipe), f"--compress.checkpoint={tmp_path / 'none.ckpt'}",
+            f"--compress.out_dir={tmp_path / 'bd'}",
+        ])  # fmt: skip
+
+
 def test_several_seeds_report_mean_and_deviation(tmp_path, trained):
     import statistics
 
