@@ -17,16 +17,16 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	WANDB_SILENT=true $(BIN)/python -m lightning_modules.demo
+	WANDB_SILENT=true $(BIN)/python -m lightning_modules.demos.haltingvt
 
 demo-tad: $(STAMP)
-	WANDB_SILENT=true $(BIN)/python -m lightning_modules.demo_tad
+	WANDB_SILENT=true $(BIN)/python -m lightning_modules.demos.tad
 
 demo-evad: $(STAMP)
-	WANDB_SILENT=true $(BIN)/python -m lightning_modules.demo_evad
+	WANDB_SILENT=true $(BIN)/python -m lightning_modules.demos.evad
 
 demo-blockdrop: $(STAMP)
-	WANDB_SILENT=true $(BIN)/python -m lightning_modules.demo_blockdrop
+	WANDB_SILENT=true $(BIN)/python -m lightning_modules.demos.blockdrop
 
 test: $(STAMP)
 	WANDB_MODE=offline WANDB_SILENT=true $(BIN)/python -m pytest

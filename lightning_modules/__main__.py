@@ -11,24 +11,33 @@ from lightning_modules.cli import main
 #: Commands beside the Lightning CLI's: name -> (module with ``main(argv)``, one-line description).
 TOOLS = {
     "compress": (
-        "lightning_modules.compress",
+        "lightning_modules.compression.command",
         "progressive block drop of a trained task: score candidate drops, remove the chosen block, recover with "
         "LoRA and alignment losses, round by round, resumable; writes a report and the compressed model",
     ),
     "diagnose-tad": (
-        "lightning_modules.diagnose_tad",
+        "lightning_modules.tools.diagnose_tad",
         "DETAD error analysis of one or more TAD models' predictions against a ground truth: false positives by "
         "error type, false-negative rates by coverage, length and instance count; PNG plots and one JSON object",
     ),
     "evaluate-ava": (
-        "lightning_modules.evaluate_ava",
+        "lightning_modules.tools.evaluate_ava",
         "score spatio-temporal detections (AVA CSV) against an AVA ground truth by the official frame-mAP@0.5 "
         "protocol (label map, excluded timestamps, 50 detections per keyframe); prints one JSON object",
     ),
     "evaluate-tad": (
-        "lightning_modules.evaluate_tad",
+        "lightning_modules.tools.evaluate_tad",
         "score temporal detections (ActivityNet results JSON) against a ground truth (ActivityNet JSON or "
         "THUMOS14 CSV) by the ActivityNet protocol; prints one JSON object",
+    ),
+    "submit": (
+        "lightning_modules.tools.submit",
+        "submit a recipe to SLURM with the allocation its trainer settings need (nodes, GPUs, tasks per node); "
+        "CLI overrides after --",
+    ),
+    "accuracy-vs-gflops": (
+        "lightning_modules.pictures.tradeoff",
+        "plot runs' last validation accuracy against GFLOPs (multiply-accumulates) per clip, from their CSV logs",
     ),
 }
 

@@ -236,7 +236,7 @@ class EVAD(nn.Module):
     def keyframe_weight(self, value: float) -> None:
         self.pruning.keyframe_weight = value
 
-    def _kept_after(self, block: int, x: Tensor) -> Tensor:
+    def kept_after(self, block: int, x: Tensor) -> Tensor:
         """Original positions (B, n) of the tokens ``x`` leaving ``block``."""
         if any(i <= block for i in self.pruning):
             return self.pruning.kept_after(block)
@@ -256,7 +256,7 @@ class EVAD(nn.Module):
         x, tapped = self.backbone.forward_blocks(x, hooks=self.pruning, taps=taps)
         maps = []
         for i in taps:
-            keyframe = keyframe_tokens(tapped[i], self._kept_after(i, tapped[i]), grid)  # (B, h*w, D)
+            keyframe = keyframe_tokens(tapped[i], self.kept_after(i, tapped[i]), grid)  # (B, h*w, D)
             maps.append(rearrange(keyframe, "b (h w) d -> b d h w", h=h, w=w))
         kept = {i: self.pruning[i].kept for i in self.pruning}
         return x, maps, kept, grid
@@ -305,7 +305,7 @@ class EVAD(nn.Module):
         image before padding, in pixels. ``given_boxes`` (a list of (n_i, 4) pixel boxes, e.g. an
         off-the-shelf person detector's) skips the localiser and classifies exactly those boxes."""
         tokens, maps, kept, grid = self.encode(video, keyframe_maps=given_boxes is None)
-        last = self._kept_after(len(self.backbone.blocks) - 1, tokens)
+        last = self.kept_after(len(self.backbone.blocks) - 1, tokens)
         if given_boxes is None:
             localiser = self.localise(maps, image_sizes)
             boxes = localiser.boxes[-1].detach()

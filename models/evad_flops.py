@@ -53,7 +53,7 @@ def evad_gmacs(
         encoded = []
         encode = count_macs(lambda: encoded.append(model.encode(video, keyframe_maps=False)))
         tokens = encoded[0][0]
-        kept = model._kept_after(len(backbone.blocks) - 1, tokens)
+        kept = model.kept_after(len(backbone.blocks) - 1, tokens)
         boxes = torch.zeros(1, num_proposals, 4)
         decode = count_macs(model.classify, tokens, boxes, sizes, grid, kept)
     parts = {"backbone": encode / 1e9, "localiser": localise / 1e9, "decoder": decode / 1e9}

@@ -14,7 +14,7 @@ from datamodules.classification import VideoClassificationDataModule
 from datamodules.kinetics_list import AnnotationError
 from datamodules.synthetic import TEMPORAL_ACTIONS, generate_temporal
 from lightning_modules.cli import main
-from lightning_modules.metrics import VideoClassificationScores
+from lightning_modules.metrics.classification import VideoClassificationScores
 from tests.quick import quick_overrides
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "haltingvt_anet.yaml"

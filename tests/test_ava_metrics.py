@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from datamodules.kinetics_list import AnnotationError
-from lightning_modules.ava_metrics import (
+from lightning_modules.metrics.ava import (
     AVAFrameMAP,
     ava_frame_map,
     read_ava_detections,
@@ -22,8 +22,7 @@ from lightning_modules.ava_metrics import (
     read_exclusions,
     read_labelmap,
 )
-from lightning_modules.evaluate_ava import main
-from lightning_modules.frame_ap import (
+from lightning_modules.metrics.frame_ap import (
     IOU_THRESHOLDS,
     FrameBoxes,
     box_iou,
@@ -31,6 +30,7 @@ from lightning_modules.frame_ap import (
     keep_top_detections,
     write_ava_detections,
 )
+from lightning_modules.tools.evaluate_ava import main
 
 A, B = (0.0, 0.0, 0.4, 0.4), (0.6, 0.6, 1.0, 1.0)
 

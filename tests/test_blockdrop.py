@@ -235,7 +235,7 @@ def logs_of(task) -> dict[str, float]:
 
 
 def tiny_classifier():
-    from lightning_modules.classification import VideoClassifier
+    from lightning_modules.tasks.classification import VideoClassifier
 
     return VideoClassifier(tiny_vit(), num_classes=4).train()
 
@@ -287,7 +287,7 @@ def test_alignment_weights_are_checked():
 
 def test_detector_recovery_aligns_features_scores_and_segments():
     from lightning_modules.compression.task import Alignment
-    from lightning_modules.temporal_detection import TemporalActionDetection
+    from lightning_modules.tasks.temporal_detection import TemporalActionDetection
     from models.actionformer import ActionFormerHead
 
     def head(dim: int, classes: int) -> ActionFormerHead:
@@ -340,7 +340,7 @@ def classifier_batches(n: int = 2) -> list[dict]:
 
 
 def test_train_loss_and_feature_mse_scores_match_separately_dropped_models():
-    from lightning_modules.blockdrop import score_candidates
+    from lightning_modules.compression.scoring import score_candidates
 
     task = tiny_classifier()
     batches = classifier_batches()
@@ -366,7 +366,7 @@ def test_train_loss_and_feature_mse_scores_match_separately_dropped_models():
 
 
 def test_map_scoring_evaluates_each_candidate_without_its_block():
-    from lightning_modules.blockdrop import score_candidates
+    from lightning_modules.compression.scoring import score_candidates
 
     task = tiny_classifier()
     drop_blocks(task.backbone, [0])

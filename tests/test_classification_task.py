@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from datamodules.classification import VideoClassificationDataModule
-from lightning_modules.base import param_groups, warmup_cosine
-from lightning_modules.classification import VideoClassifier
+from lightning_modules.tasks.base import param_groups, warmup_cosine
+from lightning_modules.tasks.classification import VideoClassifier
 from models.vit import InflatedViT, VideoMAEViT
 
 

@@ -14,7 +14,7 @@ import torch
 
 from datamodules.synthetic import generate_temporal
 from lightning_modules.cli import main as cli_main
-from lightning_modules.compress import main as compress
+from lightning_modules.compression.command import main as compress
 from tests.quick import tiny_tad
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,8 +241,8 @@ def test_several_seeds_report_mean_and_deviation(tmp_path, trained):
 
 
 def test_demo_compresses_the_given_detector_and_judges_the_target(tmp_path, trained):
-    from lightning_modules.demo_blockdrop import main as demo
-    from lightning_modules.demo_blockdrop import report, verdict
+    from lightning_modules.demos.blockdrop import main as demo
+    from lightning_modules.demos.blockdrop import report, verdict
 
     data, checkpoint = trained
     summary = demo([
@@ -268,7 +268,7 @@ def test_demo_compresses_the_given_detector_and_judges_the_target(tmp_path, trai
 
 
 def test_stopping_rules_macs_latency_and_score_tolerance(tmp_path, trained):
-    from lightning_modules.compress import BlockDrop
+    from lightning_modules.compression.command import BlockDrop
 
     data, checkpoint = trained
     fixed = ["--compress.blocks=[2, 0]", "--compress.max_blocks=2", "--compress.epochs=0"]
@@ -296,8 +296,8 @@ def test_stopping_rules_macs_latency_and_score_tolerance(tmp_path, trained):
 def test_relu_stage_sparsity_export_and_the_wandb_table(tmp_path, trained, monkeypatch):
     """The ReLU stage recovers the kept model with ReLU MLPs and measures their sparsity; its export validates
     to the same score; the per-round table and the summary a sweep optimises land in a real (offline) W&B run."""
-    from lightning_modules.compress_report import COLUMNS, SUMMARY_KEYS
-    from lightning_modules.compress_report import summary as expected_summary
+    from lightning_modules.compression.report import COLUMNS, SUMMARY_KEYS
+    from lightning_modules.compression.report import summary as expected_summary
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_RUN_ID", "trial7")  # as a sweep agent sets it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lightning_modules.demo import RunResult, main, report, verdict
+from lightning_modules.demos.haltingvt import RunResult, main, report, verdict
 from tests.quick import quick_overrides
 
 

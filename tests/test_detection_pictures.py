@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lightning_modules.detection_pictures import (
+from lightning_modules.pictures.detection import (
     DROPPED,
     KEPT,
-    keyframe_figure,
     kept_tokens_figure,
+    keyframe_figure,
     token_masks,
 )
 
@@ -60,12 +60,12 @@ def test_predict_with_the_callback_writes_both_pictures_per_keyframe(tmp_path):
     """Through the CLI: the untrained tiny EVAD predicts on the synthetic set and the callback draws the first two
     keyframes, named by video id and timestamp."""
     from lightning_modules.cli import main
-    from lightning_modules.detection_pictures import EVADPictures
+    from lightning_modules.pictures.detection import EVADPictures
     from tests.test_detection_task import tiny
 
     cli = main([
         "predict", *tiny(tmp_path / "runs", tmp_path / "data"),
-        "--trainer.callbacks+=lightning_modules.detection_pictures.EVADPictures",
+        "--trainer.callbacks+=lightning_modules.pictures.detection.EVADPictures",
         "--trainer.callbacks.max_keyframes=2",
     ])  # fmt: skip
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, EVADPictures)]

@@ -14,16 +14,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lightning_modules.ava_metrics import (
+from lightning_modules.cli import main
+from lightning_modules.metrics.ava import (
     AVAFrameMAP,
     ava_frame_map,
     read_ava_detections,
     read_ava_ground_truth,
 )
-from lightning_modules.base import warmup_step_decay
-from lightning_modules.cli import main
-from lightning_modules.detection import SpatioTemporalDetection
-from lightning_modules.video_map import FrameVideoMAP
+from lightning_modules.metrics.video_map import FrameVideoMAP
+from lightning_modules.tasks.base import warmup_step_decay
+from lightning_modules.tasks.detection import SpatioTemporalDetection
 from models.context_decoder import ContextRefinementDecoder
 from models.evad import EVAD, ActionDetections
 from models.query_localiser import QueryLocaliser, SimpleFeaturePyramid

@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 
 from datamodules.kinetics_list import AnnotationError
-from lightning_modules.diagnose_tad import main
-from lightning_modules.tad_diagnosis import (
+from lightning_modules.metrics.tad import (
+    TemporalSegments,
+    average_precision_per_class,
+    interpolated_average_precision,
+    mean_average_precision,
+    read_ground_truth,
+)
+from lightning_modules.metrics.tad_diagnosis import (
     ACTIVITYNET_BINS,
     BACKGROUND,
     CONFUSION,
@@ -31,13 +37,7 @@ from lightning_modules.tad_diagnosis import (
     read_durations,
     select,
 )
-from lightning_modules.tad_metrics import (
-    TemporalSegments,
-    average_precision_per_class,
-    interpolated_average_precision,
-    mean_average_precision,
-    read_ground_truth,
-)
+from lightning_modules.tools.diagnose_tad import main
 
 
 def table(rows, scored=True):
@@ -85,7 +85,7 @@ def test_the_type_depends_on_the_threshold():
 
 
 def test_matching_agrees_with_the_map_protocol():
-    # The matches give the same per-class AP as tad_metrics' own matcher, ties and all (coarse random times).
+    # The matches give the same per-class AP as metrics.tad's own matcher, ties and all (coarse random times).
     rng = np.random.default_rng(3)
     for _ in range(5):
         truth = [(int(rng.integers(3)), s, s + int(rng.integers(1, 6)), int(rng.integers(2))) for s in

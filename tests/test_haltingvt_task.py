@@ -10,8 +10,8 @@ import torch
 
 from datamodules.classification import VideoClassificationDataModule
 from lightning_modules.cli import main
-from lightning_modules.haltingvt import HaltingVTClassifier, depth_prior, prior_kl
-from lightning_modules.visualise import plot_accuracy_vs_gflops, read_run_result
+from lightning_modules.pictures.tradeoff import plot_accuracy_vs_gflops, read_run_result
+from lightning_modules.tasks.haltingvt import HaltingVTClassifier, depth_prior, prior_kl
 from models.haltingvt import HaltingViT
 from tests.quick import quick_overrides
 
@@ -148,7 +148,7 @@ def test_fit_and_validate_through_cli_logs_gflops(tmp_path, synthetic_classifica
         "predict", *predict_args, f"--ckpt_path={ckpt}", f"--data.init_args.predict_videos={videos}",
         "--trainer.logger=lightning_modules.loggers.AutoWandbLogger",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'wandb'}",
-        "--trainer.callbacks+=lightning_modules.visualise.HaltingMapWriter",
+        "--trainer.callbacks+=lightning_modules.pictures.halting.HaltingMapWriter",
         f"--trainer.callbacks.out_dir={tmp_path / 'maps'}",
     ])  # fmt: skip
     pictures = sorted(p.name for p in (tmp_path / "maps").glob("*.png"))

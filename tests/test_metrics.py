@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
-from lightning_modules.metrics import VideoClassificationScores, first_occurrences
+from lightning_modules.metrics.classification import VideoClassificationScores, first_occurrences
 
 NUM, CLASSES = 7, 6
 

@@ -246,7 +246,7 @@ def test_dense_classifier_starts_from_deit(fits, workspace, monkeypatch, tmp_pat
     ids=lambda r: r[-1],
 )  # fmt: skip
 def test_blockdrop_recipe_compresses_the_trained_detector(recipes, fits, workspace, monkeypatch):
-    from lightning_modules.compress import main as compress
+    from lightning_modules.compression.command import main as compress
 
     monkeypatch.chdir(workspace)
     fitted = fits(recipes[0])

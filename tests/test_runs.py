@@ -22,8 +22,8 @@ import torch
 from datamodules.classification import VideoClassificationDataModule
 from datamodules.kinetics_list import AnnotationError
 from lightning_modules.cli import main
+from lightning_modules.pictures.tradeoff import read_run_result
 from lightning_modules.runs import SIGTERM_EXIT
-from lightning_modules.visualise import read_run_result
 from tests.quick import quick_overrides
 
 REPO = Path(__file__).resolve().parents[1]

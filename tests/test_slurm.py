@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules import submit
+from lightning_modules.tools import submit
 from tests.quick import quick_overrides
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,8 +18,8 @@ from sweeps import RunState, SweepRun, next_run, schema_violations_from_proposed
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 from lightning_modules.cli import main, resolved_config
-from lightning_modules.compress import main as compress_main
-from lightning_modules.compress_report import SUMMARY_KEYS
+from lightning_modules.compression.command import main as compress_main
+from lightning_modules.compression.report import SUMMARY_KEYS
 from tests.quick import quick_overrides
 
 REPO = Path(__file__).resolve().parents[1]

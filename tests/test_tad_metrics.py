@@ -12,8 +12,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from datamodules.kinetics_list import AnnotationError
-from lightning_modules.evaluate_tad import main
-from lightning_modules.tad_metrics import (
+from lightning_modules.metrics.tad import (
     ACTIVITYNET_TIOUS,
     THUMOS_CSV_HEADER,
     TemporalDetectionMAP,
@@ -26,6 +25,7 @@ from lightning_modules.tad_metrics import (
     segment_iou,
     write_predictions,
 )
+from lightning_modules.tools.evaluate_tad import main
 
 THUMOS = (0.3, 0.4, 0.5, 0.6, 0.7)
 

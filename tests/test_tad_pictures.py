@@ -13,7 +13,7 @@ import pytest
 
 from datamodules.synthetic import generate_temporal
 from lightning_modules.cli import main
-from lightning_modules.visualise import CLASS_COLOURS, timeline_figure
+from lightning_modules.pictures.timelines import CLASS_COLOURS, timeline_figure
 from tests.quick import tiny_tad
 
 CLASSES = ["jump", "spin", "slide"]

@@ -15,8 +15,8 @@ import yaml
 from datamodules.synthetic import generate_temporal
 from lightning_modules.__main__ import run as run_command
 from lightning_modules.cli import main
-from lightning_modules.tad_metrics import mean_average_precision, read_ground_truth, read_predictions
-from lightning_modules.temporal_detection import read_class_scores
+from lightning_modules.metrics.tad import mean_average_precision, read_ground_truth, read_predictions
+from lightning_modules.tasks.temporal_detection import read_class_scores
 from models.temporal_backbone import ChunkedVideoBackbone
 from models.vit import VideoMAEViT
 from tests.quick import quick_overrides, tiny_tad
@@ -104,7 +104,7 @@ def test_missing_dataset_says_what_to_download(tmp_path, recipe):
 
 
 def test_demo_tad_prints_figures_against_the_target(tmp_path, temporal_set, capsys):
-    from lightning_modules.demo_tad import main as demo
+    from lightning_modules.demos.tad import main as demo
 
     overrides = tiny(tmp_path, temporal_set, "--run_id=demo")[2:]  # the demo names the recipe itself
     summary = demo(["--out", str(tmp_path / "demo"), "--pretrained", "none", "--", *overrides])
@@ -121,7 +121,7 @@ def test_demo_tad_starts_the_detector_from_the_backbone_it_trained(
 ):
     """Stage 1 fits the dense quickstart ViT (tiny here) as run tad_backbone; stage 2 loads exactly its weights
     into the detector's ViT; a second demo reuses the finished stage 1 instead of training it again."""
-    from lightning_modules.demo_tad import main as demo
+    from lightning_modules.demos.tad import main as demo
 
     vit = [
         "--model.init_args.backbone.init_args.img_size=32",

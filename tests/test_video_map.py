@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.video_map import FrameVideoMAP, Tube, TubeLinking, tube_iou, tube_nms, video_map
+from lightning_modules.metrics.video_map import (
+    FrameVideoMAP,
+    Tube,
+    TubeLinking,
+    tube_iou,
+    tube_nms,
+    video_map,
+)
 
 X = (0.0, 0.0, 0.4, 0.4)
 P, Q = (0.1, 0.1, 0.3, 0.5), (0.6, 0.1, 0.8, 0.5)

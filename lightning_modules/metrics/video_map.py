@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_modules.frame_ap import (
+from lightning_modules.metrics.frame_ap import (
     IOU_THRESHOLDS,
     FrameBoxes,
     FrameDetectionRows,

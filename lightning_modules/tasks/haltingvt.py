@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.classification import VideoClassifier
 from lightning_modules.compression.task import Alignment
+from lightning_modules.tasks.classification import VideoClassifier
 from models.haltingvt import HaltingOutput, HaltingViT
 
 

@@ -11,7 +11,7 @@ are averaged over the thresholds, as DETAD averages over 0.5:0.05:0.95 on Activi
   least the threshold and another class, a wrong label; from ``BACKGROUND_TIOU`` (0.1) up to the threshold,
   a localisation error (same class) or a confusion error (another class); below 0.1 (or a video without
   ground truth), a background error. The profile is the share of each type per rank group; the impact of a
-  type is the gain in average mAP (``tad_metrics.mean_average_precision``, on the cut detections) when the
+  type is the gain in average mAP (``metrics.tad.mean_average_precision``, on the cut detections) when the
   detections of that type are removed.
 - False negatives. A ground-truth instance is missed when no detection matches it, counting a match only
   where the class's normalised precision (recall * N / (recall * N + false positives), N the mean number of
@@ -20,7 +20,7 @@ are averaged over the thresholds, as DETAD averages over 0.5:0.05:0.95 on Activi
   with DETAD's bins (``ACTIVITYNET_BINS``, ``THUMOS14_BINS``; right-closed, the lowest edge included).
 
 Detections and ground truth are ``TemporalSegments`` sharing video and class indices, as
-``tad_metrics.read_predictions`` gives them. Matching follows ``tad_metrics`` exactly, ties included.
+``metrics.tad.read_predictions`` gives them. Matching follows ``metrics.tad`` exactly, ties included.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from datamodules.kinetics_list import AnnotationError
-from lightning_modules.tad_metrics import (
+from lightning_modules.metrics.tad import (
     TemporalSegments,
     json_number,
     load_json,

@@ -19,7 +19,7 @@ import sys
 import warnings
 
 from datamodules.kinetics_list import AnnotationError
-from lightning_modules.tad_metrics import (
+from lightning_modules.metrics.tad import (
     THUMOS_TIOUS,
     mean_average_precision,
     read_ground_truth,

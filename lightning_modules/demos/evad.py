@@ -16,7 +16,7 @@ Prints the validation frame-mAP@0.5 at both keep rates with the GFLOPs of one cl
 (frame-mAP@0.5 >= 0.60 at keep rate 0.7 within 15 minutes of detector training on 2 CPU cores). Results go to
 ``runs/demo_evad/summary.json``.
 
-    python -m lightning_modules.demo_evad [--out runs/demo_evad] [--pretrained PATH|none] [-- <CLI overrides>]
+    python -m lightning_modules.demos.evad [--out runs/demo_evad] [--pretrained PATH|none] [-- <CLI overrides>]
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_modules.ava_metrics import ava_frame_map, read_ava_detections, read_ava_ground_truth
 from lightning_modules.cli import main as cli_main
-from lightning_modules.demo_tad import train_backbone
+from lightning_modules.demos.tad import train_backbone
+from lightning_modules.metrics.ava import ava_frame_map, read_ava_detections, read_ava_ground_truth
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart" / "evad_synthetic.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart" / "evad_synthetic.yaml"
 KEEP_RATE_ARG = "--model.init_args.detector.init_args.keep_rate"
 TARGET_MAP = 0.60
 TARGET_MINUTES = 15.0
@@ -78,7 +78,7 @@ def report(sparse: dict[str, float], dense: dict[str, float], minutes: float, ba
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_modules.demo_evad", description=__doc__.split("\n")[0]
+        prog="python -m lightning_modules.demos.evad", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", default="runs/demo_evad", help="where the summary goes")
     parser.add_argument(

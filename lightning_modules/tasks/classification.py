@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from lightning_modules.base import VideoTask
 from lightning_modules.compression.task import Compressible
-from lightning_modules.metrics import VideoClassificationScores, first_occurrences
+from lightning_modules.metrics.classification import VideoClassificationScores, first_occurrences
+from lightning_modules.tasks.base import VideoTask
 from models.blockdrop import MLPActivation, class_alignment
 from models.flops import count_macs
 

@@ -27,7 +27,7 @@ is unspecified. Here ties keep their input order (a stable sort): file order for
 ground-truth box a detection is compared with (the first listed).
 
 The IoU, VOC matching and AP, the cap's tie rule and the Metric base that counts DDP repeats once are shared
-with UCF101-24 / JHMDB and live in ``lightning_modules.frame_ap``; this module holds the AVA files (label map,
+with UCF101-24 / JHMDB and live in ``lightning_modules.metrics.frame_ap``; this module holds the AVA files (label map,
 ground truth, exclusions and detections CSVs), the 50-per-keyframe cap and ``AVAFrameMAP``.
 """
 
@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from datamodules.kinetics_list import AnnotationError
-from lightning_modules.frame_ap import (
+from lightning_modules.metrics.frame_ap import (
     IOU_THRESHOLDS,
     FrameBoxes,
     FrameDetectionRows,

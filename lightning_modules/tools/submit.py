@@ -1,6 +1,6 @@
 """Submit a recipe to SLURM with the allocation its trainer settings need.
 
-    python -m lightning_modules.submit RECIPE.yaml [--nodes N] [--gpus-per-node G] [--cpus-per-task C]
+    python -m lightning_modules submit RECIPE.yaml [--nodes N] [--gpus-per-node G] [--cpus-per-task C]
         [--time HH:MM:SS] [--partition P] [--job-name NAME] [--dry-run] [-- CLI overrides...]
 
 Reads ``trainer.devices``, ``trainer.num_nodes`` and ``trainer.accelerator`` from the recipe (and from any
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SINGLE_NODE_SCRIPT = "recipes/slurm/train.sbatch"
 MULTI_NODE_SCRIPT = "recipes/slurm/train_multinode.sbatch"
 OUTPUT_DIR = "runs/slurm"
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, overrides = argv[:cut], argv[cut + 1 :]
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_modules.submit",
+        prog="python -m lightning_modules submit",
         description="Submit a recipe to SLURM with the allocation its trainer settings need "
         "(CLI overrides after --).",
     )

@@ -1,6 +1,6 @@
 """Frame-level detection AP: box IoU, PASCAL VOC matching and AP, and a DDP-exact Metric base for per-frame rows.
 
-Shared by the AVA protocol (``ava_metrics``) and the UCF101-24 / JHMDB frame- and video-mAP (``video_map``):
+Shared by the AVA protocol (``metrics.ava``) and the UCF101-24 / JHMDB frame- and video-mAP (``video_map``):
 
 - A table of boxes on frames (``FrameBoxes``): ground truth, or detections with a score each.
 - IoU of continuous coordinates, without the +1 of pixel-index conventions (areas ``(x2 - x1) * (y2 - y1)``).
@@ -33,8 +33,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_modules.metrics import first_occurrences
-from lightning_modules.tad_metrics import interpolated_average_precision
+from lightning_modules.metrics.classification import first_occurrences
+from lightning_modules.metrics.tad import interpolated_average_precision
 
 IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.5:0.05:0.95
 

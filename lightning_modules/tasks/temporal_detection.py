@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_modules.base import VideoTask, param_groups
 from lightning_modules.compression.task import Compressible
-from lightning_modules.tad_metrics import THUMOS_TIOUS, TemporalDetectionMAP, map_key
+from lightning_modules.metrics.tad import THUMOS_TIOUS, TemporalDetectionMAP, map_key
+from lightning_modules.tasks.base import VideoTask, param_groups
 from models.actionformer import ActionFormerHead, ActionFormerOutputs
 from models.blockdrop import MLPActivation, detector_alignment
 from models.tad_postprocess import Detections, TADPostProcessor

@@ -8,7 +8,7 @@ Prints one JSON object to stdout: ``{"frame_mAP@0.5": ..., "frame_mAP@0.5:0.95":
 at IoU 0.5}}`` (fractions in [0, 1]; ``null`` for a class without ground truth, which the mean leaves out).
 Warnings (detections of classes outside the label map, empty boxes, keyframes the ground truth lacks) go to
 stderr. A malformed file exits with code 2 and a message naming the file, the line and the fix; bad arguments
-exit with code 2 through argparse. The protocol is described in ``lightning_modules.ava_metrics``.
+exit with code 2 through argparse. The protocol is described in ``lightning_modules.metrics.ava``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import warnings
 
 from datamodules.kinetics_list import AnnotationError
-from lightning_modules.ava_metrics import (
+from lightning_modules.metrics.ava import (
     AVA_MAX_DETECTIONS_PER_KEYFRAME,
     ava_frame_map,
     read_ava_detections,

@@ -14,7 +14,7 @@ bars side by side) and ``diagnosis.json``, the JSON object also printed to stdou
      "false_positives": {...}, "false_negatives": {...}}}}
 
 Shares and mAPs are fractions; ``mAP`` scores all the detections, the false-positive analysis the top 10G of
-each class (see ``lightning_modules.tad_diagnosis``). Coverage needs the videos' durations: the ActivityNet
+each class (see ``lightning_modules.metrics.tad_diagnosis``). Coverage needs the videos' durations: the ActivityNet
 JSON's ``duration``, else ``--durations`` (JSON ``{video id: seconds}``); without either it is skipped with a
 warning (``"coverage": null``). ``--bins auto`` takes DETAD's THUMOS14 bins for a CSV ground truth and its
 ActivityNet bins otherwise. Warnings go to stderr; a malformed file exits with code 2 and a message naming
@@ -30,7 +30,8 @@ import warnings
 from pathlib import Path
 
 from datamodules.kinetics_list import AnnotationError
-from lightning_modules.tad_diagnosis import (
+from lightning_modules.metrics.tad import mean_average_precision, read_ground_truth, read_predictions
+from lightning_modules.metrics.tad_diagnosis import (
     ACTIVITYNET_BINS,
     THUMOS14_BINS,
     false_negative_analysis,
@@ -40,7 +41,6 @@ from lightning_modules.tad_diagnosis import (
     plot_false_positives,
     read_durations,
 )
-from lightning_modules.tad_metrics import mean_average_precision, read_ground_truth, read_predictions
 
 BINS = {"activitynet": ACTIVITYNET_BINS, "thumos14": THUMOS14_BINS}
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from datamodules.kinetics_list import AnnotationError
-from lightning_modules.metrics import first_occurrences
+from lightning_modules.metrics.classification import first_occurrences
 
 THUMOS_TIOUS = (0.3, 0.4, 0.5, 0.6, 0.7)
 ACTIVITYNET_TIOUS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))

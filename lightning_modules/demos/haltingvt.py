@@ -6,7 +6,7 @@ dense model at no more than 60% of its GFLOPs), plots accuracy against GFLOPs an
 for a few validation videos. Results go to ``runs/demo/`` (``summary.json``, ``accuracy_vs_gflops.png``,
 ``halting_maps/``).
 
-    python -m lightning_modules.demo [--max-epochs N] [--out runs/demo] [-- <CLI overrides for every run>]
+    python -m lightning_modules.demos.haltingvt [--max-epochs N] [--out runs/demo] [-- <CLI overrides for every run>]
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_modules.cli import main as cli_main
-from lightning_modules.visualise import RunResult, plot_accuracy_vs_gflops
+from lightning_modules.pictures.tradeoff import RunResult, plot_accuracy_vs_gflops
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "quickstart"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "quickstart"
 BASELINE = RECIPES / "synthetic_dense_vit.yaml"
 HALTING = RECIPES / "synthetic_haltingvt.yaml"
 MAX_TOP1_DROP = 0.02  # top-1 may be at most 2 points below the dense model ...
@@ -85,7 +85,7 @@ def report(dense: RunResult, halting: RunResult, early_exit_gflops: float | None
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_modules.demo", description=__doc__.split("\n")[0]
+        prog="python -m lightning_modules.demos.haltingvt", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", default="runs/demo", help="where the summary, plot and halting maps go")
     parser.add_argument("--max-epochs", type=int, default=None, help="override both recipes' epochs")
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cli_main([
         "predict", "--config", str(HALTING), *overrides, f"--ckpt_path={halting_ckpt}",
         f"--data.init_args.predict_videos={json.dumps(videos)}",
-        "--trainer.callbacks+=lightning_modules.visualise.HaltingMapWriter",
+        "--trainer.callbacks+=lightning_modules.pictures.halting.HaltingMapWriter",
         f"--trainer.callbacks.out_dir={out / 'halting_maps'}",
     ])  # fmt: skip
 

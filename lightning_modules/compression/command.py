@@ -44,9 +44,8 @@ from jsonargparse import ActionConfigFile, Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 
-from lightning_modules.blockdrop import HIGHER_IS_BETTER, score_candidates
 from lightning_modules.cli import as_list, place_checkpoints, place_loggers
-from lightning_modules.compress_report import (
+from lightning_modules.compression.report import (
     finish_wandb,
     kept_round,
     log_to_wandb,
@@ -55,6 +54,7 @@ from lightning_modules.compress_report import (
     seeds_report,
     write_json,
 )
+from lightning_modules.compression.scoring import HIGHER_IS_BETTER, score_candidates
 from lightning_modules.compression.task import Alignment, Compressible
 from lightning_modules.runs import (
     AtomicCheckpointIO,

@@ -30,9 +30,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.ava_metrics import AVAFrameMAP
-from lightning_modules.base import VideoTask, param_groups
-from lightning_modules.video_map import FrameVideoMAP
+from lightning_modules.metrics.ava import AVAFrameMAP
+from lightning_modules.metrics.video_map import FrameVideoMAP
+from lightning_modules.tasks.base import VideoTask, param_groups
 from models.evad import EVAD, ActionDetections
 from models.flops import count_macs
 

@@ -5,7 +5,7 @@ The ``EVADPictures`` callback draws both for the first keyframes of every ``pred
 ``stages: [validate, predict]``, of every validation), into ``<run directory>/pictures/`` and as W&B images::
 
     python -m lightning_modules predict --config recipes/quickstart/evad_synthetic.yaml --ckpt_path <ckpt> \\
-        --trainer.callbacks+=lightning_modules.detection_pictures.EVADPictures
+        --trainer.callbacks+=lightning_modules.pictures.detection.EVADPictures
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Prints the per-round report table and the verdict against the target (2 blocks d
 2 CPU cores, average mAP within 2 points of the uncompressed detector's). Results: ``runs/blockdrop_synthetic``
 (``report.md``, ``report.png``, ``rounds.json``, ``compressed.ckpt``) and ``runs/demo_blockdrop/summary.json``.
 
-    python -m lightning_modules.demo_blockdrop [--checkpoint PATH] [--out runs/demo_blockdrop]
+    python -m lightning_modules.demos.blockdrop [--checkpoint PATH] [--out runs/demo_blockdrop]
         [-- <compress overrides>]
 """
 
@@ -23,10 +23,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_modules import demo_tad
-from lightning_modules.compress import main as compress
+from lightning_modules.compression.command import main as compress
+from lightning_modules.demos import tad as demo_tad
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "quickstart"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "quickstart"
 DETECTOR_RECIPE = RECIPES / "tad_synthetic.yaml"
 RECIPE = RECIPES / "blockdrop_synthetic.yaml"
 TARGET_BLOCKS = 2
@@ -71,7 +71,7 @@ def report(v: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_modules.demo_blockdrop", description=__doc__.split("\n")[0]
+        prog="python -m lightning_modules.demos.blockdrop", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "--checkpoint", default=None, help="the detector to compress (default: make demo-tad's)"

@@ -16,7 +16,7 @@ target (average mAP >= 0.70 within 10 minutes of detector training on 2 CPU core
 ``runs/demo_tad/summary.json``; the detections are in the detector's run directory (``predictions_val.json``,
 scored again here by the offline scorer).
 
-    python -m lightning_modules.demo_tad [--out runs/demo_tad] [--pretrained PATH|none]
+    python -m lightning_modules.demos.tad [--out runs/demo_tad] [--pretrained PATH|none]
         [--backbone-args "<CLI overrides for stage 1>"] [-- <CLI overrides for stage 2>]
 """
 
@@ -31,9 +31,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_modules.cli import main as cli_main
-from lightning_modules.tad_metrics import mean_average_precision, read_ground_truth, read_predictions
+from lightning_modules.metrics.tad import mean_average_precision, read_ground_truth, read_predictions
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "quickstart"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "quickstart"
 RECIPE = RECIPES / "tad_synthetic.yaml"
 BACKBONE_RECIPE = RECIPES / "synthetic_dense_vit.yaml"
 BACKBONE_RUN = "tad_backbone"
@@ -101,7 +101,7 @@ def report(figures: dict[str, float], minutes: float, backbone: dict | None) -> 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_modules.demo_tad", description=__doc__.split("\n")[0]
+        prog="python -m lightning_modules.demos.tad", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", default="runs/demo_tad", help="where the summary goes")
     parser.add_argument(
