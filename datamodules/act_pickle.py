@@ -13,8 +13,8 @@ Frames are read from ``frames_dir/frame_pattern``, by default ``rgb-images/{vide
 from 1 (the layout MOC distributes for UCF101-24; its JHMDB copy is ``Frames/{video}/{index:05d}.png``).
 
 Samples. Training: one per frame of a training video that has at least one ground-truth box, with the clip of
-``clip_length`` frames at ``frame_stride`` centred on it (``clip_frame_indices``: the frame is entry
-``clip_length // 2``; clamped to the video). Evaluation: every ``eval_frame_step``-th frame of every test video
+``num_frames`` frames at ``frame_stride`` centred on it (``clip_frame_indices``: the frame is entry
+``num_frames // 2``; clamped to the video). Evaluation: every ``eval_frame_step``-th frame of every test video
 from frame 1, with or without boxes, so that video-mAP can link each video's detections into tubes.
 
 Transforms: training resizes the short side to a random size in ``train_short_side`` (UCF101-24: 224; JHMDB:
@@ -39,17 +39,23 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.base import BadVideoPolicy, SampleKey, load_guarded, seeded, split_key
+from datamodules.base import (
+    AnnotationError,
+    BadVideoPolicy,
+    Problem,
+    SampleKey,
+    load_guarded,
+    seeded,
+    split_key,
+)
 from datamodules.keyframes import (
     AVA_MEAN,
     AVA_STD,
     FrameFolder,
     KeyframeDetectionDataModule,
-    Problem,
     clip_frame_indices,
     transform_keyframe_clip,
 )
-from datamodules.kinetics_list import AnnotationError
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +205,7 @@ class ActFrameDataset(Dataset):
         frames_root: str | Path,
         frame_pattern: str = "{video}/{index:05d}.jpg",
         first_frame_number: int = 1,
-        clip_length: int = 16,
+        num_frames: int = 16,
         frame_stride: int = 1,
         short_side: tuple[int, int] = (224, 224),
         train: bool = False,
@@ -212,7 +218,7 @@ class ActFrameDataset(Dataset):
         self.frames_root = Path(frames_root)
         self.frame_pattern = frame_pattern
         self.first_frame_number = first_frame_number
-        self.clip_length = clip_length
+        self.num_frames = num_frames
         self.frame_stride = frame_stride
         self.short_side = short_side
         self.train = train
@@ -231,7 +237,7 @@ class ActFrameDataset(Dataset):
         """0-based frame indices of sample ``index``'s clip."""
         position, frame = self.samples[index]
         return clip_frame_indices(
-            frame - 1, self.videos[position].num_frames, self.clip_length, self.frame_stride
+            frame - 1, self.videos[position].num_frames, self.num_frames, self.frame_stride
         )
 
     def load(self, index: int) -> dict[str, Any]:
@@ -286,7 +292,7 @@ class ActPickleDataModule(KeyframeDetectionDataModule):
         frame_pattern: str = "{video}/{index:05d}.jpg",
         first_frame_number: int = 1,
         split: int = 1,
-        clip_length: int = 16,
+        num_frames: int = 16,
         frame_stride: int = 1,
         eval_frame_step: int = 1,
         train_short_side: tuple[int, int] = (224, 224),
@@ -300,9 +306,9 @@ class ActPickleDataModule(KeyframeDetectionDataModule):
         **kwargs: Any,
     ):
         super().__init__(pad_multiple=pad_multiple, batch_size=batch_size, mean=mean, std=std, **kwargs)
-        if clip_length < 1 or frame_stride < 1 or eval_frame_step < 1:
+        if num_frames < 1 or frame_stride < 1 or eval_frame_step < 1:
             raise ValueError(
-                f"clip_length, frame_stride and eval_frame_step must be >= 1, got {clip_length}, {frame_stride}, "
+                f"num_frames, frame_stride and eval_frame_step must be >= 1, got {num_frames}, {frame_stride}, "
                 f"{eval_frame_step}"
             )
         lo, hi = train_short_side
@@ -316,7 +322,7 @@ class ActPickleDataModule(KeyframeDetectionDataModule):
         self.frame_pattern = frame_pattern
         self.first_frame_number = first_frame_number
         self.split = split
-        self.clip_length = clip_length
+        self.num_frames = num_frames
         self.frame_stride = frame_stride
         self.eval_frame_step = eval_frame_step
         self.train_short_side = (int(lo), int(hi))
@@ -386,7 +392,7 @@ class ActPickleDataModule(KeyframeDetectionDataModule):
             raise AnnotationError(f"{annotations.path}: split {self.split} has no {stage} frame to read")
         return ActFrameDataset(
             videos, samples, self.num_classes, self.frames_root, self.frame_pattern, self.first_frame_number,
-            self.clip_length, self.frame_stride,
+            self.num_frames, self.frame_stride,
             self.train_short_side if train else (self.eval_short_side, self.eval_short_side), train=train,
             flip=self.flip, bad_video=self.bad_video,
         )  # fmt: skip

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datamodules.kinetics_list import AnnotationError, VideoRecord
+from datamodules.base import AnnotationError
+from datamodules.kinetics_list import VideoRecord
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv")
 SUBSETS = ("training", "validation", "testing")
@@ -32,28 +33,35 @@ class ActivityNetSplit:
     missing: list[str]
 
 
+#: The layout ``load_database`` reads (ActivityNet-1.3, and OpenTAD's THUMOS14 JSON).
+DATABASE_LAYOUT = '{"database": {video_id: {"subset", "annotations": [{"label", "segment": [start, end]}]}}}'
+
+
 def load_database(json_file: str | Path) -> dict[str, dict[str, Any]]:
-    """Read and check the ``database`` mapping; errors name the file, the video id and the fix."""
+    """Read and check the ``database`` mapping of an ActivityNet-style JSON (ActivityNet-1.3, OpenTAD's THUMOS14):
+    every entry has a ``subset`` string and an ``annotations`` list of entries with a string ``label``. The one
+    reader of this format: the data modules and the temporal mAP read it here; each checks the segments under
+    its own policy. Errors name the file, the video id and the fix."""
     path = Path(json_file)
     if not path.is_file():
         raise AnnotationError(
-            f"ActivityNet annotation file {path} not found: download activity_net.v1-3.min.json from the "
-            "ActivityNet challenge site and point data.init_args.root / train_list / val_list at it"
+            f"annotation file {path} not found: download it (ActivityNet-1.3: activity_net.v1-3.min.json from the "
+            "ActivityNet challenge site; THUMOS14: OpenTAD's thumos_14_anno.json) and point the recipe at it"
         )
     try:
         content = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise AnnotationError(f"{path}: not valid JSON ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AnnotationError(f"{path}: not valid JSON ({err}); expected {DATABASE_LAYOUT}") from None
     database = content.get("database") if isinstance(content, dict) else None
     if not isinstance(database, dict):
         raise AnnotationError(f"{path}: expected an object with a 'database' mapping of video id -> entry")
     for video_id, entry in database.items():
         where = f"{path}: video {video_id!r}"
-        if not isinstance(entry, dict) or entry.get("subset") not in SUBSETS:
-            raise AnnotationError(f"{where}: expected an entry with 'subset' one of {SUBSETS}")
-        annotations = entry.get("annotations", [])
+        if not isinstance(entry, dict) or not isinstance(entry.get("subset"), str):
+            raise AnnotationError(f"{where}: the entry needs a 'subset' string (one of {SUBSETS})")
+        annotations = entry.get("annotations")
         if not isinstance(annotations, list):
-            raise AnnotationError(f"{where}: 'annotations' must be a list")
+            raise AnnotationError(f"{where}: the entry needs an 'annotations' list (empty without action)")
         for ann in annotations:
             if not isinstance(ann, dict) or not isinstance(ann.get("label"), str):
                 raise AnnotationError(f"{where}: every annotation needs a string 'label', got {ann!r}")

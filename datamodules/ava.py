@@ -45,16 +45,15 @@ from datamodules.ava_annotations import (
     read_proposals_csv,
 )
 from datamodules.ava_dataset import AVAKeyframeDataset, VideoSource
+from datamodules.base import AnnotationError, Problem
 from datamodules.keyframes import (
     AVA_MEAN,
     AVA_STD,
     KeyframeDetectionDataModule,
-    Problem,
     count_frames,
     grid_length,
     keyframe_grid_index,
 )
-from datamodules.kinetics_list import AnnotationError
 from datamodules.video_io import VideoDecodeError, open_video
 
 log = logging.getLogger(__name__)
@@ -94,8 +93,8 @@ class AVADataModule(KeyframeDetectionDataModule):
         train_csv: str | None = None,
         val_csv: str | None = None,
         label_map: str | None = None,
-        train_exclusions: str | None = None,
-        val_exclusions: str | None = None,
+        train_excluded_timestamps: str | None = None,
+        val_excluded_timestamps: str | None = None,
         video_dir: str | None = None,
         video_ext: str | None = None,
         frames_dir: str | None = None,
@@ -103,7 +102,7 @@ class AVADataModule(KeyframeDetectionDataModule):
         first_frame_number: int = 1,
         timestamp_offset: float | None = None,
         frame_rate: float | None = 30.0,
-        clip_length: int = 16,
+        num_frames: int = 16,
         frame_stride: int = 4,
         train_short_side: int = 288,
         eval_short_side: int = 288,
@@ -129,8 +128,8 @@ class AVADataModule(KeyframeDetectionDataModule):
         **kwargs: Any,
     ):
         super().__init__(pad_multiple=pad_multiple, batch_size=batch_size, mean=mean, std=std, **kwargs)
-        if clip_length < 1 or frame_stride < 1:
-            raise ValueError(f"clip_length and frame_stride must be >= 1, got {clip_length}, {frame_stride}")
+        if num_frames < 1 or frame_stride < 1:
+            raise ValueError(f"num_frames and frame_stride must be >= 1, got {num_frames}, {frame_stride}")
         if frames_dir is not None and frame_rate is None:
             raise ValueError(
                 "extracted frames (frames_dir) need their frame_rate (30 for PySlowFast's AVA frames)"
@@ -142,20 +141,20 @@ class AVADataModule(KeyframeDetectionDataModule):
             {
                 "train_csv": "annotations/train.csv", "val_csv": "annotations/val.csv",
                 "label_map": "annotations/label_map.pbtxt",
-                "train_exclusions": "annotations/train_excluded_timestamps.csv",
-                "val_exclusions": "annotations/val_excluded_timestamps.csv", "video_dir": "videos",
+                "train_excluded_timestamps": "annotations/train_excluded_timestamps.csv",
+                "val_excluded_timestamps": "annotations/val_excluded_timestamps.csv", "video_dir": "videos",
             }
             if synthetic
             else {
                 "train_csv": "annotations/ava_train_v2.2.csv", "val_csv": "annotations/ava_val_v2.2.csv",
                 "label_map": "annotations/ava_action_list_v2.2_for_activitynet_2019.pbtxt",
-                "train_exclusions": "annotations/ava_train_excluded_timestamps_v2.2.csv",
-                "val_exclusions": "annotations/ava_val_excluded_timestamps_v2.2.csv", "video_dir": "videos_15min",
+                "train_excluded_timestamps": "annotations/ava_train_excluded_timestamps_v2.2.csv",
+                "val_excluded_timestamps": "annotations/ava_val_excluded_timestamps_v2.2.csv", "video_dir": "videos_15min",
             }
         )  # fmt: skip
         given = {
             "train_csv": train_csv, "val_csv": val_csv, "label_map": label_map,
-            "train_exclusions": train_exclusions, "val_exclusions": val_exclusions, "video_dir": video_dir,
+            "train_excluded_timestamps": train_excluded_timestamps, "val_excluded_timestamps": val_excluded_timestamps, "video_dir": video_dir,
         }  # fmt: skip
         self.paths = {k: self.root / (given[k] if given[k] is not None else names[k]) for k in names}
         self.given_paths = {k for k, v in given.items() if v is not None}
@@ -167,7 +166,7 @@ class AVADataModule(KeyframeDetectionDataModule):
             timestamp_offset if timestamp_offset is not None else (0.0 if synthetic else 900.0)
         )
         self.frame_rate = frame_rate
-        self.clip_length = clip_length
+        self.num_frames = num_frames
         self.frame_stride = frame_stride
         self.train_short_side = train_short_side
         self.eval_short_side = eval_short_side
@@ -288,17 +287,17 @@ class AVADataModule(KeyframeDetectionDataModule):
         """The stage's keyframes as annotated (before the checks against the videos)."""
         train = stage == "train"
         csv_path = self.paths["train_csv" if train else "val_csv"]
-        exclusions_path = self.paths["train_exclusions" if train else "val_exclusions"]
+        excluded_path = self.paths["train_excluded_timestamps" if train else "val_excluded_timestamps"]
         if not self.root.is_dir():
             raise self._missing(f"data root {self.root}")
         if not csv_path.is_file():
             raise self._missing(f"annotation file {csv_path}")
         # A default name may be absent (no keyframe is then excluded); a path given must exist.
-        explicit = ("train_exclusions" if train else "val_exclusions") in self.given_paths
-        if not explicit and not exclusions_path.is_file():
-            log.warning("no excluded-timestamps file %s: no keyframe is excluded", exclusions_path)
-            exclusions_path = None
-        excluded = read_excluded_timestamps(exclusions_path)
+        explicit = ("train_excluded_timestamps" if train else "val_excluded_timestamps") in self.given_paths
+        if not explicit and not excluded_path.is_file():
+            log.warning("no excluded-timestamps file %s: no keyframe is excluded", excluded_path)
+            excluded_path = None
+        excluded = read_excluded_timestamps(excluded_path)
         keyframes = read_ava_csv(
             csv_path, self.action_ids, self.num_actions, excluded, self.keep_unlabelled_boxes
         )
@@ -369,7 +368,7 @@ class AVADataModule(KeyframeDetectionDataModule):
         return AVAKeyframeDataset(
             checked, sources, self.train_short_side if train else self.eval_short_side, train=train,
             flip=self.flip, timestamp_offset=self.timestamp_offset, frame_rate=self.frame_rate,
-            clip_length=self.clip_length, frame_stride=self.frame_stride, frame_pattern=self.frame_pattern,
+            num_frames=self.num_frames, frame_stride=self.frame_stride, frame_pattern=self.frame_pattern,
             first_frame_number=self.first_frame_number, bad_video=self.bad_video,
             decode_threads=self.decode_threads,
         )  # fmt: skip

@@ -29,14 +29,13 @@ import logging
 import math
 import re
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from datamodules.kinetics_list import AnnotationError
+from datamodules.base import AnnotationError
 
 log = logging.getLogger(__name__)
 
@@ -88,41 +87,53 @@ def read_label_map(path: str | Path) -> dict[int, str]:
     return classes
 
 
-def _rows(path: Path) -> Any:
-    """(line number, stripped fields) of the non-blank rows of a CSV."""
+def csv_rows(path: Path) -> Iterator[tuple[str, list[str]]]:
+    """(``"<file>:<line>"``, stripped fields) of the non-blank rows of a CSV."""
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.reader(handle)
         try:
             for fields in reader:
                 fields = [f.strip() for f in fields]
                 if any(fields):
-                    yield reader.line_num, fields
+                    yield f"{path}:{reader.line_num}", fields
         except (UnicodeDecodeError, csv.Error) as err:
             raise AnnotationError(f"{path}:{reader.line_num + 1}: not a readable CSV ({err})") from None
 
 
-def _timestamp(value: str, where: str) -> int:
+def parse_int(value: str, where: str, field: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise AnnotationError(f"{where}: timestamp must be a whole second, got {value!r}") from None
+        raise AnnotationError(f"{where}: {field} must be an integer, got {value!r}") from None
 
 
-def _box(fields: Sequence[str], where: str) -> tuple[float, float, float, float]:
+def parse_finite(value: str, where: str, field: str) -> float:
     try:
-        box = tuple(float(v) for v in fields)
+        number = float(value)
     except ValueError:
-        raise AnnotationError(f"{where}: x1, y1, x2, y2 must be numbers, got {list(fields)}") from None
-    if not all(0.0 <= v <= 1.0 for v in box):  # also rejects NaN
+        number = math.nan
+    if not math.isfinite(number):
+        raise AnnotationError(f"{where}: {field} must be a finite number, got {value!r}")
+    return number
+
+
+def parse_box(
+    fields: Sequence[str], where: str, allow_empty: bool = False
+) -> tuple[float, float, float, float]:
+    """x1, y1, x2, y2 normalised to [0, 1], not reversed; empty (x2 == x1 or y2 == y1) only if ``allow_empty``
+    (detections, which the official evaluator drops after the cap; never a ground-truth box)."""
+    x1, y1, x2, y2 = (parse_finite(v, where, name) for v, name in zip(fields, ("x1", "y1", "x2", "y2")))
+    box = (x1, y1, x2, y2)
+    if not all(0.0 <= v <= 1.0 for v in box):
         raise AnnotationError(
-            f"{where}: box {box} lies outside [0, 1]; AVA boxes are normalised by the frame width and height"
+            f"{where}: box {box} lies outside [0, 1]; AVA boxes are normalised by the frame width and height "
+            "(divide pixel coordinates by them, clip to [0, 1])"
         )
-    x1, y1, x2, y2 = box
-    if x2 <= x1 or y2 <= y1:
+    if x2 < x1 or y2 < y1 or (not allow_empty and (x2 == x1 or y2 == y1)):
         raise AnnotationError(
-            f"{where}: box {box} is empty or reversed; columns are x1, y1, x2, y2 with x1 < x2"
+            f"{where}: box {box} is empty or reversed; columns are x1, y1, x2, y2 with x1 < x2 and y1 < y2"
         )
-    return x1, y1, x2, y2
+    return box
 
 
 def read_excluded_timestamps(path: str | Path | None) -> frozenset[tuple[str, int]]:
@@ -133,10 +144,10 @@ def read_excluded_timestamps(path: str | Path | None) -> frozenset[tuple[str, in
     if not path.is_file():
         raise AnnotationError(f"excluded-timestamps file {path} not found; give the right path or null")
     excluded = set()
-    for line, fields in _rows(path):
+    for where, fields in csv_rows(path):
         if len(fields) != 2:
-            raise AnnotationError(f"{path}:{line}: expected 'video_id, timestamp', got {len(fields)} columns")
-        excluded.add((fields[0], _timestamp(fields[1], f"{path}:{line}")))
+            raise AnnotationError(f"{where}: expected 'video_id, timestamp', got {len(fields)} columns")
+        excluded.add((fields[0], parse_int(fields[1], where, "timestamp")))
     return frozenset(excluded)
 
 
@@ -161,16 +172,13 @@ def read_ava_csv(
     people: dict[tuple[str, int], dict[tuple[float, ...], set[int]]] = defaultdict(dict)
     first_line: dict[tuple[str, int], int] = {}
     dropped_rows, excluded_keys = 0, set()
-    for line, fields in _rows(path):
-        where = f"{path}:{line}"
+    for where, fields in csv_rows(path):
+        line = int(where.rpartition(":")[2])
         if len(fields) not in (7, 8):
             raise AnnotationError(f"{where}: expected '{CSV_COLUMNS}', got {len(fields)} columns")
-        key = (fields[0], _timestamp(fields[1], where))
-        box = _box(fields[2:6], where)
-        try:
-            action = int(fields[6])
-        except ValueError:
-            raise AnnotationError(f"{where}: action_id must be an integer, got {fields[6]!r}") from None
+        key = (fields[0], parse_int(fields[1], where, "timestamp"))
+        box = parse_box(fields[2:6], where)
+        action = parse_int(fields[6], where, "action_id")
         if action not in column and (num_actions is None or not 1 <= action <= num_actions):
             valid = "the label map" + ("" if num_actions is None else f" nor in 1..num_actions={num_actions}")
             raise AnnotationError(
@@ -217,20 +225,13 @@ def read_proposals_csv(
         raise AnnotationError(f"proposals file {path} not found; rows are '{PROPOSAL_COLUMNS}'")
     found: dict[tuple[str, int], dict[tuple[float, ...], float]] = defaultdict(dict)
     first_line: dict[tuple[str, int], int] = {}
-    for line, fields in _rows(path):
-        where = f"{path}:{line}"
+    for where, fields in csv_rows(path):
+        line = int(where.rpartition(":")[2])
         if len(fields) not in (7, 8):
             raise AnnotationError(f"{where}: expected '{PROPOSAL_COLUMNS}', got {len(fields)} columns")
-        key = (fields[0], _timestamp(fields[1], where))
-        try:
-            score = float(fields[-1])
-            box = tuple(float(v) for v in fields[2:6])
-        except ValueError:
-            raise AnnotationError(
-                f"{where}: box and score must be numbers, got {fields[2:6] + fields[-1:]}"
-            ) from None
-        if not all(0.0 <= v <= 1.0 for v in box) or box[2] < box[0] or box[3] < box[1]:
-            raise AnnotationError(f"{where}: box {box} is outside [0, 1] or reversed (x1, y1, x2, y2)")
+        key = (fields[0], parse_int(fields[1], where, "timestamp"))
+        score = parse_finite(fields[-1], where, "score")
+        box = parse_box(fields[2:6], where, allow_empty=True)
         if key in excluded or score < score_threshold or box[2] == box[0] or box[3] == box[1]:
             continue
         first_line.setdefault(key, line)
@@ -249,6 +250,10 @@ __all__ = [
     "CSV_COLUMNS",
     "PROPOSAL_COLUMNS",
     "AVAKeyframe",
+    "csv_rows",
+    "parse_box",
+    "parse_finite",
+    "parse_int",
     "read_ava_csv",
     "read_excluded_timestamps",
     "read_label_map",

@@ -46,7 +46,7 @@ class AVAKeyframeDataset(Dataset):
         flip: bool = True,
         timestamp_offset: float = 900.0,
         frame_rate: float | None = 30.0,
-        clip_length: int = 16,
+        num_frames: int = 16,
         frame_stride: int = 4,
         frame_pattern: str = "{video}/{video}_{index:06d}.jpg",
         first_frame_number: int = 1,
@@ -60,7 +60,7 @@ class AVAKeyframeDataset(Dataset):
         self.flip = flip
         self.timestamp_offset = timestamp_offset
         self.frame_rate = frame_rate
-        self.clip_length = clip_length
+        self.num_frames = num_frames
         self.frame_stride = frame_stride
         self.frame_pattern = frame_pattern
         self.first_frame_number = first_frame_number
@@ -81,7 +81,7 @@ class AVAKeyframeDataset(Dataset):
         source = self.sources[keyframe.video_index]
         return keyframe_clip_indices(
             keyframe.timestamp - self.timestamp_offset, source.num_frames, source.fps, self.frame_rate,
-            self.clip_length, self.frame_stride,
+            self.num_frames, self.frame_stride,
         )  # fmt: skip
 
     def load(self, index: int) -> dict[str, Any]:

@@ -24,9 +24,10 @@ import os
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -44,6 +45,25 @@ BadVideoPolicy = Literal["error", "skip"]
 
 class BadVideoError(RuntimeError):
     """Raised under the ``error`` policy, with the file and the fix in the message."""
+
+
+class AnnotationError(ValueError):
+    """A malformed or inconsistent annotation file, with the file, the line and what was expected."""
+
+
+#: Fix proposed for every skippable problem.
+SKIP_FIX = "or set data.init_args.bad_video: skip to leave them out (they are counted and reported)"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A bad input found at set-up: ``kind`` (what skips are counted by), ``where`` (``file:line``, or ``file: video
+    'id'``), ``reason``, and ``file``, the file left out with it (None when only part of it is, e.g. a segment)."""
+
+    kind: str
+    where: str
+    reason: str
+    file: str | None = None
 
 
 def open_checked(path: str, min_frames: int, num_threads: int = 1) -> Video:
@@ -153,8 +173,13 @@ class VideoDataModule(L.LightningDataModule):
     """Base of every video data module: loaders, workers, the bad-input ledger, normalisation on the device.
 
     Subclasses implement ``build_dataset(stage)`` returning the dataset of "train", "val", "test" or "predict".
-    Clips leave the workers as uint8 ``(..., 3, T, H, W)`` under the key ``video``.
+    Clips leave the workers as uint8 ``(..., 3, T, H, W)`` under the key ``video``. Bad input found at set-up
+    goes through ``settle`` (one report for every data module).
     """
+
+    #: Problem kinds that are annotation errors, with their fix (``{skip}`` is filled in); other kinds are bad
+    #: videos. A data module whose checks find annotation problems names their kinds here.
+    annotation_fixes: ClassVar[Mapping[str, str]] = {}
 
     def __init__(
         self,
@@ -233,7 +258,7 @@ class VideoDataModule(L.LightningDataModule):
         return self._loader("predict", shuffle=False)
 
     def current_stage(self) -> str:
-        """"train", "val", "test", "predict" or "sanity" (Lightning's validation sanity check)."""
+        """ "train", "val", "test", "predict" or "sanity" (Lightning's validation sanity check)."""
         trainer = self.trainer
         if trainer is None or trainer.state.stage is None:
             return "train"
@@ -261,10 +286,34 @@ class VideoDataModule(L.LightningDataModule):
         """Good samples this rank has delivered in the current epoch of ``stage``."""
         return self._epoch_samples[stage]
 
+    def settle(self, problems: Sequence[Problem], what: str) -> None:
+        """The set-up report: under ``bad_video: error`` raise on the first problem (``AnnotationError`` for the
+        kinds in ``annotation_fixes``, else ``BadVideoError``) with its place, reason and fix; under ``skip`` log
+        them once and count them by kind (on rank 0: the reports sum over ranks)."""
+        if not problems:
+            return
+        first = problems[0]
+        if self.bad_video == "error":
+            more = f" ({len(problems) - 1} more problems in {what})" if len(problems) > 1 else ""
+            fixes = self.annotation_fixes
+            fix = fixes.get(first.kind, "fix or re-download the file, {skip}").format(skip=SKIP_FIX)
+            error = AnnotationError if first.kind in fixes else BadVideoError
+            raise error(f"{first.where}: {first.reason}{more}. To go on: {fix}")
+        counts = Counter(p.kind for p in problems)
+        summary = "; ".join(f"{n} x {kind}" for kind, n in counts.most_common())
+        log.warning(
+            "%s: left out under bad_video: skip: %s (first: %s: %s)", what, summary, first.where, first.reason
+        )
+        if self.trainer is None or self.trainer.global_rank == 0:
+            self.skip_counts.update(counts)
+            self.skipped_files.update(p.file for p in problems if p.file is not None)
+
     def skip_summary(self, skips: dict[int, tuple[str, str]] | None = None) -> str:
         """Counts by reason: of ``skips`` (index -> (path, kind)), else of everything recorded so far."""
         if skips is None:
-            counts = self.skip_counts + Counter(kind for st in self._epoch_skips.values() for _, kind in st.values())
+            counts = self.skip_counts + Counter(
+                kind for st in self._epoch_skips.values() for _, kind in st.values()
+            )
             files = len(self.skipped_files)
         else:
             counts, files = Counter(kind for _, kind in skips.values()), len({p for p, _ in skips.values()})

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -15,7 +15,9 @@ from torch.utils.data import Dataset
 from datamodules import synthetic
 from datamodules.activitynet import class_names_of, load_database, read_activitynet
 from datamodules.base import (
+    AnnotationError,
     BadVideoPolicy,
+    Problem,
     SampleKey,
     VideoDataModule,
     load_guarded,
@@ -23,7 +25,7 @@ from datamodules.base import (
     seeded,
     split_key,
 )
-from datamodules.kinetics_list import AnnotationError, VideoRecord, read_class_names, read_video_list
+from datamodules.kinetics_list import VideoRecord, read_class_names, read_video_list
 from datamodules.sampling import random_clip, uniform_clips
 from datamodules.transforms import EvalClipTransform, TrainClipTransform
 
@@ -44,7 +46,7 @@ class ClipClassificationDataset(Dataset):
         records: Sequence[VideoRecord],
         num_classes: int,
         num_frames: int,
-        frame_interval: int,
+        frame_stride: int,
         transform: Callable[[Tensor], Tensor],
         train: bool,
         num_clips: int = 1,
@@ -57,7 +59,7 @@ class ClipClassificationDataset(Dataset):
         self.records = list(records)
         self.num_classes = num_classes
         self.num_frames = num_frames
-        self.frame_interval = frame_interval
+        self.frame_stride = frame_stride
         self.transform = transform
         self.train = train
         self.num_clips = num_clips
@@ -86,7 +88,7 @@ class ClipClassificationDataset(Dataset):
             # Torch's generator is the one Lightning seeds per worker; numpy only draws from it.
             rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
             frames = video.get_frames(
-                random_clip(video.num_frames, self.num_frames, self.frame_interval, rng)
+                random_clip(video.num_frames, self.num_frames, self.frame_stride, rng)
             )
             sample["video"] = self.transform(frames)
             if self.static_clips:
@@ -94,7 +96,7 @@ class ClipClassificationDataset(Dataset):
                 still = frames[int(rng.integers(len(frames)))]
                 sample["static"] = self.transform(still.expand(len(frames), *still.shape))
         else:
-            idx = uniform_clips(video.num_frames, self.num_frames, self.frame_interval, self.num_clips)
+            idx = uniform_clips(video.num_frames, self.num_frames, self.frame_stride, self.num_clips)
             frames = video.get_frames(idx.reshape(-1)).unflatten(0, idx.shape)  # (clips, T, H, W, 3)
             sample["video"] = torch.cat([self.transform(f) for f in frames])  # (clips * crops, 3, T, H, W)
         return sample
@@ -121,6 +123,10 @@ class VideoClassificationDataModule(VideoDataModule):
     ``VideoDataModule``.
     """
 
+    annotation_fixes: ClassVar[Mapping[str, str]] = {
+        "missing": "fix the paths (the list's, or data.init_args.root) or download the videos, {skip}",
+    }
+
     def __init__(
         self,
         root: str,
@@ -132,10 +138,10 @@ class VideoClassificationDataModule(VideoDataModule):
         num_classes: int | None = None,
         multilabel: bool = False,
         num_frames: int = 8,
-        frame_interval: int = 32,
+        frame_stride: int = 32,
         crop_size: int = 224,
         train_short_side: tuple[int, int] = (256, 320),
-        test_short_side: int = 256,
+        eval_short_side: int = 256,
         flip: bool = True,
         randaugment_ops: int = 2,
         randaugment_magnitude: int = 9,
@@ -164,10 +170,10 @@ class VideoClassificationDataModule(VideoDataModule):
         self._num_classes = num_classes
         self.multilabel = multilabel
         self.num_frames = num_frames
-        self.frame_interval = frame_interval
+        self.frame_stride = frame_stride
         self.crop_size = crop_size
         self.train_short_side = train_short_side
-        self.test_short_side = test_short_side
+        self.eval_short_side = eval_short_side
         self.flip = flip
         self.randaugment_ops = randaugment_ops
         self.randaugment_magnitude = randaugment_magnitude
@@ -229,7 +235,7 @@ class VideoClassificationDataModule(VideoDataModule):
                 self.randaugment_magnitude,
             )
         else:
-            transform = EvalClipTransform(self.crop_size, self.test_short_side, self.test_num_crops)
+            transform = EvalClipTransform(self.crop_size, self.eval_short_side, self.test_num_crops)
         try:
             if stage == "predict" and self.predict_videos:
                 records = [VideoRecord(str(self.root / p), ()) for p in self.predict_videos]
@@ -248,7 +254,7 @@ class VideoClassificationDataModule(VideoDataModule):
             records,
             num_classes=self.num_classes,
             num_frames=self.num_frames,
-            frame_interval=self.frame_interval,
+            frame_stride=self.frame_stride,
             transform=transform,
             train=train,
             num_clips=1 if train else self.test_num_clips,
@@ -267,47 +273,38 @@ class VideoClassificationDataModule(VideoDataModule):
         )
 
     def existing(self, records: list[VideoRecord], list_file: Path, stage: str) -> list[VideoRecord]:
-        """Check at setup that every listed video exists: under ``error`` one error naming the missing files,
-        under ``skip`` they are dropped, counted once (on rank 0; the report sums over ranks) and logged."""
+        """Check at setup that every listed video exists: the missing ones go through ``settle`` (an error naming
+        them, or left out and counted once per list), and a list none of whose videos exists is an error."""
         missing = [r.path for r in records if not Path(r.path).is_file()]
-        if not missing:
-            return records
-        message = (
-            f"{len(missing)} of {len(records)} videos listed in {list_file} do not exist "
-            f"(first: {', '.join(missing[:3])})"
+        self.settle_missing(
+            missing, len(records), str(list_file), "fix the paths in the list or data.init_args.root"
         )
-        if self.bad_video == "error" or len(missing) == len(records):
-            raise AnnotationError(
-                f"{message}. Fix the paths in the list or data.init_args.root, or set data.init_args.bad_video: "
-                "skip to use the videos present"
-            )
-        log.warning("%s; skipped under bad_video: skip", message)
-        if str(list_file) not in self._missing_counted and (self.trainer is None or self.trainer.global_rank == 0):
-            self._missing_counted.add(str(list_file))
-            self.skip_counts["missing"] += len(missing)
-            self.skipped_files.update(missing)
         gone = set(missing)
         return [r for r in records if r.path not in gone]
+
+    def settle_missing(self, missing: list[str], listed: int, source: str, fix: str) -> None:
+        """The set-up report of listed videos that are not there (each list or subset counted once)."""
+        if not missing:
+            return
+        if len(missing) == listed:
+            raise AnnotationError(
+                f"{source}: none of its {listed} videos exists (first: {missing[0]}); {fix}"
+            )
+        if source in self._missing_counted:
+            return
+        count = f"{len(missing)} of {listed} listed videos missing"
+        problems = [
+            Problem("missing", source, f"video {path} does not exist ({count})", path) for path in missing
+        ]
+        self.settle(problems, source)
+        self._missing_counted.add(source)
 
     def activitynet_records(self, stage: str) -> list[VideoRecord]:
         json_file, subset = self.root / self.lists[stage], self.subsets[stage]
         split = read_activitynet(json_file, self.video_dir, subset, self.class_names)
-        if split.missing:
-            message = (
-                f"{len(split.missing)} of {len(split.missing) + len(split.records)} '{subset}' videos of "
-                f"{json_file} are not in {self.video_dir} (first: {', '.join(split.missing[:5])})"
-            )
-            if self.bad_video == "error" or not split.records:
-                raise AnnotationError(
-                    f"{message}. Download them, or set data.init_args.bad_video: skip to use the videos present"
-                )
-            log.warning("%s; skipped under bad_video: skip", message)
-            # Counted once per subset (val and test share one) and on one rank: the report sums over ranks.
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            if subset not in self._missing_counted and rank == 0:
-                self._missing_counted.add(subset)
-                self.skip_counts["missing"] += len(split.missing)
-                self.skipped_files.update(split.missing)
+        listed = len(split.missing) + len(split.records)
+        fix = f"download them into {self.video_dir}"
+        self.settle_missing(split.missing, listed, f"{json_file}, subset {subset!r}", fix)
         several = sum(len(r.labels) > 1 for r in split.records)
         if several and not self.multilabel:
             log.warning(

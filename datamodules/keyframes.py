@@ -28,19 +28,16 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
-from datamodules.base import BadVideoError, VideoDataModule
-from datamodules.kinetics_list import AnnotationError
+from datamodules.base import VideoDataModule
 from datamodules.transforms import to_tchw
 from datamodules.video_io import VideoDecodeError
 
@@ -54,7 +51,6 @@ AVA_STD = (0.225, 0.225, 0.225)
 LIST_KEYS = ("boxes", "labels", "proposals", "proposal_scores", "classes", "tube_ids")
 #: Per-sample integers collated into (B,) tensors.
 INDEX_KEYS = ("index", "video_index", "timestamp", "frame")
-SKIP_FIX = "or set data.init_args.bad_video: skip to leave them out (they are counted and reported)"
 
 # ------------------------------------------------------------------------------------------ clip geometry
 
@@ -242,27 +238,12 @@ def count_frames(root: str | Path, video_id: str, pattern: str, first_number: in
 # ------------------------------------------------------------------------------------ shared data module
 
 
-@dataclass(frozen=True)
-class Problem:
-    """A bad input found at setup: kind (what skips are counted by), where (file:line), reason, file left out."""
-
-    kind: str
-    where: str
-    reason: str
-    file: str | None = None
-
-
 class KeyframeDetectionDataModule(VideoDataModule):
     """Base of the spatio-temporal detection data modules: keyframe collation, padding, setup checks.
 
-    Bad input found at setup (``settle``) stops the run under ``bad_video: error`` with the file, line and fix
-    (``AnnotationError`` for annotation problems, ``BadVideoError`` for videos); under ``skip`` it is counted
-    by kind in ``skip_counts`` and logged once. Videos that fail while loading follow the base policy.
+    Bad input found at setup goes through the base's ``settle``. Videos that fail while loading follow the base
+    policy.
     """
-
-    #: Problem kinds that are annotation errors, with their fix (``{skip}`` is filled in); other kinds are
-    #: bad videos. A data module whose checks find annotation problems names their kinds here.
-    annotation_fixes: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, pad_multiple: int = 32, **kwargs: Any):
         super().__init__(**kwargs)
@@ -280,26 +261,6 @@ class KeyframeDetectionDataModule(VideoDataModule):
         for name in stages.get(stage, ()):
             self.dataset(name)
 
-    def settle(self, problems: Sequence[Problem], what: str) -> None:
-        """Raise on the first problem under ``bad_video: error``; count and log them once under ``skip``."""
-        if not problems:
-            return
-        first = problems[0]
-        if self.bad_video == "error":
-            more = f" ({len(problems) - 1} more problems in {what})" if len(problems) > 1 else ""
-            fixes = self.annotation_fixes
-            fix = fixes.get(first.kind, "fix or re-download the file, {skip}").format(skip=SKIP_FIX)
-            error = AnnotationError if first.kind in fixes else BadVideoError
-            raise error(f"{first.where}: {first.reason}{more}. To go on: {fix}")
-        counts = Counter(p.kind for p in problems)
-        summary = "; ".join(f"{n} x {kind}" for kind, n in counts.most_common())
-        log.warning(
-            "%s: left out under bad_video: skip: %s (first: %s: %s)", what, summary, first.where, first.reason
-        )
-        if self.trainer is None or self.trainer.global_rank == 0:  # counted on one rank: reports sum ranks
-            self.skip_counts.update(counts)
-            self.skipped_files.update(p.file for p in problems if p.file is not None)
-
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         batch = super().on_after_batch_transfer(batch, dataloader_idx)
         video = batch.get("video")
@@ -316,7 +277,6 @@ __all__ = [
     "AVA_STD",
     "FrameFolder",
     "KeyframeDetectionDataModule",
-    "Problem",
     "clip_frame_indices",
     "collate_keyframes",
     "count_frames",

@@ -10,11 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from datamodules.base import AnnotationError
+
 LINE_FORMAT = "'<video path> [<num_frames>] <label>[,<label>...]'"
-
-
-class AnnotationError(ValueError):
-    """A malformed annotation file, with the file, the line and what was expected."""
 
 
 @dataclass(frozen=True)

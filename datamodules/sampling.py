@@ -1,6 +1,6 @@
 """Clip samplers: which frame indices make a clip.
 
-A clip is ``num_frames`` frames taken every ``frame_interval`` frames (its span is ``num_frames * frame_interval``).
+A clip is ``num_frames`` frames taken every ``frame_stride`` frames (its span is ``num_frames * frame_stride``).
 Indices past the end of a short video are clamped by the decoder (the last frame repeats).
 """
 
@@ -9,53 +9,52 @@ from __future__ import annotations
 import numpy as np
 
 
-def clip_span(num_frames: int, frame_interval: int) -> int:
-    return num_frames * frame_interval
+def clip_span(num_frames: int, frame_stride: int) -> int:
+    return num_frames * frame_stride
 
 
-def clip_indices(start: int, num_frames: int, frame_interval: int) -> np.ndarray:
-    return start + np.arange(num_frames) * frame_interval
+def clip_indices(start: int, num_frames: int, frame_stride: int) -> np.ndarray:
+    return start + np.arange(num_frames) * frame_stride
 
 
 def random_clip(
-    video_frames: int, num_frames: int, frame_interval: int, rng: np.random.Generator
+    video_frames: int, num_frames: int, frame_stride: int, rng: np.random.Generator
 ) -> np.ndarray:
     """One clip at a uniformly random start (training)."""
-    slack = max(video_frames - clip_span(num_frames, frame_interval), 0)
-    return clip_indices(int(rng.integers(0, slack + 1)), num_frames, frame_interval)
+    slack = max(video_frames - clip_span(num_frames, frame_stride), 0)
+    return clip_indices(int(rng.integers(0, slack + 1)), num_frames, frame_stride)
 
 
-def centre_clip(video_frames: int, num_frames: int, frame_interval: int) -> np.ndarray:
+def centre_clip(video_frames: int, num_frames: int, frame_stride: int) -> np.ndarray:
     """The clip centred in the video (single-view evaluation)."""
     return clip_indices(
-        max(video_frames - clip_span(num_frames, frame_interval), 0) // 2, num_frames, frame_interval
+        max(video_frames - clip_span(num_frames, frame_stride), 0) // 2, num_frames, frame_stride
     )
 
 
-def uniform_clips(video_frames: int, num_frames: int, frame_interval: int, num_clips: int) -> np.ndarray:
+def uniform_clips(video_frames: int, num_frames: int, frame_stride: int, num_clips: int) -> np.ndarray:
     """``num_clips`` clips with starts spread evenly over the video (multi-view testing), shape (clips, frames).
 
     With one clip this is ``centre_clip``.
     """
     if num_clips == 1:
-        return centre_clip(video_frames, num_frames, frame_interval)[None]
-    slack = max(video_frames - clip_span(num_frames, frame_interval), 0)
+        return centre_clip(video_frames, num_frames, frame_stride)[None]
+    slack = max(video_frames - clip_span(num_frames, frame_stride), 0)
     starts = np.round(np.linspace(0, slack, num_clips)).astype(np.int64)
-    return np.stack([clip_indices(int(s), num_frames, frame_interval) for s in starts])
+    return np.stack([clip_indices(int(s), num_frames, frame_stride) for s in starts])
 
 
-def dense_windows(video_frames: int, window: int, stride: int, overlap: float = 0.5) -> np.ndarray:
-    """Sliding windows over an untrimmed video, each ``window`` sampled frames at ``stride``, shape (windows, window).
+def sliding_window_starts(num_steps: int, window_size: int, overlap: float) -> list[int]:
+    """First step of each window covering ``num_steps`` sampled frames.
 
-    Consecutive windows overlap by ``overlap`` of their span; the last window is aligned to the end of the video so
-    every frame is covered.
+    Windows are ``int(window_size * (1 - overlap))`` steps apart (OpenTAD's window stride) and the last one
+    ends at the last frame; a video of at most one window gives the single window 0. No window is repeated.
     """
     if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    span = window * stride
-    step = max(int(round(span * (1.0 - overlap))), 1)
-    last = max(video_frames - span, 0)
-    starts = list(range(0, last + 1, step))
+        raise ValueError(f"window_overlap must be in [0, 1), got {overlap}")
+    stride = max(int(window_size * (1.0 - overlap)), 1)
+    last = max(num_steps - window_size, 0)
+    starts = list(range(0, last + 1, stride))
     if starts[-1] != last:
         starts.append(last)
-    return np.stack([clip_indices(s, window, stride) for s in starts])
+    return starts

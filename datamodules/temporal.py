@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -40,8 +39,9 @@ from torchvision.transforms import RandomResizedCrop
 from datamodules import synthetic
 from datamodules.activitynet import VIDEO_EXTENSIONS, class_names_of, load_database
 from datamodules.base import (
-    BadVideoError,
+    AnnotationError,
     BadVideoPolicy,
+    Problem,
     SampleKey,
     VideoDataModule,
     load_guarded,
@@ -49,7 +49,8 @@ from datamodules.base import (
     seeded,
     split_key,
 )
-from datamodules.kinetics_list import AnnotationError, read_class_names
+from datamodules.kinetics_list import read_class_names
+from datamodules.sampling import sliding_window_starts
 from datamodules.transforms import EvalClipTransform, to_tchw
 from datamodules.video_io import Video, VideoDecodeError, open_video
 
@@ -62,8 +63,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DECODE_CHUNK = 32
 #: OpenTAD's number of random crops tried before settling for one without a complete enough action.
 MAX_TRUNCATION_TRIALS = 200
-#: Fix proposed for every skippable problem.
-SKIP_FIX = "or set data.init_args.bad_video: skip to leave them out (they are counted and reported)"
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,22 +76,6 @@ class TemporalVideo:
     segments: np.ndarray  # (n, 2) float64 seconds
     labels: np.ndarray  # (n,) int64
     num_frames: int | None = None  # set once the video has been opened
-
-
-def sliding_window_starts(num_steps: int, window_size: int, overlap: float) -> list[int]:
-    """First step of each window covering ``num_steps`` sampled frames.
-
-    Windows are ``int(window_size * (1 - overlap))`` steps apart (OpenTAD's window stride) and the last one
-    ends at the last frame; a video of at most one window gives the single window 0. No window is repeated.
-    """
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"window_overlap must be in [0, 1), got {overlap}")
-    stride = max(int(window_size * (1.0 - overlap)), 1)
-    last = max(num_steps - window_size, 0)
-    starts = list(range(0, last + 1, stride))
-    if starts[-1] != last:
-        starts.append(last)
-    return starts
 
 
 def crop_segments(segments: np.ndarray, start: float, length: float) -> tuple[np.ndarray, np.ndarray]:
@@ -331,17 +314,7 @@ def collate_windows(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-@dataclass(frozen=True)
-class Problem:
-    """A bad input found at setup: kind (what skips are counted by), video, reason, and the file left out."""
-
-    kind: str
-    video_id: str
-    reason: str
-    file: str | None = None  # set when the whole video is left out, not one of its segments
-
-
-_FIXES = {
+ANNOTATION_FIXES = {
     "missing": "download it (as <id>.<ext> or v_<id>.<ext>) into the video folder, {skip}",
     "unknown_label": "add the label to the class list, or leave classes_file unset to take the classes "
     "from the JSON, {skip}",
@@ -373,6 +346,8 @@ class TemporalDetectionDataModule(VideoDataModule):
     ``root`` on first use, and again when the ``synthetic_*`` arguments change, but never into a non-empty
     folder the generator did not write. ``download_hint`` is added to the error raised when data is missing.
     """
+
+    annotation_fixes: ClassVar[Mapping[str, str]] = ANNOTATION_FIXES
 
     def __init__(
         self,
@@ -544,6 +519,10 @@ class TemporalDetectionDataModule(VideoDataModule):
 
     # ------------------------------------------------------------------------------------------ checks
 
+    def where(self, video_id: str) -> str:
+        """Where a set-up problem of ``video_id`` is: the annotation file and the video."""
+        return f"{self.annotation_path}: video {video_id!r}"
+
     def subset_videos(self, subset: str, opened: bool = False) -> list[TemporalVideo]:
         """The checked videos of ``subset`` (JSON order); ``opened``: each opened once for its frame count."""
         key = (subset, opened)
@@ -554,8 +533,8 @@ class TemporalDetectionDataModule(VideoDataModule):
                     try:
                         videos.append(self._opened(video))
                     except VideoDecodeError as err:
-                        problems.append(Problem(err.kind, video.video_id, err.reason, err.path))
-                self._settle(problems, subset)
+                        problems.append(Problem(err.kind, self.where(video.video_id), err.reason, err.path))
+                self.settle(problems, f"{self.annotation_path}, subset {subset!r}")
             else:
                 videos = self._read_subset(subset)
             self._subset_videos[key] = videos
@@ -576,14 +555,14 @@ class TemporalDetectionDataModule(VideoDataModule):
             path = files.get(video_id) or files.get(f"v_{video_id}")
             if path is None:
                 reason = f"no video file {video_id}.* or v_{video_id}.* in {self.video_dir}"
-                problems.append(Problem("missing", video_id, reason, video_id))
+                problems.append(Problem("missing", self.where(video_id), reason, video_id))
                 continue
             duration, num_frames = entry.get("duration"), None
             if duration is None:  # optional in the JSON: the decoder knows
                 try:
                     opened = open_video(path, self.decode_threads)
                 except VideoDecodeError as err:
-                    problems.append(Problem(err.kind, video_id, err.reason, err.path))
+                    problems.append(Problem(err.kind, self.where(video_id), err.reason, err.path))
                     continue
                 duration, num_frames = opened.duration, opened.num_frames
             elif not isinstance(duration, (int, float)) or not duration > 0:
@@ -599,15 +578,19 @@ class TemporalDetectionDataModule(VideoDataModule):
                 where = f"segment [{start:g}, {end:g}] of {label!r}"
                 if label not in index:
                     problems.append(
-                        Problem("unknown_label", video_id, f"label {label!r} is not in the class list")
+                        Problem(
+                            "unknown_label", self.where(video_id), f"label {label!r} is not in the class list"
+                        )
                     )
                 elif start >= end:
                     problems.append(
-                        Problem("empty_segment", video_id, f"{where} does not start before it ends")
+                        Problem(
+                            "empty_segment", self.where(video_id), f"{where} does not start before it ends"
+                        )
                     )
                 elif start < -self.end_tolerance or end > duration + self.end_tolerance:
                     reason = f"{where} is not within the video's {duration:g} s (+- {self.end_tolerance:g} s)"
-                    problems.append(Problem("segment_past_end", video_id, reason))
+                    problems.append(Problem("segment_past_end", self.where(video_id), reason))
                 elif not any(
                     k == index[label] and abs(s - start) <= 1e-3 and abs(e - end) <= 1e-3 for s, e, k in rows
                 ):
@@ -617,33 +600,10 @@ class TemporalDetectionDataModule(VideoDataModule):
             videos.append(
                 TemporalVideo(video_id, video_index, str(path), float(duration), segments, labels, num_frames)
             )
-        self._settle(problems, subset)
+        self.settle(problems, f"{self.annotation_path}, subset {subset!r}")
         if not videos:
             raise AnnotationError(f"{json_file}: subset {subset!r} has no usable video")
         return videos
-
-    def _settle(self, problems: list[Problem], subset: str) -> None:
-        """Raise on the first problem under ``bad_video: error``; count and log them once under ``skip``."""
-        if not problems:
-            return
-        first = problems[0]
-        if self.bad_video == "error":
-            more = f" ({len(problems) - 1} more problems in subset {subset!r})" if len(problems) > 1 else ""
-            fix = _FIXES.get(first.kind, "fix or re-download the file, {skip}").format(skip=SKIP_FIX)
-            error = AnnotationError if first.kind in _FIXES else BadVideoError
-            raise error(
-                f"{self.annotation_path}: video {first.video_id!r}: {first.reason}{more}. To go on: {fix}"
-            )
-        counts = Counter(p.kind for p in problems)
-        summary = "; ".join(f"{n} x {kind}" for kind, n in counts.most_common())
-        log.warning(
-            "%s, subset %r, left out under bad_video: skip: %s (first: video %r: %s)", self.annotation_path,
-            subset, summary, first.video_id, first.reason,
-        )  # fmt: skip
-        # Counted on one rank: the report sums over ranks.
-        if self.trainer is None or self.trainer.global_rank == 0:
-            self.skip_counts.update(counts)
-            self.skipped_files.update(p.file for p in problems if p.file is not None)
 
     # ---------------------------------------------------------------------------------------- datasets
 
@@ -732,5 +692,4 @@ __all__ = [
     "collate_windows",
     "crop_segments",
     "random_truncation",
-    "sliding_window_starts",
 ]

@@ -40,7 +40,9 @@ class Video:
     def __init__(self, path: str | Path, num_threads: int = 1):
         import decord
 
-        decord.logging.set_level(decord.logging.QUIET)  # reasons are reported once per file by the data module
+        decord.logging.set_level(
+            decord.logging.QUIET
+        )  # reasons are reported once per file by the data module
         self.path = Path(path)
         if not self.path.is_file():
             raise VideoDecodeError(path, "missing", "file not found")

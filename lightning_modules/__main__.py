@@ -35,9 +35,9 @@ TOOLS = {
         "submit a recipe to SLURM with the allocation its trainer settings need (nodes, GPUs, tasks per node); "
         "CLI overrides after --",
     ),
-    "accuracy-vs-gflops": (
+    "accuracy-vs-macs": (
         "lightning_modules.pictures.tradeoff",
-        "plot runs' last validation accuracy against GFLOPs (multiply-accumulates) per clip, from their CSV logs",
+        "plot runs' last validation accuracy against GMACs (multiply-accumulates) per clip, from their CSV logs",
     ),
 }
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -252,14 +253,15 @@ class EVAD(nn.Module):
         _, h, w = grid
         self.pruning.set_grid(grid)
         x = self.backbone.embed(video)  # (B, t*h*w, D)
-        taps = self.tap_layers if keyframe_maps else ()
-        x, tapped = self.backbone.forward_blocks(x, hooks=self.pruning, taps=taps)
-        maps = []
-        for i in taps:
-            keyframe = keyframe_tokens(tapped[i], self.kept_after(i, tapped[i]), grid)  # (B, h*w, D)
-            maps.append(rearrange(keyframe, "b (h w) d -> b d h w", h=h, w=w))
+
+        def keyframe_map(i: int, tokens: Tensor) -> Tensor:  # the keyframe's tokens leaving block i, on their grid
+            keyframe = keyframe_tokens(tokens, self.kept_after(i, tokens), grid)  # (B, h*w, D)
+            return rearrange(keyframe, "b (h w) d -> b d h w", h=h, w=w)
+
+        taps = {i: partial(keyframe_map, i) for i in self.tap_layers} if keyframe_maps else {}
+        x, maps = self.backbone.forward_blocks(x, hooks=self.pruning, taps=taps)
         kept = {i: self.pruning[i].kept for i in self.pruning}
-        return x, maps, kept, grid
+        return x, [maps[i] for i in taps], kept, grid
 
     def localise(self, maps: Sequence[Tensor], image_sizes: Tensor) -> LocaliserOutput:
         """Keyframe maps of the tap blocks -> pyramid -> the localiser's per-stage boxes and logits."""

@@ -23,8 +23,8 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from models.blockdrop import MLPActivation, set_mlp_activation
-from models.blockdrop import drop_blocks as drop_stack_blocks
+from models import blockdrop
+from models.blockdrop import MLPActivation
 from models.layers import (
     Block,
     BlockHook,
@@ -94,9 +94,9 @@ class _JointViT(nn.Module):
         """The layout of a block-drop-compressed stack: the blocks ``drop_blocks`` (original indices) removed, so
         that the remaining ones number 0..depth-k-1 as in its checkpoints, and ``mlp_activation`` in every MLP."""
         if drop_blocks:
-            drop_stack_blocks(self, drop_blocks)
+            blockdrop.drop_blocks(self, drop_blocks)
         if mlp_activation != "gelu":
-            set_mlp_activation(self, mlp_activation)
+            blockdrop.set_mlp_activation(self, mlp_activation)
 
     def run_block(self, position: int, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         """Run ``blocks[position]`` on ``x`` (further arguments go to the block) the way this stack runs blocks.
@@ -128,13 +128,14 @@ class _JointViT(nn.Module):
         x: Tensor,
         hooks: Mapping[int, BlockHook] | None = None,
         attn_mask: Tensor | None = None,
-        taps: Collection[int] = (),
+        taps: Collection[int] | Mapping[int, Callable[[Tensor], Any]] = (),
         after: Mapping[int, Callable[[Tensor], Tensor]] | None = None,
-    ) -> tuple[Tensor, dict[int, Tensor]]:
+    ) -> tuple[Tensor, dict[int, Any]]:
         """Run every block through ``run_block``; ``hooks``, ``taps`` and ``after`` are keyed by original block
         index. ``hooks[i]`` acts inside block ``i``; ``after[i]`` runs on the whole batch after it (an adapter
         that mixes samples: not split into micro-batches, recomputed under activation checkpointing); the
-        outputs of the ``taps`` blocks (after their ``after``) are returned ``{index: (B, N, D)}``."""
+        outputs of the ``taps`` blocks (after their ``after``) are returned ``{index: (B, N, D)}``, or, where
+        ``taps`` maps an index to a function, what it makes of that output right after the block."""
         if len(self.block_ids) != len(self.blocks):
             raise RuntimeError(
                 f"{type(self).__name__} has {len(self.blocks)} blocks but {len(self.block_ids)} block ids: remove "
@@ -152,7 +153,7 @@ class _JointViT(nn.Module):
                 if self._recording is not None:
                     self._recording[i] = x
             if i in taps:
-                out[i] = x
+                out[i] = taps[i](x) if isinstance(taps, Mapping) else x
         return x, out
 
     @contextmanager

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from datamodules.act_pickle import ActPickleDataModule, read_act_pickle
-from datamodules.base import BadVideoError
-from datamodules.kinetics_list import AnnotationError
+from datamodules.base import AnnotationError, BadVideoError
 
 HEIGHT, WIDTH = 24, 32
 NFRAMES = {"a/v1": 6, "b/v2": 5, "a/v3": 4}
@@ -68,7 +67,7 @@ def act_root(tmp_path) -> Path:
 
 def module(root: Path, **kwargs) -> ActPickleDataModule:
     args = {
-        "annotation_file": "GT.pkl", "clip_length": 4, "frame_stride": 2, "train_short_side": (24, 24),
+        "annotation_file": "GT.pkl", "num_frames": 4, "frame_stride": 2, "train_short_side": (24, 24),
         "eval_short_side": 48, "flip": False, "batch_size": 2, "num_workers": 0,
     }  # fmt: skip
     return ActPickleDataModule(str(root), **{**args, **kwargs})

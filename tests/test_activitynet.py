@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from datamodules.activitynet import class_names_of, read_activitynet
+from datamodules.base import AnnotationError
 from datamodules.classification import VideoClassificationDataModule
-from datamodules.kinetics_list import AnnotationError
 from datamodules.synthetic import TEMPORAL_ACTIONS, generate_temporal
 from lightning_modules.cli import main
 from lightning_modules.metrics.classification import VideoClassificationScores
@@ -85,8 +85,8 @@ def temporal_set(tmp_path_factory) -> Path:
 def anet_module(root: Path, **kwargs) -> VideoClassificationDataModule:
     args = dict(
         root=str(root), train_list="annotations.json", val_list="annotations.json", classes_file=None,
-        multilabel=True, num_frames=4, frame_interval=4, crop_size=32, train_short_side=(40, 48),
-        test_short_side=40, randaugment_ops=0, batch_size=2, num_workers=0,
+        multilabel=True, num_frames=4, frame_stride=4, crop_size=32, train_short_side=(40, 48),
+        eval_short_side=40, randaugment_ops=0, batch_size=2, num_workers=0,
     )  # fmt: skip
     return VideoClassificationDataModule(**{**args, **kwargs})
 
@@ -118,7 +118,8 @@ def test_missing_videos_error_or_counted_skip(temporal_set, tmp_path):
     shutil.copytree(temporal_set, root)
     (root / "videos" / "vid_0000.mp4").unlink()
     with pytest.raises(
-        AnnotationError, match=r"1 of 4 'training' videos .* \(first: vid_0000\).*bad_video: skip"
+        AnnotationError,
+        match=r"subset 'training': video vid_0000 does not exist \(1 of 4 listed videos missing\).*bad_video: skip",
     ):
         anet_module(root).dataset("train")
     dm = anet_module(root, bad_video="skip")
@@ -182,9 +183,9 @@ def test_anet_recipe_links_multilabel_and_fits_on_synthetic_json(tmp_path, tempo
         "--config", str(RECIPE), "--config", str(tmp_path / "tiny.yaml"),
         *quick_overrides(tmp_path, temporal_set, batch_size=2), "--data.init_args.train_list=annotations.json",
         "--data.init_args.val_list=annotations.json", "--data.init_args.num_frames=4",
-        "--data.init_args.frame_interval=4",
+        "--data.init_args.frame_stride=4",
         "--data.init_args.crop_size=32", "--data.init_args.train_short_side=[32,40]",
-        "--data.init_args.test_short_side=32", "--data.init_args.randaugment_ops=0",
+        "--data.init_args.eval_short_side=32", "--data.init_args.randaugment_ops=0",
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true",
         "--trainer.max_epochs=1",
     ]  # fmt: skip
@@ -192,4 +193,4 @@ def test_anet_recipe_links_multilabel_and_fits_on_synthetic_json(tmp_path, tempo
     assert cli.model.multilabel and cli.model.num_classes == cli.datamodule.num_classes
     metrics = cli.trainer.callback_metrics
     assert metrics["val/num_samples"] == 2 and 0.0 <= float(metrics["val/mAP"]) <= 1.0
-    assert "val/gflops" in metrics and "val/top1" in metrics
+    assert "val/gmacs" in metrics and "val/top1" in metrics

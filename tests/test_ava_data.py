@@ -13,7 +13,7 @@ import torch
 from datamodules import synthetic
 from datamodules.ava import AVADataModule
 from datamodules.ava_annotations import read_ava_csv, read_excluded_timestamps, read_label_map
-from datamodules.base import BadVideoError
+from datamodules.base import AnnotationError, BadVideoError
 from datamodules.keyframes import (
     clip_frame_indices,
     collate_keyframes,
@@ -21,7 +21,6 @@ from datamodules.keyframes import (
     keyframe_clip_indices,
     resized_size,
 )
-from datamodules.kinetics_list import AnnotationError
 
 LABEL_MAP = (
     'item {\n  name: "e"\n  id: 5\n}\nitem {\n  name: "a"\n  id: 1\n}\nitem {\n  name: "c"\n  id: 3\n}\n'
@@ -93,7 +92,7 @@ def test_label_map_keeps_its_classes_in_id_order(tmp_path):
         ("vidA,0902,0.1,0.7,0.5,0.6,1,0", "empty or reversed"),
         ("vidA,0902,0.1,0.2,0.5,0.6,81,0", "action id 81 is not in the label map nor in 1..num_actions=80"),
         ("vidA,0902,0.1,0.2,0.5,1", "got 6 columns"),
-        ("vidA,09x2,0.1,0.2,0.5,0.6,1,0", "whole second"),
+        ("vidA,09x2,0.1,0.2,0.5,0.6,1,0", "timestamp must be an integer"),
     ],
 )
 def test_bad_rows_are_errors_naming_file_and_line(tmp_path, row, message):

@@ -13,14 +13,13 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from datamodules.kinetics_list import AnnotationError
+from datamodules.ava_annotations import read_excluded_timestamps, read_label_map
+from datamodules.base import AnnotationError
 from lightning_modules.metrics.ava import (
     AVAFrameMAP,
     ava_frame_map,
     read_ava_detections,
     read_ava_ground_truth,
-    read_exclusions,
-    read_labelmap,
 )
 from lightning_modules.metrics.frame_ap import (
     IOU_THRESHOLDS,
@@ -88,8 +87,8 @@ def test_classes_without_detections_count_and_classes_without_ground_truth_do_no
     det = [(0, *A, 1, 0.9), (0, *B, 3, 0.8), (1, *A, 3, 0.7)]
     ap = ap_at(det, gt, classes=(1, 2, 3))[0]
     np.testing.assert_allclose(ap, [1.0, 0.0, np.nan])
-    labelmap = {1: "stand", 2: "sit", 3: "walk"}
-    scores = ava_frame_map(table(det), table(gt, scored=False), labelmap)
+    label_map = {1: "stand", 2: "sit", 3: "walk"}
+    scores = ava_frame_map(table(det), table(gt, scored=False), label_map)
     assert scores["frame_mAP@0.5"] == pytest.approx(0.5)
     assert math.isnan(scores["per_class"]["walk"]) and scores["per_class"]["sit"] == 0.0
 
@@ -209,7 +208,7 @@ def test_keep_top_detections_equals_the_heap_on_every_row(seed):
 
 # Files ------------------------------------------------------------------------------------------------------
 
-LABELMAP = 'item {\n  name: "stand"\n  id: 1\n}\nitem {\n  name: "sit"\n  id: 2\n}\nitem {\n  name: "walk"\n  label_id: 3\n}\n'
+LABEL_MAP = 'item {\n  name: "stand"\n  id: 1\n}\nitem {\n  name: "sit"\n  id: 2\n}\nitem {\n  name: "walk"\n  label_id: 3\n}\n'
 
 
 def write(path, text):
@@ -221,24 +220,24 @@ def csv_text(rows):
     return "".join(",".join(str(v) for v in row) + "\n" for row in rows)
 
 
-def files(tmp_path, gt_rows, det_rows, exclusions=()):
+def files(tmp_path, gt_rows, det_rows, excluded_timestamps=()):
     return (
-        write(tmp_path / "labelmap.pbtxt", LABELMAP),
+        write(tmp_path / "label_map.pbtxt", LABEL_MAP),
         write(tmp_path / "gt.csv", csv_text(gt_rows)),
         write(tmp_path / "det.csv", csv_text(det_rows)),
-        write(tmp_path / "excluded.csv", csv_text(exclusions)),
+        write(tmp_path / "excluded.csv", csv_text(excluded_timestamps)),
     )
 
 
-def test_read_labelmap(tmp_path):
-    assert read_labelmap(write(tmp_path / "l.pbtxt", LABELMAP)) == {1: "stand", 2: "sit", 3: "walk"}
-    with pytest.raises(AnnotationError, match=r"l2.pbtxt: line 4: .*name.*id"):
-        read_labelmap(write(tmp_path / "l2.pbtxt", 'item {\n name: "a"\n id: 1 }\nitem {\n name: "b"\n}\n'))
-    with pytest.raises(AnnotationError, match="listed twice"):
-        read_labelmap(write(tmp_path / "l3.pbtxt", 'item { name: "a" id: 1 }\nitem { name: "b" id: 1 }\n'))
+def test_read_label_map(tmp_path):
+    assert read_label_map(write(tmp_path / "l.pbtxt", LABEL_MAP)) == {1: "stand", 2: "sit", 3: "walk"}
+    with pytest.raises(AnnotationError, match=r"l2.pbtxt:4: .*name.*id"):
+        read_label_map(write(tmp_path / "l2.pbtxt", 'item {\n name: "a"\n id: 1 }\nitem {\n name: "b"\n}\n'))
+    with pytest.raises(AnnotationError, match="listed once"):
+        read_label_map(write(tmp_path / "l3.pbtxt", 'item { name: "a" id: 1 }\nitem { name: "b" id: 1 }\n'))
 
 
-def test_exclusions_remove_ground_truth_and_detections(tmp_path):
+def test_excluded_timestamps_remove_ground_truth_and_detections(tmp_path):
     # Keyframe 0903 holds a GT box no detection finds and a false positive. Counted: d(0902) TP, d(0903, on B)
     # FP -> precision 1, 1/2 at recall 1/2, 1/2 -> AP 1/2. Excluded: both vanish and the detector is perfect.
     gt_rows = [("v1", "0902", *A, 1, 0), ("v1", "0903", *A, 1, 0)]
@@ -246,13 +245,13 @@ def test_exclusions_remove_ground_truth_and_detections(tmp_path):
         ("v1", "0902", *A, 1, 0.9),
         ("v1", "903", *B, 1, 0.8),
     ]  # "903" and "0903" are the same keyframe
-    labelmap, gt_path, det_path, ex_path = files(tmp_path, gt_rows, det_rows, [("v1", "0903")])
-    lm = read_labelmap(labelmap)
-    for exclusions, expected in ((frozenset(), 0.5), (read_exclusions(ex_path), 1.0)):
-        gt = read_ava_ground_truth(gt_path, lm, exclusions)
-        det = read_ava_detections(det_path, gt, lm, exclusions)
+    label_map, gt_path, det_path, ex_path = files(tmp_path, gt_rows, det_rows, [("v1", "0903")])
+    lm = read_label_map(label_map)
+    for excluded_timestamps, expected in ((frozenset(), 0.5), (read_excluded_timestamps(ex_path), 1.0)):
+        gt = read_ava_ground_truth(gt_path, lm, excluded_timestamps)
+        det = read_ava_detections(det_path, gt, lm, excluded_timestamps)
         assert ava_frame_map(det, gt, lm)["per_class"]["stand"] == pytest.approx(expected)
-    assert read_exclusions(ex_path) == {("v1", 903)}
+    assert read_excluded_timestamps(ex_path) == {("v1", 903)}
 
 
 def test_fifty_detections_per_keyframe_across_evaluated_classes(tmp_path):
@@ -260,8 +259,8 @@ def test_fifty_detections_per_keyframe_across_evaluated_classes(tmp_path):
     # stand. Rows of a class outside the label map (id 7) are dropped before the cap, so 50 such rows cut nothing.
     gt_rows = [("v1", "0902", *A, 1, 0)]
     walk = [("v1", "0902", *B, 3, 0.9)] * 50
-    labelmap, gt_path, det_path, _ = files(tmp_path, gt_rows, [*walk, ("v1", "0902", *A, 1, 0.1)])
-    lm = read_labelmap(labelmap)
+    label_map, gt_path, det_path, _ = files(tmp_path, gt_rows, [*walk, ("v1", "0902", *A, 1, 0.1)])
+    lm = read_label_map(label_map)
     gt = read_ava_ground_truth(gt_path, lm)
     assert ava_frame_map(read_ava_detections(det_path, gt, lm), gt, lm)["per_class"]["stand"] == 0.0
     uncapped = read_ava_detections(det_path, gt, lm, max_detections_per_keyframe=None)
@@ -280,8 +279,8 @@ def test_detection_reader_drops_empty_boxes_and_flags_unknown_keyframes(tmp_path
         ("v1", "0902", *A, 1, 0.9),
         ("v2", "0902", *A, 1, 0.8),
     ]
-    labelmap, gt_path, det_path, _ = files(tmp_path, gt_rows, det_rows)
-    lm = read_labelmap(labelmap)
+    label_map, gt_path, det_path, _ = files(tmp_path, gt_rows, det_rows)
+    lm = read_label_map(label_map)
     gt = read_ava_ground_truth(gt_path, lm)
     with pytest.warns(UserWarning) as caught:
         det = read_ava_detections(det_path, gt, lm)
@@ -295,18 +294,18 @@ def test_detection_reader_drops_empty_boxes_and_flags_unknown_keyframes(tmp_path
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        (("v1", "0902", 0.1, 0.1, 0.5, 0.5, 1), r"det.csv: line 2: expected 8 columns"),
-        (("v1", "0902", 0.5, 0.1, 0.4, 0.5, 1, 0.3), r"det.csv: line 2: .*reversed"),
-        (("v1", "0902", 0.1, 0.1, 1.5, 0.5, 1, 0.3), r"det.csv: line 2: .*outside \[0, 1\].*normalised"),
-        (("v1", "t902", 0.1, 0.1, 0.5, 0.5, 1, 0.3), r"det.csv: line 2: timestamp must be an integer"),
-        (("v1", "0902", 0.1, 0.1, 0.5, 0.5, 1, "nan"), r"det.csv: line 2: score must be a finite number"),
+        (("v1", "0902", 0.1, 0.1, 0.5, 0.5, 1), r"det.csv:2: expected 8 columns"),
+        (("v1", "0902", 0.5, 0.1, 0.4, 0.5, 1, 0.3), r"det.csv:2: .*reversed"),
+        (("v1", "0902", 0.1, 0.1, 1.5, 0.5, 1, 0.3), r"det.csv:2: .*outside \[0, 1\].*normalised"),
+        (("v1", "t902", 0.1, 0.1, 0.5, 0.5, 1, 0.3), r"det.csv:2: timestamp must be an integer"),
+        (("v1", "0902", 0.1, 0.1, 0.5, 0.5, 1, "nan"), r"det.csv:2: score must be a finite number"),
     ],
 )
 def test_malformed_detection_rows_name_file_line_and_fix(tmp_path, row, message):
-    labelmap, gt_path, det_path, _ = files(
+    label_map, gt_path, det_path, _ = files(
         tmp_path, [("v1", "0902", *A, 1, 0)], [("v1", "0902", *A, 1, 0.5), row]
     )
-    lm = read_labelmap(labelmap)
+    lm = read_label_map(label_map)
     with pytest.raises(AnnotationError, match=message):
         read_ava_detections(det_path, read_ava_ground_truth(gt_path, lm), lm)
 
@@ -314,16 +313,16 @@ def test_malformed_detection_rows_name_file_line_and_fix(tmp_path, row, message)
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        (("v1", "0902", 0.1, 0.1, 0.5), r"gt.csv: line 1: expected 7 or 8 columns"),
-        (("v1", "0902", 0.3, 0.1, 0.3, 0.5, 1, 0), r"gt.csv: line 1: .*empty"),
-        (("v1", "0902", -0.1, 0.1, 0.3, 0.5, 1, 0), r"gt.csv: line 1: .*outside \[0, 1\]"),
-        (("v1", "0902", 0.1, 0.1, 0.3, 0.5, "stand", 0), r"gt.csv: line 1: action_id must be an integer"),
+        (("v1", "0902", 0.1, 0.1, 0.5), r"gt.csv:1: expected 7 or 8 columns"),
+        (("v1", "0902", 0.3, 0.1, 0.3, 0.5, 1, 0), r"gt.csv:1: .*empty or reversed"),
+        (("v1", "0902", -0.1, 0.1, 0.3, 0.5, 1, 0), r"gt.csv:1: .*outside \[0, 1\]"),
+        (("v1", "0902", 0.1, 0.1, 0.3, 0.5, "stand", 0), r"gt.csv:1: action_id must be an integer"),
     ],
 )
 def test_malformed_ground_truth_rows_name_file_line_and_fix(tmp_path, row, message):
-    labelmap, gt_path, _, _ = files(tmp_path, [row], [])
+    label_map, gt_path, _, _ = files(tmp_path, [row], [])
     with pytest.raises(AnnotationError, match=message):
-        read_ava_ground_truth(gt_path, read_labelmap(labelmap))
+        read_ava_ground_truth(gt_path, read_label_map(label_map))
 
 
 def test_write_and_read_back(tmp_path):
@@ -358,7 +357,7 @@ def keyframe(det, gt, num_classes=4):
 def test_metric_hand_case():
     # Column 0 = action 1: keyframe (0, 902) as in test_duplicate_detection_is_a_false_positive -> AP 5/6.
     # Column 1 = action 2: GT on keyframe (1, 903) and no detection -> AP 0. mAP = 5/12.
-    metric = AVAFrameMAP(num_classes=4, labelmap={1: "stand", 2: "sit"})
+    metric = AVAFrameMAP(num_classes=4, label_map={1: "stand", 2: "sit"})
     k1 = keyframe([(A, {0: 0.9}), ((0.0, 0.0, 0.4, 0.36), {0: 0.8}), (B, {0: 0.7})], [(A, [0]), (B, [0])])
     k2 = keyframe([], [(A, [1])])
     metric.update([k1[0], k2[0]], [k1[1], k2[1]], torch.tensor([0, 1]), torch.tensor([902, 903]))
@@ -381,7 +380,7 @@ def test_metric_counts_a_repeated_keyframe_once():
 def test_metric_keeps_fifty_pairs_per_keyframe_of_evaluated_columns():
     # One box scored for 80 actions; the label map evaluates 60 of them (ids 1..60): the 50 best of those stay.
     scores = torch.linspace(0.01, 0.8, 80)
-    metric = AVAFrameMAP(num_classes=80, labelmap={i: f"a{i}" for i in range(1, 61)}, per_class=False)
+    metric = AVAFrameMAP(num_classes=80, label_map={i: f"a{i}" for i in range(1, 61)}, per_class=False)
     target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, 80)}
     metric.update([{"boxes": torch.tensor([A]), "scores": scores[None]}], [target], [3], [902])
     rows = metric.detection_rows(["vid0", "vid1", "vid2", "vid3"])
@@ -392,7 +391,7 @@ def test_metric_keeps_fifty_pairs_per_keyframe_of_evaluated_columns():
 def test_metric_equals_the_scorer_on_its_exported_csv(tmp_path, capsys):
     rng = np.random.default_rng(0)
     det, gt = random_problem(rng, frames=5, classes=3)
-    metric = AVAFrameMAP(num_classes=4, labelmap={1: "a", 2: "b", 3: "c"})
+    metric = AVAFrameMAP(num_classes=4, label_map={1: "a", 2: "b", 3: "c"})
     for f in range(5):
         dets = [(d[1:5], {d[5] - 1: d[6]}) for d in det if d[0] == f]
         truths = [(g[1:5], [g[5] - 1]) for g in gt if g[0] == f]
@@ -404,7 +403,7 @@ def test_metric_equals_the_scorer_on_its_exported_csv(tmp_path, capsys):
     write(
         tmp_path / "l.pbtxt", 'item { name: "a" id: 1 }\nitem { name: "b" id: 2 }\nitem { name: "c" id: 3 }\n'
     )
-    code = main(["--labelmap", str(tmp_path / "l.pbtxt"), "--groundtruth", str(tmp_path / "gt.csv"),
+    code = main(["--label-map", str(tmp_path / "l.pbtxt"), "--ground-truth", str(tmp_path / "gt.csv"),
                  "--detections", str(tmp_path / "det.csv")])  # fmt: skip
     printed = json.loads(capsys.readouterr().out)
     computed = {k: v.item() for k, v in metric.compute().items()}
@@ -423,7 +422,7 @@ def test_exact_under_ddp_padding():
     for f in range(5):
         dets = [(d[1:5], {d[5] - 1: d[6]}) for d in det if d[0] == f]
         updates.append(keyframe(dets, [(g[1:5], [g[5] - 1]) for g in gt if g[0] == f]))
-    single = AVAFrameMAP(num_classes=4, labelmap={1: "a", 2: "b", 3: "c"})
+    single = AVAFrameMAP(num_classes=4, label_map={1: "a", 2: "b", 3: "c"})
     for f, (p, t) in enumerate(updates):
         single.update([p], [t], [f], [902])
     expected = {k: v.item() for k, v in single.compute().items()}
@@ -439,7 +438,7 @@ def test_exact_under_ddp_padding():
 
     for rank in range(2):
         metric = AVAFrameMAP(
-            num_classes=4, labelmap={1: "a", 2: "b", 3: "c"}, dist_sync_fn=in_process_gather(rank),
+            num_classes=4, label_map={1: "a", 2: "b", 3: "c"}, dist_sync_fn=in_process_gather(rank),
             distributed_available_fn=lambda: True,
         )  # fmt: skip
         for f in DistributedSampler(range(5), num_replicas=2, rank=rank, shuffle=False):
@@ -467,9 +466,9 @@ def test_scorer_prints_one_json_object(tmp_path, capsys):
         ("v1", "0902", *A, 1, 0.9), ("v1", "0902", 0.0, 0.0, 0.4, 0.36, 1, 0.8), ("v1", "0902", *B, 1, 0.7),
         ("v1", "0904", *B, 2, 0.95), ("v1", "0902", *A, 3, 0.5), ("v1", "0902", *A, 9, 0.5),
     ]  # fmt: skip
-    labelmap, gt_path, det_path, ex_path = files(tmp_path, gt_rows, det_rows, [("v1", "0904")])
-    code = main(["--labelmap", str(labelmap), "--groundtruth", str(gt_path), "--detections", str(det_path),
-                 "--exclusions", str(ex_path)])  # fmt: skip
+    label_map, gt_path, det_path, ex_path = files(tmp_path, gt_rows, det_rows, [("v1", "0904")])
+    code = main(["--label-map", str(label_map), "--ground-truth", str(gt_path), "--detections", str(det_path),
+                 "--excluded-timestamps", str(ex_path)])  # fmt: skip
     out, err = capsys.readouterr()
     assert code == 0 and len(out.strip().splitlines()) == 1
     printed = json.loads(out)
@@ -479,11 +478,12 @@ def test_scorer_prints_one_json_object(tmp_path, capsys):
 
 
 def test_scorer_exits_2_naming_the_malformed_file(tmp_path, capsys):
-    labelmap, gt_path, det_path, _ = files(tmp_path, [("v1", "0902", *A, 1, 0)], [("v1", "0902", *A, 1)])
+    label_map, gt_path, det_path, _ = files(tmp_path, [("v1", "0902", *A, 1, 0)], [("v1", "0902", *A, 1)])
     assert (
-        main(["--labelmap", str(labelmap), "--groundtruth", str(gt_path), "--detections", str(det_path)]) == 2
+        main(["--label-map", str(label_map), "--ground-truth", str(gt_path), "--detections", str(det_path)])
+        == 2
     )
-    assert f"{det_path}: line 1: expected 8 columns" in capsys.readouterr().err
-    assert main(["--labelmap", str(tmp_path / "no.pbtxt"), "--groundtruth", str(gt_path), "--detections",
+    assert f"{det_path}:1: expected 8 columns" in capsys.readouterr().err
+    assert main(["--label-map", str(tmp_path / "no.pbtxt"), "--ground-truth", str(gt_path), "--detections",
                  str(det_path)]) == 2  # fmt: skip
     assert "no.pbtxt not found" in capsys.readouterr().err

@@ -57,7 +57,7 @@ def test_learns_a_batch_of_decoded_synthetic_clips(synthetic_classification):
     """Gradient flow end to end: real decoded, transformed, normalised clips are fitted within a few steps."""
     torch.manual_seed(0)
     dm = VideoClassificationDataModule(
-        root=str(synthetic_classification), num_frames=8, frame_interval=3, crop_size=64, train_short_side=(64, 64),
+        root=str(synthetic_classification), num_frames=8, frame_stride=3, crop_size=64, train_short_side=(64, 64),
         flip=False, randaugment_ops=0, batch_size=8, num_workers=0,
     )  # fmt: skip
     batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)

@@ -25,9 +25,9 @@ def test_demo_runs_both_recipes_and_draws(tmp_path, synthetic_classification):
     summary = main(["--out", str(tmp_path / "demo"), "--max-epochs", "1", "--maps", "3", "--", *overrides])
     saved = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert saved == summary
-    assert 0 < summary["haltingvt"]["gflops"] and 0 < summary["dense"]["gflops"]
-    assert summary["gflops_fraction"] == summary["haltingvt"]["gflops"] / summary["dense"]["gflops"]
-    assert 0 < summary["haltingvt_early_exit_gflops"] <= summary["haltingvt"]["gflops"] * (1 + 1e-6)
-    assert (tmp_path / "demo" / "accuracy_vs_gflops.png").stat().st_size > 0
+    assert 0 < summary["haltingvt"]["gmacs"] and 0 < summary["dense"]["gmacs"]
+    assert summary["gmacs_fraction"] == summary["haltingvt"]["gmacs"] / summary["dense"]["gmacs"]
+    assert 0 < summary["haltingvt_early_exit_gmacs"] <= summary["haltingvt"]["gmacs"] * (1 + 1e-6)
+    assert (tmp_path / "demo" / "accuracy_vs_macs.png").stat().st_size > 0
     maps = sorted(p.name for p in (tmp_path / "demo" / "halting_maps").glob("*.png"))
     assert len(maps) == 3 and len({m.split("_")[0] for m in maps}) == 3  # three different classes

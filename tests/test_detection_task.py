@@ -69,7 +69,7 @@ def last_block_tokens(cli) -> int:
 def test_fit_logs_losses_metric_and_cost(fitted):
     _, cli, last = fitted
     metrics = cli.trainer.callback_metrics
-    assert {"val/frame_mAP@0.5", "val/frame_mAP@0.5:0.95", "val/gflops", "train/loss"} <= set(metrics)
+    assert {"val/frame_mAP@0.5", "val/frame_mAP@0.5:0.95", "val/gmacs", "train/loss"} <= set(metrics)
     # 3 box stages x (class, l1, giou) + 2 decoder layers, each logged, summing to the loss
     terms = [f"train/stage{s}_{n}" for s in range(3) for n in ("class", "l1", "giou")]
     terms += ["train/action0", "train/action1"]
@@ -90,7 +90,7 @@ def test_validate_at_another_keep_rate_without_retraining(fitted):
     for name, value in dense.model.state_dict().items():
         if name in fitted_weights:
             assert torch.equal(value, fitted_weights[name]), name
-    g07, g10 = (float(c.trainer.callback_metrics["val/gflops"]) for c in (fit, dense))
+    g07, g10 = (float(c.trainer.callback_metrics["val/gmacs"]) for c in (fit, dense))
     assert g07 < g10
 
 
@@ -104,9 +104,9 @@ def test_test_writes_the_official_csv_that_scores_as_logged(fitted):
     assert {int(r[6]) for r in rows} <= {1, 2, 3, 4}  # the label map's action ids
     assert {r[0] for r in rows} <= set(dm.video_names("test"))
     assert all(0.0 <= float(v) <= 1.0 for r in rows for v in r[2:6])
-    labelmap = dict(zip(dm.action_ids, dm.class_names))
-    truth = read_ava_ground_truth(dm.paths["val_csv"], labelmap)
-    offline = ava_frame_map(read_ava_detections(written, truth, labelmap), truth, labelmap)
+    label_map = dict(zip(dm.action_ids, dm.class_names))
+    truth = read_ava_ground_truth(dm.paths["val_csv"], label_map)
+    offline = ava_frame_map(read_ava_detections(written, truth, label_map), truth, label_map)
     logged = cli.trainer.callback_metrics
     for key in ("frame_mAP@0.5", "frame_mAP@0.5:0.95"):
         assert offline[key] == pytest.approx(float(logged[f"test/{key}"]), abs=1e-6)
@@ -273,7 +273,7 @@ def test_act_recipes_fit_and_test_with_video_map_on_act_pickle_frames(tmp_path, 
     }  # fmt: skip
     args = [
         "--config", str(REPO / "recipes" / recipe), f"--data.init_args.root={root}",
-        "--data.init_args.num_workers=0", "--data.init_args.clip_length=4", "--data.init_args.train_short_side=[48, 48]",
+        "--data.init_args.num_workers=0", "--data.init_args.num_frames=4", "--data.init_args.train_short_side=[48, 48]",
         "--data.init_args.eval_short_side=48", "--trainer.accelerator=cpu", "--trainer.devices=1",
         "--trainer.strategy=auto", "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1",
         f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.logger=lightning_modules.runs.RunCSVLogger",

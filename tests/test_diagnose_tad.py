@@ -10,7 +10,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from datamodules.kinetics_list import AnnotationError
+from datamodules.base import AnnotationError
 from lightning_modules.metrics.tad import (
     TemporalSegments,
     average_precision_per_class,

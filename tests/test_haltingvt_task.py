@@ -10,7 +10,7 @@ import torch
 
 from datamodules.classification import VideoClassificationDataModule
 from lightning_modules.cli import main
-from lightning_modules.pictures.tradeoff import plot_accuracy_vs_gflops, read_run_result
+from lightning_modules.pictures.tradeoff import plot_accuracy_vs_macs, read_run_result
 from lightning_modules.tasks.haltingvt import HaltingVTClassifier, depth_prior, prior_kl
 from models.haltingvt import HaltingViT
 from tests.quick import quick_overrides
@@ -41,7 +41,7 @@ def test_depth_prior_is_a_normalised_gaussian():
 
 def test_static_clips_repeat_one_frame(synthetic_classification):
     dm = VideoClassificationDataModule(
-        root=str(synthetic_classification), num_frames=4, frame_interval=4, crop_size=64, train_short_side=(80, 80),
+        root=str(synthetic_classification), num_frames=4, frame_stride=4, crop_size=64, train_short_side=(80, 80),
         flip=False, randaugment_ops=0, batch_size=4, num_workers=0, static_clips=True,
     )  # fmt: skip
     batch = next(iter(dm.train_dataloader()))
@@ -101,7 +101,7 @@ def test_static_label_weight_weighs_the_static_clips_classification():
     assert abs(logged["train/loss_cls"] - (real + 0.25 * still).item() / 1.25) < 1e-5
 
 
-def test_fit_and_validate_through_cli_logs_gflops(tmp_path, synthetic_classification):
+def test_fit_and_validate_through_cli_logs_gmacs(tmp_path, synthetic_classification):
     recipe = REPO / "recipes" / "quickstart" / "synthetic_haltingvt.yaml"
     args = [
         "--config", str(recipe), *quick_overrides(tmp_path, synthetic_classification),
@@ -113,32 +113,32 @@ def test_fit_and_validate_through_cli_logs_gflops(tmp_path, synthetic_classifica
     ]  # fmt: skip
     cli = main(["fit", *args, *motion])
     metrics = cli.trainer.callback_metrics
-    assert {"val/top1", "val/gflops", "train/ponder", "train/loss_motion"} <= set(metrics)
+    assert {"val/top1", "val/gmacs", "train/ponder", "train/loss_motion"} <= set(metrics)
     backbone = cli.model.backbone
     t, h, w = backbone.token_grid((8, 64, 64))
     kept = 1 + t * math.ceil(backbone.glimpse_ratio * h * w)
     tokens = torch.full((1, len(backbone.joint_blocks)), kept)  # nothing halted before the last layer
     dense = (backbone.macs(tokens, (t, h, w)).item() + backbone.embed_dim * cli.model.num_classes) / 1e9
-    assert 0 < metrics["val/gflops"] <= dense * (1 + 1e-6)  # halting never costs more than no halting
-    assert 0 < metrics["val/gflops_early_exit"] <= metrics["val/gflops"]
+    assert 0 < metrics["val/gmacs"] <= dense * (1 + 1e-6)  # halting never costs more than no halting
+    assert 0 < metrics["val/gmacs_early_exit"] <= metrics["val/gmacs"]
 
     # Validating with early exit: the same scores; what ran is the figure the full pass derived for it.
     (ckpt,) = tmp_path.rglob("last.ckpt")
     validate_args = [a for a in args if not any(k in a for k in ("limit_train", "max_epochs"))]
     early = main(["validate", *validate_args, f"--ckpt_path={ckpt}", "--model.init_args.early_exit=true"])
     exited = early.trainer.callback_metrics
-    assert "val/gflops" not in exited  # the paper's count needs the tokens early exit skips
+    assert "val/gmacs" not in exited  # the paper's count needs the tokens early exit skips
     assert float(exited["val/top1"]) == float(metrics["val/top1"])
     assert abs(float(exited["val/loss"]) - float(metrics["val/loss"])) < 1e-5
-    assert abs(float(exited["val/gflops_early_exit"]) - float(metrics["val/gflops_early_exit"])) < 1e-9
+    assert abs(float(exited["val/gmacs_early_exit"]) - float(metrics["val/gmacs_early_exit"])) < 1e-9
 
     # The validation results as the trade-off plot reads them back from the CSV log.
     result = read_run_result(tmp_path)
     assert (
         result.accuracy == float(metrics["val/top1"])
-        and abs(result.gflops - float(metrics["val/gflops"])) < 1e-6
+        and abs(result.gmacs - float(metrics["val/gmacs"])) < 1e-6
     )
-    png = plot_accuracy_vs_gflops([result], tmp_path / "tradeoff.png")
+    png = plot_accuracy_vs_macs([result], tmp_path / "tradeoff.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Halting maps of two given (unlabelled) videos through predict.
@@ -172,7 +172,7 @@ def test_two_process_ddp_fit_without_the_motion_loss(tmp_path, synthetic_classif
     metrics = cli.trainer.callback_metrics
     assert cli.model.motion_head is None
     assert metrics["val/num_samples"] == 8  # the 8 validation videos, each once, though split over 2 ranks
-    assert float(metrics["val/gflops"]) > 0
+    assert float(metrics["val/gmacs"]) > 0
 
 
 def test_prior_kl_is_avits_and_finite_when_every_score_is_zero():

@@ -19,8 +19,8 @@ import psutil
 import pytest
 import torch
 
+from datamodules.base import AnnotationError
 from datamodules.classification import VideoClassificationDataModule
-from datamodules.kinetics_list import AnnotationError
 from lightning_modules.cli import main
 from lightning_modules.pictures.tradeoff import read_run_result
 from lightning_modules.runs import SIGTERM_EXIT
@@ -237,7 +237,9 @@ def wandb_records(log_file: Path) -> list:
     return records
 
 
-def test_wandb_offline_run_holds_the_whole_recipe_and_metrics(tmp_path, synthetic_classification, monkeypatch):
+def test_wandb_offline_run_holds_the_whole_recipe_and_metrics(
+    tmp_path, synthetic_classification, monkeypatch
+):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cli = main(["fit", *args(tmp_path, synthetic_classification, "--run_id=w1", "--trainer.max_epochs=1",
                              "--trainer.logger+=lightning_modules.loggers.AutoWandbLogger")])  # fmt: skip
@@ -252,7 +254,7 @@ def test_wandb_offline_run_holds_the_whole_recipe_and_metrics(tmp_path, syntheti
     assert {"model", "data", "trainer"} <= set(config)  # the whole recipe, not only the task's arguments
     assert config["model"]["init_args"]["backbone"]["init_args"]["embed_dim"] == 128
     assert config["trainer"]["default_root_dir"] == str(tmp_path / "w1") and config["run_id"] == "w1"
-    assert {"val/top1", "val/gflops", "train/loss"} <= history
+    assert {"val/top1", "val/gmacs", "train/loss"} <= history
 
 
 def write_list_with_bad_videos(root: Path, data: Path, name: str, good: int, bad: int) -> None:
@@ -295,7 +297,10 @@ def test_missing_listed_videos_are_found_at_setup(tmp_path, synthetic_classifica
     listed = (synthetic_classification / "val.txt").read_text().splitlines()
     (tmp_path / "val.txt").write_text("\n".join(listed + ["gone/a.mp4 1", "gone/b.mp4 2"]) + "\n")
     common = dict(root=str(synthetic_classification), val_list=str(tmp_path / "val.txt"), num_workers=0)
-    with pytest.raises(AnnotationError, match=r"2 of 10 videos listed in .*val.txt do not exist \(first: .*gone/a"):
+    with pytest.raises(
+        AnnotationError,
+        match=r"val.txt: video .*gone/a.* does not exist \(2 of 10 listed videos missing\) \(1 more problems",
+    ):
         VideoClassificationDataModule(**common).build_dataset("val")
     dm = VideoClassificationDataModule(**common, bad_video="skip")
     assert len(dm.build_dataset("val")) == 8 and dm.skip_counts["missing"] == 2
@@ -308,15 +313,20 @@ def test_synthetic_data_never_written_over_foreign_files(tmp_path):
     dm = VideoClassificationDataModule(root=str(tmp_path / "my_videos"), synthetic=True, num_workers=0)
     with pytest.raises(FileExistsError, match="did not write; refusing"):
         dm.prepare_data()
-    assert precious.read_text() == "real data\n" and sorted(p.name for p in precious.parent.iterdir()) == ["train.txt"]
+    assert precious.read_text() == "real data\n" and sorted(p.name for p in precious.parent.iterdir()) == [
+        "train.txt"
+    ]
 
 
 def test_accuracy_plot_reads_the_validation_run_not_the_newest_file(tmp_path):
     fit_dir, test_dir = tmp_path / "recipe" / "fit1", tmp_path / "recipe" / "test2"
-    for d, header, row in ((fit_dir, "step,val/gflops,val/top1", "9,0.5,0.75"), (test_dir, "step,test/top1", "0,0.7")):
+    for d, header, row in (
+        (fit_dir, "step,val/gmacs,val/top1", "9,0.5,0.75"),
+        (test_dir, "step,test/top1", "0,0.7"),
+    ):
         d.mkdir(parents=True)
         (d / "metrics.csv").write_text(f"{header}\n{row}\n")
     os.utime(fit_dir / "metrics.csv", (time.time() - 60, time.time() - 60))  # the test run is newer
     result = read_run_result(tmp_path / "recipe")
-    assert (result.name, result.accuracy, result.gflops) == ("recipe/fit1", 0.75, 0.5)
+    assert (result.name, result.accuracy, result.gmacs) == ("recipe/fit1", 0.75, 0.5)
     assert read_run_result(fit_dir / "metrics.csv").name == "recipe/fit1"

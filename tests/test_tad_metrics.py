@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from datamodules.kinetics_list import AnnotationError
+from datamodules.base import AnnotationError
 from lightning_modules.metrics.tad import (
     ACTIVITYNET_TIOUS,
     THUMOS_CSV_HEADER,

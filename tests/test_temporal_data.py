@@ -12,14 +12,13 @@ import pytest
 import torch
 
 from datamodules import synthetic, temporal
-from datamodules.base import BadVideoError
-from datamodules.kinetics_list import AnnotationError
+from datamodules.base import AnnotationError, BadVideoError
+from datamodules.sampling import sliding_window_starts
 from datamodules.temporal import (
     TemporalDetectionDataModule,
     TemporalTrainTransform,
     collate_windows,
     random_truncation,
-    sliding_window_starts,
 )
 
 FPS, SECONDS, STRIDE, WINDOW = 10, 6.0, 2, 16  # 60 frames -> 30 sampled frames -> windows at 0, 8, 14

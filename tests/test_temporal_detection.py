@@ -133,7 +133,7 @@ def test_demo_tad_starts_the_detector_from_the_backbone_it_trained(
         *vit,
         "--data.init_args.crop_size=32",
         "--data.init_args.train_short_side=[40,40]",
-        "--data.init_args.test_short_side=40",
+        "--data.init_args.eval_short_side=40",
         "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=1",

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from datamodules.base import BadVideoError, collate_clips
+from datamodules.base import AnnotationError, BadVideoError, collate_clips
 from datamodules.classification import ClipClassificationDataset, VideoClassificationDataModule
-from datamodules.kinetics_list import AnnotationError, VideoRecord, read_video_list
-from datamodules.sampling import centre_clip, dense_windows, random_clip, uniform_clips
+from datamodules.kinetics_list import VideoRecord, read_video_list
+from datamodules.sampling import centre_clip, random_clip, uniform_clips
 from datamodules.transforms import EvalClipTransform, TrainClipTransform, normalize, three_crops
 from datamodules.video_io import VideoDecodeError, open_video
 
@@ -63,9 +63,6 @@ def test_samplers():
     assert centre_clip(10, 8, 4)[0] == 0  # shorter than the span: starts at 0, the decoder clamps
     clips = uniform_clips(100, 8, 4, 3)
     assert clips.shape == (3, 8) and clips[0, 0] == 0 and clips[-1, -1] == 100 - 4
-    windows = dense_windows(100, 8, 2, overlap=0.5)
-    assert windows[0, 0] == 0 and windows[1, 0] == 8 and windows[-1, -1] == 100 - 2
-    assert np.all(np.isin(np.arange(0, 100, 2), windows))  # every sampled position is covered
 
 
 def test_train_transform_consistent_over_frames():
@@ -201,8 +198,8 @@ def test_video_list_errors(tmp_path):
 @pytest.mark.forkserver_preload("datamodules.classification")
 def test_datamodule_streams_synthetic_set_with_workers(synthetic_classification):
     dm = VideoClassificationDataModule(
-        root=str(synthetic_classification), num_frames=8, frame_interval=2, crop_size=64, train_short_side=(64, 72),
-        test_short_side=64, flip=False, randaugment_ops=0, batch_size=4, num_workers=2, test_num_clips=2,
+        root=str(synthetic_classification), num_frames=8, frame_stride=2, crop_size=64, train_short_side=(64, 72),
+        eval_short_side=64, flip=False, randaugment_ops=0, batch_size=4, num_workers=2, test_num_clips=2,
     )  # fmt: skip
     assert dm.num_classes == 8
     batch = next(iter(dm.train_dataloader()))

@@ -44,7 +44,7 @@ def figures(cli, stage: str) -> dict[str, float]:
     return {
         k.removeprefix(f"{stage}/"): float(v)
         for k, v in cli.trainer.callback_metrics.items()
-        if k.startswith(f"{stage}/frame_mAP") or k == f"{stage}/gflops"
+        if k.startswith(f"{stage}/frame_mAP") or k == f"{stage}/gmacs"
     }
 
 
@@ -54,11 +54,11 @@ def report(sparse: dict[str, float], dense: dict[str, float], minutes: float, ba
         f"{'keep rate':>10} {'frame-mAP@0.5':>14} {'@0.5:0.95':>10} {'GFLOPs/clip':>12}",
         *(
             f"{rate:>10} {100 * f['frame_mAP@0.5']:>13.2f}% {100 * f['frame_mAP@0.5:0.95']:>9.2f}% "
-            f"{f['gflops']:>12.4f}"
+            f"{f['gmacs']:>12.4f}"
             for rate, f in (("0.7", sparse), ("1.0", dense))
         ),
         (
-            f"keep rate 0.7 costs {100 * sparse['gflops'] / dense['gflops']:.1f}% of the GFLOPs of 1.0 "
+            f"keep rate 0.7 costs {100 * sparse['gmacs'] / dense['gmacs']:.1f}% of the GFLOPs of 1.0 "
             "(same weights, rate changed at evaluation)"
         ),
     ]
@@ -121,10 +121,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     "val")  # fmt: skip
     test = cli_main(["test", *common, run_id, f"--ckpt_path={checkpoint}"])
     dm = test.datamodule
-    labelmap = dict(zip(dm.action_ids, dm.class_names))
-    truth = read_ava_ground_truth(dm.paths["val_csv"], labelmap)
+    label_map = dict(zip(dm.action_ids, dm.class_names))
+    truth = read_ava_ground_truth(dm.paths["val_csv"], label_map)
     offline = ava_frame_map(
-        read_ava_detections(run_dir / "detections_test.csv", truth, labelmap), truth, labelmap
+        read_ava_detections(run_dir / "detections_test.csv", truth, label_map), truth, label_map
     )
     offline.pop("per_class")
 

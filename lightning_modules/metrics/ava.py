@@ -28,14 +28,11 @@ ground-truth box a detection is compared with (the first listed).
 
 The IoU, VOC matching and AP, the cap's tie rule and the Metric base that counts DDP repeats once are shared
 with UCF101-24 / JHMDB and live in ``lightning_modules.metrics.frame_ap``; this module holds the AVA files (label map,
-ground truth, exclusions and detections CSVs), the 50-per-keyframe cap and ``AVAFrameMAP``.
+ground truth, excluded_timestamps and detections CSVs), the 50-per-keyframe cap and ``AVAFrameMAP``.
 """
 
 from __future__ import annotations
 
-import csv
-import math
-import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -45,7 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.kinetics_list import AnnotationError
+from datamodules.ava_annotations import csv_rows, parse_box, parse_finite, parse_int, read_label_map
+from datamodules.base import AnnotationError
 from lightning_modules.metrics.frame_ap import (
     IOU_THRESHOLDS,
     FrameBoxes,
@@ -60,139 +58,37 @@ AVA_MAX_DETECTIONS_PER_KEYFRAME = 50
 AVA_CSV_COLUMNS = "video_id, timestamp, x1, y1, x2, y2, action_id"
 
 
-# Files ------------------------------------------------------------------------------------------------------
-
-
-def read_labelmap(path: str | Path) -> dict[int, str]:
-    """The classes of an AVA label map ``.pbtxt`` (``item { name: "..." id: N }``), id -> name in file order.
-
-    ``label_id`` is accepted for ``id``, as the official reader does.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise AnnotationError(f"label map {path} not found; pass the .pbtxt listing the evaluated classes")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as err:
-        raise AnnotationError(f"{path}: not a text label map ({err}); expected a .pbtxt") from None
-    labelmap: dict[int, str] = {}
-    for item in re.finditer(r"item\s*\{(.*?)\}", text, flags=re.DOTALL):
-        line = text.count("\n", 0, item.start()) + 1
-        body = item.group(1)
-        name = re.search(r'\bname\s*:\s*"([^"]*)"', body)
-        class_id = re.search(r"\b(?:label_id|id)\s*:\s*(-?\d+)\b", body)
-        if name is None or class_id is None:
-            raise AnnotationError(
-                f'{path}: line {line}: the item needs both name: "..." and id: N, e.g. '
-                'item { name: "stand" id: 12 }'
-            )
-        number = int(class_id.group(1))
-        if number < 1:
-            raise AnnotationError(f"{path}: line {line}: class id {number} must be a positive integer")
-        if number in labelmap:
-            raise AnnotationError(
-                f"{path}: line {line}: class id {number} is listed twice; ids must be unique"
-            )
-        labelmap[number] = name.group(1)
-    if not labelmap:
-        raise AnnotationError(f'{path}: no class found; expected items like item {{ name: "stand" id: 12 }}')
-    return labelmap
-
-
-def _csv_rows(path: Path) -> Iterable[tuple[str, list[str]]]:
-    """Non-blank rows with their location ``"<file>: line <n>"``, fields stripped."""
-    with path.open(newline="") as handle:
-        reader = csv.reader(handle)
-        try:
-            for row in reader:
-                fields = [field.strip() for field in row]
-                if any(fields):
-                    yield f"{path}: line {reader.line_num}", fields
-        except (UnicodeDecodeError, csv.Error) as err:
-            raise AnnotationError(f"{path}: line {reader.line_num + 1}: not a readable CSV ({err})") from None
-
-
-def _integer(value: str, where: str, field: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise AnnotationError(f"{where}: {field} must be an integer, got {value!r}") from None
-
-
-def _finite(value: str, where: str, field: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number):
-        raise AnnotationError(f"{where}: {field} must be a finite number, got {value!r}")
-    return number
-
-
-def _box(fields: Sequence[str], where: str) -> tuple[float, float, float, float]:
-    """x1, y1, x2, y2 normalised to [0, 1], not reversed (may be empty)."""
-    x1, y1, x2, y2 = (_finite(v, where, name) for v, name in zip(fields, ("x1", "y1", "x2", "y2")))
-    if not all(0.0 <= v <= 1.0 for v in (x1, y1, x2, y2)):
-        raise AnnotationError(
-            f"{where}: box ({x1}, {y1}, {x2}, {y2}) lies outside [0, 1]; AVA boxes are normalised by the "
-            "frame width and height (divide pixel coordinates by them, clip to [0, 1])"
-        )
-    if x2 < x1 or y2 < y1:
-        raise AnnotationError(
-            f"{where}: box ({x1}, {y1}, {x2}, {y2}) is reversed; columns are x1, y1, x2, y2 with x1 < x2, y1 < y2"
-        )
-    return x1, y1, x2, y2
-
-
-def read_exclusions(path: str | Path | None) -> frozenset[tuple[str, int]]:
-    """The excluded keyframes ``(video_id, timestamp)`` of an AVA exclusions CSV; empty for None."""
-    if path is None:
-        return frozenset()
-    path = Path(path)
-    if not path.is_file():
-        raise AnnotationError(
-            f"exclusions file {path} not found; pass the excluded-timestamps CSV or omit it"
-        )
-    excluded = set()
-    for where, fields in _csv_rows(path):
-        if len(fields) != 2:
-            raise AnnotationError(f"{where}: expected 2 columns 'video_id, timestamp', got {len(fields)}")
-        excluded.add((fields[0], _integer(fields[1], where, "timestamp")))
-    return frozenset(excluded)
+# Files (the label map, excluded timestamps and CSV rows are read by datamodules.ava_annotations) ---------------
 
 
 def read_ava_ground_truth(
-    path: str | Path, labelmap: Mapping[int, str], exclusions: Iterable[tuple[str, int]] = ()
+    path: str | Path, label_map: Mapping[int, str], excluded_timestamps: Iterable[tuple[str, int]] = ()
 ) -> FrameBoxes:
     """Ground truth of an AVA CSV (``video_id, timestamp, x1, y1, x2, y2, action_id[, person_id]``).
 
-    Rows of classes outside ``labelmap`` and of excluded keyframes are skipped. Keyframes are numbered in order of
+    Rows of classes outside ``label_map`` and of excluded keyframes are skipped. Keyframes are numbered in order of
     first appearance; rows keep file order. Errors name the file, the line and the fix.
     """
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"ground-truth file {path} not found; pass the AVA CSV (e.g. ava_val_v2.2.csv)")
-    excluded = frozenset(exclusions)
+    excluded = frozenset(excluded_timestamps)
     frames: dict[tuple[str, int], int] = {}
     rows: list[tuple[int, float, float, float, float, int]] = []
-    for where, fields in _csv_rows(path):
+    for where, fields in csv_rows(path):
         if len(fields) not in (7, 8):
             raise AnnotationError(
                 f"{where}: expected 7 or 8 columns '{AVA_CSV_COLUMNS}[, person_id]', got {len(fields)}"
             )
-        key = (fields[0], _integer(fields[1], where, "timestamp"))
-        box = _box(fields[2:6], where)
-        if box[2] == box[0] or box[3] == box[1]:
-            raise AnnotationError(
-                f"{where}: box {box} is empty; a ground-truth box needs x1 < x2 and y1 < y2"
-            )
-        action = _integer(fields[6], where, "action_id")
-        if action not in labelmap or key in excluded:
+        key = (fields[0], parse_int(fields[1], where, "timestamp"))
+        box = parse_box(fields[2:6], where)
+        action = parse_int(fields[6], where, "action_id")
+        if action not in label_map or key in excluded:
             continue
         rows.append((frames.setdefault(key, len(frames)), *box, action))
     if not rows:
         raise AnnotationError(
-            f"{path}: no ground-truth row of a label-map class outside the exclusions; expected rows "
+            f"{path}: no ground-truth row of a label-map class outside the excluded_timestamps; expected rows "
             f"'{AVA_CSV_COLUMNS}, person_id' with action ids from the label map"
         )
     table = np.array(rows, dtype=np.float64)
@@ -205,34 +101,34 @@ def read_ava_ground_truth(
 def read_ava_detections(
     path: str | Path,
     ground_truth: FrameBoxes,
-    labelmap: Mapping[int, str],
-    exclusions: Iterable[tuple[str, int]] = (),
+    label_map: Mapping[int, str],
+    excluded_timestamps: Iterable[tuple[str, int]] = (),
     max_detections_per_keyframe: int | None = AVA_MAX_DETECTIONS_PER_KEYFRAME,
 ) -> FrameBoxes:
     """Detections of an AVA CSV (``video_id, timestamp, x1, y1, x2, y2, action_id, score``), indexed like
     ``ground_truth``: its keyframes first, then those only the detections list (their rows are false positives).
 
-    As the official reader: rows of classes outside ``labelmap`` are dropped (a counted warning), then each
+    As the official reader: rows of classes outside ``label_map`` are dropped (a counted warning), then each
     keyframe keeps its ``max_detections_per_keyframe`` best rows (``keep_top_detections``), excluded keyframes go,
     and empty boxes are dropped (a counted warning). Rows keep file order.
     """
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"detections file {path} not found; pass the CSV written by the test run")
-    excluded = frozenset(exclusions)
+    excluded = frozenset(excluded_timestamps)
     frames = {key: i for i, key in enumerate(ground_truth.frames)}
     rows: list[tuple[int, float, float, float, float, int, float]] = []
     unknown: dict[int, int] = {}
-    for where, fields in _csv_rows(path):
+    for where, fields in csv_rows(path):
         if len(fields) != 8:
             raise AnnotationError(
                 f"{where}: expected 8 columns '{AVA_CSV_COLUMNS}, score', got {len(fields)}"
             )
-        key = (fields[0], _integer(fields[1], where, "timestamp"))
-        box = _box(fields[2:6], where)
-        action = _integer(fields[6], where, "action_id")
-        score = _finite(fields[7], where, "score")
-        if action not in labelmap:
+        key = (fields[0], parse_int(fields[1], where, "timestamp"))
+        box = parse_box(fields[2:6], where, allow_empty=True)
+        action = parse_int(fields[6], where, "action_id")
+        score = parse_finite(fields[7], where, "score")
+        if action not in label_map:
             unknown[action] = unknown.get(action, 0) + 1
             continue
         rows.append((frames.setdefault(key, len(frames)), *box, action, score))
@@ -281,13 +177,13 @@ def _capped(
 
 
 def ava_frame_map(
-    detections: FrameBoxes, ground_truth: FrameBoxes, labelmap: Mapping[int, str]
+    detections: FrameBoxes, ground_truth: FrameBoxes, label_map: Mapping[int, str]
 ) -> dict[str, Any]:
     """``{"frame_mAP@0.5", "frame_mAP@0.5:0.95", "per_class": {name: AP@0.5}}``; NaN for a class without GT."""
-    classes = list(labelmap)
+    classes = list(label_map)
     ap = frame_average_precision(detections, ground_truth, classes, IOU_THRESHOLDS)
     out: dict[str, Any] = summarize_frame_map(ap, IOU_THRESHOLDS)
-    out["per_class"] = {labelmap[c]: float(v) for c, v in zip(classes, ap[0])}
+    out["per_class"] = {label_map[c]: float(v) for c, v in zip(classes, ap[0])}
     return out
 
 
@@ -310,7 +206,7 @@ class AVAFrameMAP(FrameDetectionRows):
     """AVA frame-mAP at IoU 0.5 (and averaged over 0.5:0.95) by the official protocol, exact under DDP padding.
 
     Score columns are AVA action ids minus one (column ``c`` is action ``c + 1``, as the AVA CSVs number them
-    from 1). ``labelmap`` (a ``.pbtxt`` path or ``{id: name}``) picks the evaluated classes, e.g. the 60 of
+    from 1). ``label_map`` (a ``.pbtxt`` path or ``{id: name}``) picks the evaluated classes, e.g. the 60 of
     ``ava_action_list_v2.2_for_activitynet_2019.pbtxt``; by default every column is evaluated.
 
     ``update(preds, target, video_ids, timestamps)`` takes one entry per keyframe: ``preds[i]`` a dict with
@@ -329,18 +225,18 @@ class AVAFrameMAP(FrameDetectionRows):
     def __init__(
         self,
         num_classes: int = 80,
-        labelmap: str | Path | Mapping[int, str] | None = None,
+        label_map: str | Path | Mapping[int, str] | None = None,
         max_detections_per_keyframe: int | None = AVA_MAX_DETECTIONS_PER_KEYFRAME,
         per_class: bool = True,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        if isinstance(labelmap, (str, Path)):
-            labelmap = read_labelmap(labelmap)
-        if labelmap is None:
-            labelmap = {c + 1: str(c + 1) for c in range(num_classes)}
-        self.labelmap = dict(labelmap)
-        outside = [c for c in self.labelmap if not 1 <= c <= num_classes]
+        if isinstance(label_map, (str, Path)):
+            label_map = read_label_map(label_map)
+        if label_map is None:
+            label_map = {c + 1: str(c + 1) for c in range(num_classes)}
+        self.label_map = dict(label_map)
+        outside = [c for c in self.label_map if not 1 <= c <= num_classes]
         if outside:
             raise ValueError(
                 f"label map ids {outside} have no score column (ids 1..num_classes={num_classes})"
@@ -348,7 +244,7 @@ class AVAFrameMAP(FrameDetectionRows):
         self.num_classes = num_classes
         self.max_detections_per_keyframe = max_detections_per_keyframe
         self.per_class = per_class
-        self._columns = np.array(sorted(c - 1 for c in self.labelmap), dtype=np.int64)
+        self._columns = np.array(sorted(c - 1 for c in self.label_map), dtype=np.int64)
 
     def update(
         self,
@@ -382,9 +278,9 @@ class AVAFrameMAP(FrameDetectionRows):
             warnings.warn("AVAFrameMAP: no ground-truth box of an evaluated class was given; the mAP is NaN")
         detections = FrameBoxes(det["frame"], det["det_boxes"], det["det_labels"] + 1, det["det_scores"])
         truth = FrameBoxes(gt["frame"], gt["gt_boxes"], gt["gt_labels"] + 1)
-        classes = list(self.labelmap)
+        classes = list(self.label_map)
         ap = frame_average_precision(detections, truth, classes, IOU_THRESHOLDS)
         out = summarize_frame_map(ap, IOU_THRESHOLDS)
         if self.per_class:
-            out.update({f"AP@0.5/{self.labelmap[c]}": float(v) for c, v in zip(classes, ap[0])})
+            out.update({f"AP@0.5/{self.label_map[c]}": float(v) for c, v in zip(classes, ap[0])})
         return {k: torch.tensor(v, dtype=torch.float32, device=self.device) for k, v in out.items()}

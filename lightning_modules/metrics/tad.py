@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
-from datamodules.kinetics_list import AnnotationError
+from datamodules.activitynet import load_database
+from datamodules.base import AnnotationError
 from lightning_modules.metrics.classification import first_occurrences
 
 THUMOS_TIOUS = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -197,28 +198,19 @@ def _table(rows: list[_Row], videos: list[str], classes: list[str], scored: bool
 
 
 def _ground_truth_json(path: Path, subset: str) -> tuple[list[_Row], list[str]]:
-    layout = '{"database": {video_id: {"subset", "annotations": [{"label", "segment": [start, end]}]}}}'
-    database = load_json(path, "database", layout)
-    rows, videos, subsets = [], [], set()
+    database = load_database(path)
+    rows, videos = [], []
     for video, entry in database.items():
-        where = f"{path}: video {video!r}"
-        if not isinstance(entry, dict) or not isinstance(entry.get("subset"), str):
-            raise AnnotationError(f"{where}: the entry needs a 'subset' string (training / validation / ...)")
-        subsets.add(entry["subset"])
         if entry["subset"] != subset:
             continue
-        annotations = entry.get("annotations")
-        if not isinstance(annotations, list):
-            raise AnnotationError(f"{where}: the entry needs an 'annotations' list (empty without action)")
         videos.append(video)
-        for ann in annotations:
-            if not isinstance(ann, dict) or not isinstance(ann.get("label"), str):
-                raise AnnotationError(f"{where}: every annotation needs a 'label' string, got {ann!r}")
+        where = f"{path}: video {video!r}"
+        for ann in entry.get("annotations", []):
             rows.append((video, *_segment(ann.get("segment"), where, allow_empty=False), ann["label"], 1.0))
     if not videos:
+        subsets = sorted({entry["subset"] for entry in database.values()})
         raise AnnotationError(
-            f"{path}: no video of subset {subset!r}; the file has subsets {sorted(subsets)}, pick one with "
-            "--subset"
+            f"{path}: no video of subset {subset!r}; the file has subsets {subsets}, pick one with --subset"
         )
     return rows, videos
 

@@ -39,7 +39,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from datamodules.kinetics_list import AnnotationError
+from datamodules.base import AnnotationError
 from lightning_modules.metrics.tad import (
     TemporalSegments,
     json_number,

@@ -66,7 +66,7 @@ class VideoClassifier(Compressible, VideoTask):
         self.label_smoothing = label_smoothing
         self.val_scores = VideoClassificationScores(num_classes, top_k, multilabel)
         self.test_scores = VideoClassificationScores(num_classes, top_k, multilabel)
-        # Per stage and figure name ("gflops", ...): this batch's clips, and rows (id, MACs of its views, views).
+        # Per stage and figure name ("gmacs", ...): this batch's clips, and rows (id, MACs of its views, views).
         self._macs: dict[str, dict[str, list[Tensor]]] = {"val": {}, "test": {}}
         self._video_macs: dict[str, dict[str, list[Tensor]]] = {"val": {}, "test": {}}
         self._dense_macs: dict[tuple[int, ...], int] = {}
@@ -132,14 +132,14 @@ class VideoClassifier(Compressible, VideoTask):
             self.record_macs(stage, torch.full((len(clips),), self._dense_macs[shape], device=clips.device))
         return self(clips)
 
-    def record_macs(self, stage: str, macs: Tensor, name: str = "gflops") -> None:
+    def record_macs(self, stage: str, macs: Tensor, name: str = "gmacs") -> None:
         """Multiply-accumulates of each evaluated clip (N,), averaged into ``<stage>/<name>`` (G) at epoch end."""
         if stage in self._macs:
             self._macs[stage].setdefault(name, []).append(macs.detach().double())
 
     def macs_names(self) -> tuple[str, ...]:
         """The cost figures ``clip_logits`` records, each logged as ``<stage>/<name>``."""
-        return ("gflops",)
+        return ("gmacs",)
 
     def video_scores(self, video: Tensor, stage: str | None = None) -> Tensor:
         """(B, views, 3, T, H, W) -> (B, num_classes) view-averaged probabilities."""
@@ -184,8 +184,8 @@ class VideoClassifier(Compressible, VideoTask):
                 rows = torch.cat(gather_all_tensors(rows))
             rows = rows[first_occurrences(rows[:, 0].long())]
             if len(rows):
-                gflops = rows[:, 1].sum() / rows[:, 2].sum() / 1e9
-                self.log(f"{prefix}/{name}", gflops.float(), rank_zero_only=False)
+                gmacs = rows[:, 1].sum() / rows[:, 2].sum() / 1e9
+                self.log(f"{prefix}/{name}", gmacs.float(), rank_zero_only=False)
         if not metric.update_called:
             return
         for name, value in metric.compute().items():

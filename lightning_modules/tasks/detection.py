@@ -11,7 +11,7 @@ at the end of the epoch:
 - UCF101-24 / JHMDB (batches with ``frame``, ``classes``, ``tube_ids``): ``FrameVideoMAP``, ``frame_mAP@0.5``
   and, at test, video-mAP from linked tubes.
 
-``<stage>/gflops`` is the giga multiply-accumulates of one clip of the epoch's first batch through the whole
+``<stage>/gmacs`` is the giga multiply-accumulates of one clip of the epoch's first batch through the whole
 detector at the current keep rate. At test and predict the detections go to ``detections_<stage>.csv`` in the run
 directory, as the official AVA CSV (``video_id, timestamp, x1, y1, x2, y2, action_id, score``, boxes normalised
 to [0, 1]; for UCF101-24 / JHMDB the timestamp is the 1-based frame number and the action id the class index +
@@ -116,10 +116,10 @@ class SpatioTemporalDetection(VideoTask):
         if hasattr(dm, "action_ids"):
             self._protocol = "ava"
             self._action_ids = list(dm.action_ids)
-            labelmap = dict(zip(self._action_ids, dm.class_names))
+            label_map = dict(zip(self._action_ids, dm.class_names))
             width = max(self._action_ids)  # the metric's score columns are action id - 1
             self.metrics = nn.ModuleDict(
-                {s: AVAFrameMAP(width, labelmap, per_class=s == "test") for s in STAGES}
+                {s: AVAFrameMAP(width, label_map, per_class=s == "test") for s in STAGES}
             )
         else:
             self._protocol = "frames"
@@ -209,7 +209,7 @@ class SpatioTemporalDetection(VideoTask):
         if batch["batch_size"] == 0:
             return []
         if batch_idx == 0 and stage != "predict":
-            self.log(f"{stage}/gflops", self.clip_gmacs(batch), batch_size=1, sync_dist=True)
+            self.log(f"{stage}/gmacs", self.clip_gmacs(batch), batch_size=1, sync_dist=True)
         detections = self.detections(batch)
         self._update(batch, stage, detections)
         return detections

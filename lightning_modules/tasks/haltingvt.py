@@ -40,7 +40,7 @@ class HaltingVTClassifier(VideoClassifier):
     Training keeps halted tokens masked in place (``training_path: masked``) or removes them as evaluation does
     (``compact``, packed with autograd: a step costs what its active tokens cost; same loss and gradients).
     Evaluation removes halted tokens and logs, beside top-1/top-5, the mean multiply-accumulates per clip (G):
-    ``<stage>/gflops`` as the paper counts them (every layer's active tokens) and ``<stage>/gflops_early_exit``,
+    ``<stage>/gmacs`` as the paper counts them (every layer's active tokens) and ``<stage>/gmacs_early_exit``,
     what inference costs when a sample stops at its class token's halt (its output is final there).
     ``early_exit: true`` evaluates and predicts that way (same scores, less compute); the paper's figure needs
     the tokens early exit skips, so it is then not logged — validate with ``early_exit: false`` for it. With
@@ -160,7 +160,7 @@ class HaltingVTClassifier(VideoClassifier):
         return None
 
     def macs_names(self) -> tuple[str, ...]:
-        return ("gflops_early_exit",) if self.early_exit else ("gflops", "gflops_early_exit")
+        return ("gmacs_early_exit",) if self.early_exit else ("gmacs", "gmacs_early_exit")
 
     def clip_logits(self, clips: Tensor, stage: str | None) -> Tensor:
         out: HaltingOutput = self.backbone.forward_compact(clips, early_exit=self.early_exit)
@@ -172,5 +172,5 @@ class HaltingVTClassifier(VideoClassifier):
             # With early exit ``active`` holds what ran; a full pass derives it from each clip's exit layer.
             ran = out.active if self.early_exit else out.early_exit_active()
             executed = self.backbone.macs(ran, grid) + head
-            self.record_macs(stage, executed, "gflops_early_exit")
+            self.record_macs(stage, executed, "gmacs_early_exit")
         return self.head(out.feature)

@@ -29,7 +29,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from datamodules.kinetics_list import AnnotationError
+from datamodules.base import AnnotationError
 from lightning_modules.metrics.tad import mean_average_precision, read_ground_truth, read_predictions
 from lightning_modules.metrics.tad_diagnosis import (
     ACTIVITYNET_BINS,

@@ -18,7 +18,7 @@ import json
 import sys
 import warnings
 
-from datamodules.kinetics_list import AnnotationError
+from datamodules.base import AnnotationError
 from lightning_modules.metrics.tad import (
     THUMOS_TIOUS,
     mean_average_precision,
