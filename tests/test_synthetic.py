@@ -214,7 +214,8 @@ def test_determinism(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         rendered[str(Path(path).relative_to(tmp_path))] = np.array(frames)
         encode(path, frames, fps, **kwargs)
 
-    monkeypatch.setattr(syn, "write_video", capture)
+    for kind in (syn.classification, syn.spatiotemporal, syn.temporal):  # the generators' own name for it
+        monkeypatch.setattr(kind, "write_video", capture)
 
     def same_videos(x: Path, y: Path) -> None:
         names = sorted(k.split("/", 1)[1] for k in rendered if k.startswith(x.name + "/"))
@@ -408,7 +409,7 @@ def test_interrupted_run_is_not_complete(tmp_path: Path, monkeypatch: pytest.Mon
             raise RuntimeError("simulated crash")
         real_write(*args, **kwargs)
 
-    monkeypatch.setattr(syn, "write_video", failing_write)
+    monkeypatch.setattr(syn.classification, "write_video", failing_write)  # the generator's own name for it
     with pytest.raises(RuntimeError, match="simulated crash"):
         syn.generate_classification(root, videos_per_class=2, num_frames=4, size=32)
     assert not syn.is_complete(root)

@@ -1,0 +1,155 @@
+"""Writing the synthetic datasets: H.264 files, atomic text files, the completeness marker, seeds and splits."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# decord 0.6.0 raises "Check failed: from_size == to_size" on these frame widths (measured for even widths
+# 8..198); write_video warns so a bad size is caught at generation time rather than in a data loader.
+DECORD_UNSAFE_WIDTHS: frozenset[int] = frozenset({8, 12, 16, 24, 48, 72})
+
+MARKER_NAME = ".complete"
+#: Present while the generator writes a folder (so an interrupted write may be resumed over).
+WRITING_NAME = ".writing"
+# Bumped whenever the rendered content changes, so stale datasets are regenerated rather than reused.
+FORMAT_VERSION = 2
+
+# Per-kind tags mixed into the RNG seed so the three kinds never share random streams for the same seed.
+KIND_TAG = {"classification": 101, "spatiotemporal": 202, "temporal": 303}
+
+
+def write_video(
+    path: str | Path,
+    frames: np.ndarray,
+    fps: int,
+    *,
+    crf: int = 20,
+    preset: str = "veryfast",
+    gop: int | None = None,
+) -> None:
+    """Encode ``frames`` (T, H, W, 3) uint8 RGB as an H.264 (yuv420p) mp4 at ``fps``.
+
+    The file is written under a ``.part`` name and renamed at the end, so a crash never leaves a truncated
+    ``.mp4`` behind. B-frames are disabled and one encoder thread is used, so every decoder reports exactly T
+    frames and reruns are byte-identical in all but rare cases. Widths in
+    ``DECORD_UNSAFE_WIDTHS`` encode fine but trigger a warning because decord cannot read them.
+    """
+    import av  # deferred: importing this module must stay cheap and side-effect free
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+    t, h, w, _ = frames.shape
+    if t < 1:
+        raise ValueError("frames must contain at least one frame")
+    if h % 2 or w % 2:
+        raise ValueError(f"yuv420p needs even width and height, got {w}x{h}")
+    if w in DECORD_UNSAFE_WIDTHS:
+        warnings.warn(f"decord 0.6.0 cannot decode {w} px wide videos; pick another width", stacklevel=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with av.open(str(tmp), "w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=int(fps))
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            ctx = stream.codec_context
+            ctx.gop_size = int(gop if gop is not None else max(1, int(fps)))
+            ctx.max_b_frames = 0
+            ctx.thread_count = 1
+            stream.options = {"crf": str(crf), "preset": preset}
+            for i in range(t):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
+                frame.pts = i
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    # Temp file in the same directory so os.replace is an atomic rename on the same filesystem; a plain open
+    # (not mkstemp) keeps the usual umask-derived permissions instead of 0600.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def text_lines(rows: list[str]) -> str:
+    return "".join(r + "\n" for r in rows)
+
+
+def begin_writing(root: Path) -> None:
+    """Claim ``root`` for writing: refused when it holds anything this generator did not write."""
+    root.mkdir(parents=True, exist_ok=True)
+    ours = (root / MARKER_NAME).exists() or (root / WRITING_NAME).exists()
+    if not ours and any(root.iterdir()):
+        raise FileExistsError(
+            f"{root} holds files the synthetic data generator did not write; refusing to write synthetic videos "
+            "over them. Point data.init_args.root at an empty folder (or one written by the generator), or set "
+            "data.init_args.synthetic: false to use the data that is there"
+        )
+    (root / WRITING_NAME).touch()
+    # Removing the marker first means an interrupted regeneration is reported as incomplete.
+    (root / MARKER_NAME).unlink(missing_ok=True)
+
+
+def finish_writing(root: Path, kind: str, params: dict[str, Any]) -> None:
+    record = {"kind": kind, "format_version": FORMAT_VERSION, **params}
+    write_text_atomic(root / MARKER_NAME, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    (root / WRITING_NAME).unlink(missing_ok=True)
+
+
+def is_complete(root: str | Path, kind: str | None = "classification", **expected: Any) -> bool:
+    """True when ``root`` holds a fully written dataset of ``kind`` (None: any kind).
+
+    ``expected`` parameters (e.g. ``seed=0, videos_per_class=40``) must also match the ones recorded in the
+    marker, so a data module can regenerate when it asks for a different configuration.
+    """
+    marker = Path(root) / MARKER_NAME
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or record.get("format_version") != FORMAT_VERSION:
+        return False
+    if kind is not None and record.get("kind") != kind:
+        return False
+    for key, value in expected.items():
+        recorded = record.get(key)
+        if isinstance(value, tuple):
+            value = list(value)  # JSON has no tuples
+        if recorded != value:
+            return False
+    return True
+
+
+def num_val(n: int, fraction: float) -> int:
+    if n <= 0 or fraction <= 0:
+        return 0
+    if fraction >= 1:
+        return n
+    k = int(math.floor(n * fraction + 0.5))
+    # Keep both sides non-empty whenever possible: a split with an empty val set is useless for tests.
+    return min(max(k, 1), n - 1) if n >= 2 else 0
+
+
+def check_seed(seed: int) -> int:
+    seed = int(seed)
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return seed
