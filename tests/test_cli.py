@@ -77,7 +77,8 @@ def test_every_blockdrop_recipe_is_listed():
 
 @pytest.mark.parametrize("recipe", sorted(BLOCKDROP))
 def test_every_blockdrop_recipe_parses_on_its_task_recipe(recipe):
-    from lightning_modules.compression.command import BlockDrop, build_parser
+    from lightning_modules.compression.command import build_parser
+    from lightning_modules.compression.settings import BlockDrop
 
     configs = [a for base in BLOCKDROP[recipe] for a in ("--config", str(REPO / "recipes" / base))]
     cfg = build_parser().parse_args(

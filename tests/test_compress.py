@@ -268,7 +268,7 @@ def test_demo_compresses_the_given_detector_and_judges_the_target(tmp_path, trai
 
 
 def test_stopping_rules_macs_latency_and_score_tolerance(tmp_path, trained):
-    from lightning_modules.compression.command import BlockDrop
+    from lightning_modules.compression.settings import BlockDrop
 
     data, checkpoint = trained
     fixed = ["--compress.blocks=[2, 0]", "--compress.max_blocks=2", "--compress.epochs=0"]

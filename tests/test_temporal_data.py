@@ -11,15 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import synthetic, temporal
+from datamodules import synthetic, temporal_windows
 from datamodules.base import AnnotationError, BadVideoError
 from datamodules.sampling import sliding_window_starts
-from datamodules.temporal import (
-    TemporalDetectionDataModule,
-    TemporalTrainTransform,
-    collate_windows,
-    random_truncation,
-)
+from datamodules.temporal import TemporalDetectionDataModule
+from datamodules.temporal_windows import TemporalTrainTransform, collate_windows, random_truncation
 
 FPS, SECONDS, STRIDE, WINDOW = 10, 6.0, 2, 16  # 60 frames -> 30 sampled frames -> windows at 0, 8, 14
 SYNTHETIC = {
@@ -201,7 +197,7 @@ def ramp_root(make_video, tmp_path) -> Path:
 
 
 def test_decoded_frames_are_the_sampled_frames(ramp_root, monkeypatch):
-    monkeypatch.setattr(temporal, "DECODE_CHUNK", 3)  # windows decoded in several chunks
+    monkeypatch.setattr(temporal_windows, "DECODE_CHUNK", 3)  # windows decoded in several chunks
     eval_args = {"classes_file": None, "window_size": 8, "eval_short_side": 24}
     with pytest.raises(AnnotationError, match=r"video 'long': no video file long\.\* or v_long\.\*"):
         module(ramp_root, video_ext="mkv", **eval_args).setup("validate")

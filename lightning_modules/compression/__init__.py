@@ -1,2 +1,3 @@
 """Progressive block drop as an opt-in capability of a task: the protocol a task implements (``task``), the
-scoring of candidate drops (``scoring``), the ``compress`` command (``command``) and its report (``report``)."""
+scoring of candidate drops (``scoring``), the ``compress`` command (``command``), its settings (``settings``) and
+its report (``report``)."""

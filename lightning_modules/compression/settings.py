@@ -1,0 +1,81 @@
+"""The block-drop settings: the ``compress`` section of a recipe, checked when they are read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lightning_modules.compression.scoring import HIGHER_IS_BETTER
+from lightning_modules.compression.task import Alignment
+from models.blockdrop import Recovery
+
+
+@dataclass
+class BlockDrop:
+    """The block-drop settings (the recipe's ``compress`` section).
+
+    ``checkpoint``: the trained, uncompressed task (a Lightning checkpoint of the recipe's model).
+    Selection: ``metric`` (``map``: ``score_key`` on the scoring subset, the paper's default; ``train_loss``;
+    ``feature_mse``; ``random``, seeded) or a fixed ``blocks`` order (original indices; overrides ``metric``).
+    The scoring subset is the recipe's data with ``score_data`` applied to ``data.init_args`` (for TAD e.g.
+    ``{eval_subset: training, eval_max_videos: 50}``); ``score_batches`` caps the batches of ``train_loss`` /
+    ``feature_mse``. ``one_shot`` drops ``max_blocks`` blocks at once (the best single-drop scores) with one
+    recovery. Stopping: ``max_blocks`` dropped, MACs at or below ``macs_target`` x the uncompressed model's,
+    latency at or below ``latency_target`` x its latency (needs ``latency_repeats``), or
+    the validation ``score_key`` more than ``score_tolerance`` below the uncompressed model's (that round is
+    rejected and the previous one kept).
+    Recovery: ``recovery`` (``lora``, ``full``, ``none``), ``head_trainable``, ``lora_rank`` (None: dim / 4),
+    ``epochs``, ``lr`` (head) and ``backbone_lr`` (LoRA, norms, patch embedding), ``warmup_epochs`` and
+    ``schedule_epochs`` (the cosine's length, which may exceed ``epochs``; each None: the recipe's), the
+    ``alignment`` losses against the ``teacher`` (``original``: the uncompressed model; ``previous``: the
+    previous round's). ``latency_repeats`` > 0 also times a forward of one input (min over repeats).
+    ``relu_stage`` (the supplement's sparse model): after the rounds, the kept model's MLPs get ReLU for GELU and
+    recover as a round does (``relu_epochs``, None: ``epochs``); the share of MLP activations that are exactly
+    zero is measured on ``sparsity_batches`` evaluation inputs (one window or clip of each batch) before and after.
+    ``out_dir`` may hold ``{run_id}``: the W&B sweep trial's run id (``WANDB_RUN_ID``), else the SLURM job id,
+    else a new id (a sweep's trials then never share, nor resume, each other's rounds).
+    """
+
+    checkpoint: str
+    out_dir: str = "runs/blockdrop"
+    metric: Literal["map", "train_loss", "feature_mse", "random"] = "map"
+    blocks: list[int] | None = None
+    max_blocks: int = 3
+    one_shot: bool = False
+    macs_target: float | None = None
+    latency_target: float | None = None
+    score_tolerance: float | None = None
+    score_key: str = "val/average_mAP"
+    score_data: dict[str, Any] = field(default_factory=dict)
+    score_batches: int | None = None
+    recovery: Recovery = "lora"
+    head_trainable: bool = True
+    lora_rank: int | None = None
+    epochs: int = 60
+    lr: float | None = None
+    backbone_lr: float | None = None
+    warmup_epochs: float | None = None
+    schedule_epochs: float | None = None
+    alignment: Alignment = field(default_factory=Alignment)
+    teacher: Literal["original", "previous"] = "original"
+    seed: int = 0
+    latency_repeats: int = 0
+    relu_stage: bool = False
+    relu_epochs: int | None = None
+    sparsity_batches: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_blocks < 1:
+            raise ValueError(f"compress.max_blocks must be >= 1, got {self.max_blocks}")
+        if self.metric not in (*HIGHER_IS_BETTER, "random"):
+            raise ValueError(
+                f"compress.metric must be map, train_loss, feature_mse or random, got {self.metric!r}"
+            )
+        if self.epochs < 0:
+            raise ValueError(f"compress.epochs must be >= 0, got {self.epochs}")
+        if self.sparsity_batches < 1:
+            raise ValueError(f"compress.sparsity_batches must be >= 1, got {self.sparsity_batches}")
+        if self.latency_target is not None and self.latency_repeats < 1:
+            raise ValueError(
+                "compress.latency_target needs measured latencies: set compress.latency_repeats to 1 or more"
+            )
