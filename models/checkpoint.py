@@ -307,10 +307,12 @@ def _refuse_feature_changes(
 
 
 def _kept_blocks(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """An uncompressed checkpoint for a block-drop-compressed model (``model.block_ids`` not 0..n-1): its kept
-    blocks renumbered to their positions, the dropped ones left out (logged)."""
+    """A checkpoint of the uncompressed stack for a block-drop-compressed one (fewer ``block_ids`` than the
+    ``original_depth`` it was built with, which the checkpoint has): its kept blocks renumbered to their
+    positions, the dropped ones left out (logged)."""
     ids = list(getattr(model, "block_ids", None) or [])
-    if ids == list(range(len(ids))) or _depth(sd) <= max(ids):
+    original = getattr(model, "original_depth", None)
+    if not ids or original is None or len(ids) >= original or _depth(sd) != original:
         return sd
     position = {block: p for p, block in enumerate(ids)}
     out, dropped = {}, set()

@@ -158,29 +158,62 @@ class EVAD(nn.Module):
         )  # fmt: skip
 
         self.localiser = QueryLocaliser() if localiser is None else localiser
-        self.pyramid = (
-            SimpleFeaturePyramid(
+        self.pyramid = self._checked_pyramid(pyramid, backbone)
+        self.decoder = self._checked_decoder(decoder, backbone, num_classes, box_extension)
+        if isinstance(backbone.norm, nn.LayerNorm):  # the encoder's final norm runs inside the decoder
+            self.decoder.norm.load_state_dict(backbone.norm.state_dict())
+            backbone.norm = nn.Identity()
+        if backbone.fc_norm is not None:
+            backbone.fc_norm.requires_grad_(False)
+        for part in (self.decoder, self.localiser, backbone):
+            part.activation_checkpointing = part.activation_checkpointing or activation_checkpointing
+
+        self.num_classes = num_classes
+        self.person_threshold = person_threshold
+        self.action_loss_weight = (
+            (6.0 if large else 12.0) if action_loss_weight is None else action_loss_weight
+        )
+        self.class_loss_weight, self.l1_loss_weight = class_loss_weight, l1_loss_weight
+        self.giou_loss_weight, self.no_object_weight = giou_loss_weight, no_object_weight
+        self.matcher = HungarianMatcher(class_loss_weight, l1_loss_weight, giou_loss_weight)
+        self.score = score
+        self.activation_checkpointing = activation_checkpointing
+
+    def _checked_pyramid(
+        self, pyramid: SimpleFeaturePyramid | None, backbone: VideoMAEViT
+    ) -> SimpleFeaturePyramid:
+        """The given pyramid, or the paper's from the backbone width to the localiser's, checked against the taps,
+        the localiser's strides and the backbone width."""
+        if pyramid is None:
+            pyramid = SimpleFeaturePyramid(
                 backbone.embed_dim, self.localiser.hidden_dim, input_stride=backbone.patch_embed.patch_size
             )
-            if pyramid is None
-            else pyramid
-        )
-        levels, strides = len(self.pyramid.scale_factors), self.pyramid.strides
+        levels, strides = len(pyramid.scale_factors), pyramid.strides
         if levels != len(self.tap_layers) or strides != self.localiser.strides:
             raise ValueError(
                 f"EVAD: {len(self.tap_layers)} tap_layers feed a pyramid of {levels} levels at strides "
                 f"{strides}, the localiser expects strides {self.localiser.strides}; tap one block per "
                 "pyramid level and give pyramid and localiser the same strides"
             )
-        in_channels = self.pyramid.lateral_convs[0].in_channels
+        in_channels = pyramid.lateral_convs[0].in_channels
         if in_channels != backbone.embed_dim:
             raise ValueError(
                 f"EVAD: the pyramid takes {in_channels} channels but the backbone is {backbone.embed_dim} "
                 "wide; set the pyramid's in_channels to the backbone's embed_dim"
             )
+        return pyramid
 
+    @staticmethod
+    def _checked_decoder(
+        decoder: ContextRefinementDecoder | None,
+        backbone: VideoMAEViT,
+        num_classes: int,
+        box_extension: tuple[float, float],
+    ) -> ContextRefinementDecoder:
+        """The given decoder, or the paper's for the backbone's size, checked against EVAD's classes, box
+        extension and backbone width."""
         if decoder is None:
-            width, depth, heads = DECODER_SIZES["large" if large else "base"]
+            width, depth, heads = DECODER_SIZES["large" if _is_large(backbone) else "base"]
             decoder = ContextRefinementDecoder(
                 num_classes, backbone.embed_dim, width, depth, heads, box_extension=box_extension,
                 patch_size=backbone.patch_embed.patch_size, pretrain_grid=backbone.pretrain_grid,
@@ -197,28 +230,7 @@ class EVAD(nn.Module):
                 f"EVAD: the decoder's encoder_dim {encoder_dim} differs from the backbone width "
                 f"{backbone.embed_dim}; set encoder_dim to the backbone's embed_dim"
             )
-        if isinstance(backbone.norm, nn.LayerNorm):  # the encoder's final norm runs inside the decoder
-            decoder.norm.load_state_dict(backbone.norm.state_dict())
-            backbone.norm = nn.Identity()
-        if backbone.fc_norm is not None:
-            backbone.fc_norm.requires_grad_(False)
-        decoder.activation_checkpointing = decoder.activation_checkpointing or activation_checkpointing
-        self.localiser.activation_checkpointing = (
-            self.localiser.activation_checkpointing or activation_checkpointing
-        )
-        self.decoder = decoder
-
-        self.num_classes = num_classes
-        self.person_threshold = person_threshold
-        self.action_loss_weight = (
-            (6.0 if large else 12.0) if action_loss_weight is None else action_loss_weight
-        )
-        self.class_loss_weight, self.l1_loss_weight = class_loss_weight, l1_loss_weight
-        self.giou_loss_weight, self.no_object_weight = giou_loss_weight, no_object_weight
-        self.matcher = HungarianMatcher(class_loss_weight, l1_loss_weight, giou_loss_weight)
-        self.score = score
-        self.activation_checkpointing = activation_checkpointing
-        backbone.activation_checkpointing = backbone.activation_checkpointing or activation_checkpointing
+        return decoder
 
     @property
     def keep_rate(self) -> float:
@@ -254,7 +266,9 @@ class EVAD(nn.Module):
         self.pruning.set_grid(grid)
         x = self.backbone.embed(video)  # (B, t*h*w, D)
 
-        def keyframe_map(i: int, tokens: Tensor) -> Tensor:  # the keyframe's tokens leaving block i, on their grid
+        def keyframe_map(
+            i: int, tokens: Tensor
+        ) -> Tensor:  # the keyframe's tokens leaving block i, on their grid
             keyframe = keyframe_tokens(tokens, self.kept_after(i, tokens), grid)  # (B, h*w, D)
             return rearrange(keyframe, "b (h w) d -> b d h w", h=h, w=w)
 

@@ -81,6 +81,8 @@ class _JointViT(nn.Module):
         )
         #: The original index of each block of ``blocks``: 0..depth-1 until block drop removes some.
         self.block_ids = list(range(depth))
+        #: The depth the stack was built with (its pretrained checkpoints'), whatever block drop removes later.
+        self.original_depth = depth
         #: How ``run_block`` runs blocks (set by the model that owns the stack).
         self.activation_checkpointing = False
         self.micro_batch: int | None = None

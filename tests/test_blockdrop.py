@@ -21,6 +21,7 @@ from models.blockdrop import (
     set_mlp_activation,
     without_blocks,
 )
+from models.checkpoint import CheckpointError, load_pretrained
 from models.temporal_backbone import ChunkedVideoBackbone
 from models.vit import VideoMAEViT
 
@@ -221,6 +222,14 @@ def test_a_compressed_backbone_is_rebuilt_from_its_dropped_blocks(tmp_path):
     for position, index in enumerate([0, 2, 4]):
         mine, theirs = pretrained.vit.blocks[position].state_dict(), full.blocks[index].state_dict()
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    # The last blocks dropped: the first ones of the file, not a refusal for its depth.
+    trailing = VideoMAEViT(**tiny, drop_blocks=[3, 4])
+    load_pretrained(trailing, tmp_path / "full.pth")
+    assert trailing.block_ids == [0, 1, 2]
+    assert torch.equal(trailing.blocks[2].mlp.fc1.weight, full.blocks[2].mlp.fc1.weight)
+    # A ViT built shallower (not compressed) still refuses a deeper file.
+    with pytest.raises(CheckpointError, match="the checkpoint has 5 blocks but VideoMAEViT has 3"):
+        load_pretrained(VideoMAEViT(**{**tiny, "depth": 3}), tmp_path / "full.pth")
 
 
 # ------------------------------------------------------------------------------ recovery against a teacher

@@ -330,3 +330,25 @@ def test_accuracy_plot_reads_the_validation_run_not_the_newest_file(tmp_path):
     result = read_run_result(tmp_path / "recipe")
     assert (result.name, result.accuracy, result.gmacs) == ("recipe/fit1", 0.75, 0.5)
     assert read_run_result(fit_dir / "metrics.csv").name == "recipe/fit1"
+
+
+def test_accuracy_vs_macs_is_a_command_of_the_package(tmp_path, capsys):
+    """``python -m lightning_modules accuracy-vs-macs RUN... --out PNG``: one point per run, a PNG written."""
+    from lightning_modules.__main__ import run
+
+    for name, row in (("dense", "9,0.067,0.955"), ("halting", "9,0.020,0.995")):
+        (tmp_path / "runs" / name / "r1").mkdir(parents=True)
+        (tmp_path / "runs" / name / "r1" / "metrics.csv").write_text(f"step,val/gmacs,val/top1\n{row}\n")
+    out = tmp_path / "plot.png"
+    run(
+        [
+            "accuracy-vs-macs",
+            str(tmp_path / "runs" / "dense"),
+            str(tmp_path / "runs" / "halting"),
+            "--out",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "dense/r1: val/top1 95.50  GMACs 0.0670" in printed and "halting/r1: val/top1 99.50" in printed
+    assert out.read_bytes()[:4] == b"\x89PNG"

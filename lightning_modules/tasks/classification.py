@@ -49,8 +49,9 @@ class VideoClassifier(Compressible, VideoTask):
         lr_interval: Literal["step", "epoch"] = "step",
     ):
         super().__init__(
-            lr, weight_decay, optimizer, betas, warmup_epochs, warmup_start_factor, min_lr_ratio, schedule_epochs,
-            lr_interval,
+            lr=lr, weight_decay=weight_decay, optimizer=optimizer, betas=betas, warmup_epochs=warmup_epochs,
+            warmup_start_factor=warmup_start_factor, min_lr_ratio=min_lr_ratio, schedule_epochs=schedule_epochs,
+            lr_interval=lr_interval,
         )  # fmt: skip
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone

@@ -79,9 +79,10 @@ class HaltingVTClassifier(VideoClassifier):
         lr_interval: Literal["step", "epoch"] = "step",
     ):
         super().__init__(
-            backbone, num_classes, pretrained, head_dropout, label_smoothing, multilabel, multilabel_loss, top_k, lr,
-            weight_decay, optimizer, betas, warmup_epochs, warmup_start_factor, min_lr_ratio, schedule_epochs,
-            lr_interval,
+            backbone, num_classes, pretrained=pretrained, head_dropout=head_dropout, label_smoothing=label_smoothing,
+            multilabel=multilabel, multilabel_loss=multilabel_loss, top_k=top_k, lr=lr, weight_decay=weight_decay,
+            optimizer=optimizer, betas=betas, warmup_epochs=warmup_epochs, warmup_start_factor=warmup_start_factor,
+            min_lr_ratio=min_lr_ratio, schedule_epochs=schedule_epochs, lr_interval=lr_interval,
         )  # fmt: skip
         self.ponder_weight = ponder_weight
         self.prior_weight = prior_weight
