@@ -177,7 +177,6 @@ class EVAD(nn.Module):
         self.giou_loss_weight, self.no_object_weight = giou_loss_weight, no_object_weight
         self.matcher = HungarianMatcher(class_loss_weight, l1_loss_weight, giou_loss_weight)
         self.score = score
-        self.activation_checkpointing = activation_checkpointing
 
     def _checked_pyramid(
         self, pyramid: SimpleFeaturePyramid | None, backbone: VideoMAEViT

@@ -100,6 +100,11 @@ class _JointViT(nn.Module):
         if mlp_activation != "gelu":
             blockdrop.set_mlp_activation(self, mlp_activation)
 
+    @property
+    def recomputing(self) -> bool:
+        """Whether blocks run now are recomputed in the backward pass (activation checkpointing, training)."""
+        return self.activation_checkpointing and self.training and torch.is_grad_enabled()
+
     def run_block(self, position: int, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         """Run ``blocks[position]`` on ``x`` (further arguments go to the block) the way this stack runs blocks.
 
@@ -114,7 +119,7 @@ class _JointViT(nn.Module):
         def call(tokens: Tensor) -> Any:
             return block(tokens, *args, **kwargs)
 
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+        if self.recomputing:
             call = partial(checkpoint, call, use_reentrant=False)
         given = args or any(v is not None for v in kwargs.values())
         if self.micro_batch and not given and x.shape[0] > self.micro_batch:
@@ -149,7 +154,7 @@ class _JointViT(nn.Module):
             x = self.run_block(position, x, attn_mask=attn_mask, hook=hook)
             if after and i in after:
                 fn = after[i]
-                if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                if self.recomputing:
                     fn = partial(checkpoint, fn, use_reentrant=False)
                 x = fn(x)
                 if self._recording is not None:
