@@ -30,7 +30,7 @@ live in ``datamodules.keyframes``.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -54,6 +54,7 @@ from datamodules.keyframes import (
     grid_length,
     keyframe_grid_index,
 )
+from datamodules.synthetic import SpatiotemporalSet, chosen_settings
 from datamodules.video_io import VideoDecodeError, open_video
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,9 @@ class AVADataModule(KeyframeDetectionDataModule):
     the start of its video or past its end is an error naming the CSV line and the fix under ``bad_video:
     error``, and is counted and left out under ``skip``.
 
-    ``synthetic=True`` writes the synthetic AVA-style set (``synthetic.generate_spatiotemporal``) to ``root``
-    on first use, and again when the ``synthetic_*`` arguments change, never into a folder it did not write.
+    ``synthetic`` (``true``, or ``SpatiotemporalSet`` settings such as ``{num_videos: 320, max_actors: 2}``)
+    writes the synthetic AVA-style set (``synthetic.generate_spatiotemporal``) to ``root`` on first use, and
+    again when its settings change, never into a folder it did not write.
     ``timestamp_offset`` unset is 900 (AVA's 15-minute clips start at second 900), or 0 when ``synthetic``.
     """
 
@@ -112,15 +114,7 @@ class AVADataModule(KeyframeDetectionDataModule):
         keep_unlabelled_boxes: bool = True,
         proposals_csv: str | None = None,
         proposal_score_threshold: float = 0.8,
-        synthetic: bool = False,
-        synthetic_num_videos: int = 8,
-        synthetic_val_fraction: float = 0.25,
-        synthetic_size: tuple[int, int] = (96, 128),
-        synthetic_seconds: int = 8,
-        synthetic_fps: int = 12,
-        synthetic_max_actors: int = 2,
-        synthetic_actor_size: tuple[float, float] = (0.13, 0.36),
-        synthetic_seed: int = 0,
+        synthetic: bool | SpatiotemporalSet = False,
         download_hint: str | None = None,
         batch_size: int = 8,
         mean: tuple[float, float, float] = AVA_MEAN,
@@ -137,6 +131,8 @@ class AVADataModule(KeyframeDetectionDataModule):
         if frame_rate is not None and frame_rate <= 0:
             raise ValueError(f"frame_rate must be > 0 or null, got {frame_rate}")
         self.root = Path(root)
+        self.synthetic_set = chosen_settings(synthetic, "spatiotemporal")
+        self.synthetic = self.synthetic_set is not None
         names = (
             {
                 "train_csv": "annotations/train.csv", "val_csv": "annotations/val.csv",
@@ -144,7 +140,7 @@ class AVADataModule(KeyframeDetectionDataModule):
                 "train_excluded_timestamps": "annotations/train_excluded_timestamps.csv",
                 "val_excluded_timestamps": "annotations/val_excluded_timestamps.csv", "video_dir": "videos",
             }
-            if synthetic
+            if self.synthetic
             else {
                 "train_csv": "annotations/ava_train_v2.2.csv", "val_csv": "annotations/ava_val_v2.2.csv",
                 "label_map": "annotations/ava_action_list_v2.2_for_activitynet_2019.pbtxt",
@@ -163,7 +159,7 @@ class AVADataModule(KeyframeDetectionDataModule):
         self.frame_pattern = frame_pattern
         self.first_frame_number = first_frame_number
         self.timestamp_offset = float(
-            timestamp_offset if timestamp_offset is not None else (0.0 if synthetic else 900.0)
+            timestamp_offset if timestamp_offset is not None else (0.0 if self.synthetic else 900.0)
         )
         self.frame_rate = frame_rate
         self.num_frames = num_frames
@@ -175,13 +171,6 @@ class AVADataModule(KeyframeDetectionDataModule):
         self.keep_unlabelled_boxes = keep_unlabelled_boxes
         self.proposals_path = self.root / proposals_csv if proposals_csv is not None else None
         self.proposal_score_threshold = proposal_score_threshold
-        self.synthetic = synthetic
-        self.synthetic_config = {
-            "num_videos": synthetic_num_videos, "val_fraction": synthetic_val_fraction,
-            "size": tuple(synthetic_size), "seconds": synthetic_seconds, "fps": synthetic_fps,
-            "max_actors": synthetic_max_actors, "actor_size": tuple(float(v) for v in synthetic_actor_size),
-            "seed": synthetic_seed,
-        }  # fmt: skip
         self.download_hint = download_hint
         self._label_map: dict[int, str] | None = None
         self._video_files: dict[str, Path] | None = None
@@ -190,7 +179,7 @@ class AVADataModule(KeyframeDetectionDataModule):
     # -------------------------------------------------------------------------------------------- files
 
     def prepare_data(self) -> None:
-        if not self.synthetic or synthetic.is_complete(self.root, "spatiotemporal", **self.synthetic_config):
+        if not self.synthetic or synthetic.is_complete(self.root, "spatiotemporal", **asdict(self.synthetic_set)):
             return
         if synthetic.is_complete(self.root, kind=None) and not synthetic.is_complete(
             self.root, "spatiotemporal"
@@ -200,7 +189,7 @@ class AVADataModule(KeyframeDetectionDataModule):
                 "new folder for the synthetic AVA-style set"
             )
         log.info("writing the synthetic spatio-temporal detection set to %s", self.root)
-        synthetic.generate_spatiotemporal(self.root, **self.synthetic_config)
+        synthetic.generate_spatiotemporal(self.root, self.synthetic_set)
 
     def _missing(self, what: str) -> AnnotationError:
         message = (

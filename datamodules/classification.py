@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +28,7 @@ from datamodules.base import (
 )
 from datamodules.kinetics_list import VideoRecord, read_class_names, read_video_list
 from datamodules.sampling import random_clip, uniform_clips
+from datamodules.synthetic import ClassificationSet, chosen_settings
 from datamodules.transforms import EvalClipTransform, TrainClipTransform
 
 log = logging.getLogger(__name__)
@@ -117,8 +119,8 @@ class VideoClassificationDataModule(VideoDataModule):
     ``skip`` they are dropped, counted and logged once. ``predict_videos`` (paths, relative to ``root`` or
     absolute) are unlabelled videos for ``predict``, instead of ``predict_list``.
     ``download_hint`` is added to the error raised when a list file is missing (what to download, where to put
-    it). ``synthetic=True`` writes the embedded synthetic motion dataset to ``root`` on first use (rank 0 only), and
-    again whenever ``synthetic_videos_per_class`` or ``synthetic_seed`` change.
+    it). ``synthetic`` (``true``, or ``ClassificationSet`` settings such as ``{videos_per_class: 200}``) writes the
+    embedded synthetic motion dataset to ``root`` on first use (rank 0 only), and again when its settings change.
     Remaining arguments (batch size, workers, ``bad_video`` policy, normalisation) are those of
     ``VideoDataModule``.
     """
@@ -148,9 +150,7 @@ class VideoClassificationDataModule(VideoDataModule):
         test_num_clips: int = 1,
         test_num_crops: int = 1,
         min_video_frames: int | None = None,
-        synthetic: bool = False,
-        synthetic_videos_per_class: int = 40,
-        synthetic_seed: int = 0,
+        synthetic: bool | ClassificationSet = False,
         static_clips: bool = False,
         download_hint: str | None = None,
         predict_videos: list[str] | None = None,
@@ -180,7 +180,8 @@ class VideoClassificationDataModule(VideoDataModule):
         self.test_num_clips = test_num_clips
         self.test_num_crops = test_num_crops
         self.min_video_frames = min_video_frames or num_frames
-        self.synthetic = synthetic
+        self.synthetic_set = chosen_settings(synthetic, "classification")
+        self.synthetic = self.synthetic_set is not None
         self.static_clips = static_clips
         self.download_hint = download_hint
         self.video_dir = self.root / video_dir
@@ -190,12 +191,11 @@ class VideoClassificationDataModule(VideoDataModule):
             "test": eval_subset,
             "predict": eval_subset,
         }
-        self.synthetic_config = {"videos_per_class": synthetic_videos_per_class, "seed": synthetic_seed}
 
     def prepare_data(self) -> None:
-        if self.synthetic and not synthetic.is_complete(self.root, **self.synthetic_config):
+        if self.synthetic and not synthetic.is_complete(self.root, **asdict(self.synthetic_set)):
             log.info("writing the synthetic classification set to %s", self.root)
-            synthetic.generate_classification(self.root, **self.synthetic_config)
+            synthetic.generate_classification(self.root, self.synthetic_set)
 
     def is_json(self, stage: str) -> bool:
         return str(self.lists[stage]).endswith(".json")

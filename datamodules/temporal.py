@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -41,6 +41,7 @@ from datamodules.base import (
 )
 from datamodules.kinetics_list import read_class_names
 from datamodules.sampling import sliding_window_starts
+from datamodules.synthetic import TemporalSet, chosen_settings
 from datamodules.temporal_windows import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -82,9 +83,9 @@ class TemporalDetectionDataModule(VideoDataModule):
     In sliding-window mode the evaluation videos are opened at setup to plan their windows.
     ``eval_max_videos`` evaluates the first N videos of the evaluation subset only (JSON order).
 
-    ``synthetic=True`` writes the synthetic temporal set (``datamodules.synthetic.generate_temporal``) to
-    ``root`` on first use, and again when the ``synthetic_*`` arguments change, but never into a non-empty
-    folder the generator did not write. ``download_hint`` is added to the error raised when data is missing.
+    ``synthetic`` (``true``, or ``TemporalSet`` settings such as ``{num_videos: 240, seconds: 12}``) writes the
+    synthetic temporal set (``datamodules.synthetic.generate_temporal``) to ``root`` on first use, and again
+    when its settings change, but never into a non-empty folder the generator did not write. ``download_hint`` is added to the error raised when data is missing.
     """
 
     annotation_fixes: ClassVar[Mapping[str, str]] = ANNOTATION_FIXES
@@ -118,14 +119,7 @@ class TemporalDetectionDataModule(VideoDataModule):
         randaugment_ops: int = 2,
         randaugment_magnitude: int = 9,
         color_jitter: tuple[float, float, float, float] | None = (0.5, 0.5, 0.5, 0.1),
-        synthetic: bool = False,
-        synthetic_num_videos: int = 8,
-        synthetic_val_fraction: float = 0.25,
-        synthetic_size: int = 64,
-        synthetic_seconds: float = 12.0,
-        synthetic_fps: int = 10,
-        synthetic_max_segments: int = 3,
-        synthetic_seed: int = 0,
+        synthetic: bool | TemporalSet = False,
         download_hint: str | None = None,
         eval_max_videos: int | None = None,
         batch_size: int = 2,
@@ -172,12 +166,8 @@ class TemporalDetectionDataModule(VideoDataModule):
         )  # fmt: skip
         self.crop_size = crop_size
         self.eval_short_side = eval_short_side
-        self.synthetic = synthetic
-        self.synthetic_config = {
-            "num_videos": synthetic_num_videos, "val_fraction": synthetic_val_fraction,
-            "size": synthetic_size, "seconds": float(synthetic_seconds), "fps": synthetic_fps,
-            "max_segments": synthetic_max_segments, "seed": synthetic_seed,
-        }  # fmt: skip
+        self.synthetic_set = chosen_settings(synthetic, "temporal")
+        self.synthetic = self.synthetic_set is not None
         self.download_hint = download_hint
         if eval_max_videos is not None and eval_max_videos < 1:
             raise ValueError(
@@ -192,7 +182,7 @@ class TemporalDetectionDataModule(VideoDataModule):
     # ------------------------------------------------------------------------------------------- files
 
     def prepare_data(self) -> None:
-        if not self.synthetic or synthetic.is_complete(self.root, "temporal", **self.synthetic_config):
+        if not self.synthetic or synthetic.is_complete(self.root, "temporal", **asdict(self.synthetic_set)):
             return
         if synthetic.is_complete(self.root, kind=None) and not synthetic.is_complete(self.root, "temporal"):
             raise FileExistsError(
@@ -201,7 +191,7 @@ class TemporalDetectionDataModule(VideoDataModule):
             )
         # The generator itself refuses a non-empty folder it did not write.
         log.info("writing the synthetic temporal detection set to %s", self.root)
-        synthetic.generate_temporal(self.root, **self.synthetic_config)
+        synthetic.generate_temporal(self.root, self.synthetic_set)
 
     def _missing_data(self, what: str) -> AnnotationError:
         message = (

@@ -22,7 +22,7 @@ import logging
 import pickle
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +53,8 @@ _LAYER_SCALE = re.compile(r"^blocks\.\d+\.(gamma_[12]|ls[12]\.gamma)$")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 #: Parameters only a video model has (time embedding, the divided blocks' temporal branch).
 _VIDEO_ONLY = re.compile(r"^(time_embed$|blocks\.\d+\.temporal_)")
+# Parameters peft adds beside a wrapped layer, whose own weights move to ``<layer>.base_layer``.
+_LORA_FACTOR = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
 
 
 class CheckpointError(RuntimeError):
@@ -65,7 +67,8 @@ class LoadReport:
 
     ``missing`` lists every model tensor left at its initial value; ``expected_missing`` is the part of it
     that this kind of checkpoint cannot hold (see ``load_pretrained``). ``unexpected`` are checkpoint tensors
-    dropped under ``allow_unexpected``; ``ignored`` are heads, decoders and other keys a backbone never takes.
+    dropped under ``allow_unexpected``; ``ignored`` are heads, decoders and other keys a backbone never takes;
+    ``added`` are the model's fine-tuning parameters (LoRA factors, adapters), which keep their initial values.
     """
 
     path: str
@@ -75,6 +78,7 @@ class LoadReport:
     expected_missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [
@@ -94,6 +98,8 @@ class LoadReport:
             lines.append(f"  unexpected (dropped, allow_unexpected=True): {', '.join(self.unexpected)}")
         if self.ignored:
             lines.append(f"  ignored: {_prefix_counts(self.ignored)}")
+        if self.added:
+            lines.append(f"  added for fine-tuning (initial values): {_prefix_counts(self.added)}")
         return "\n".join(lines)
 
 
@@ -242,9 +248,12 @@ def to_backbone_keys(raw: dict[str, Tensor], source: str = "checkpoint") -> tupl
     )
 
 
-def adapt_to_model(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """Reshape tensors whose shape depends on the input size or patch form to the model's."""
-    target = model.state_dict()
+def adapt_to_model(
+    sd: dict[str, Tensor], model: nn.Module, target: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """Reshape tensors whose shape depends on the input size or patch form to the model's (``target``: its
+    tensors under their pre-training names, default its state dict)."""
+    target = model.state_dict() if target is None else target
     out = _kept_blocks(dict(sd), model)
     w = out.get("patch_embed.proj.weight")
     want = target.get("patch_embed.proj.weight")
@@ -376,8 +385,26 @@ def _expected_missing(key: str, sd: dict[str, Tensor], image_source: bool) -> bo
     return key.startswith("norm.") and any(k.startswith("fc_norm.") for k in sd)
 
 
+def pretraining_names(model: nn.Module, added: Collection[str] = ()) -> tuple[dict[str, str], list[str]]:
+    """The model's tensors by the name a pre-training checkpoint gives them -> their name in ``model``, and the
+    tensors no pre-training holds: the LoRA factors peft added (its wrapped layers keep their weights under
+    ``<layer>.base_layer``) and the ``added`` names (e.g. adapters)."""
+    names, fresh = {}, []
+    for key in model.state_dict():
+        if key in added or _LORA_FACTOR.search(key):
+            fresh.append(key)
+        else:
+            names[key.replace(".base_layer.", ".")] = key
+    return names, fresh
+
+
 def load_pretrained(
-    model: nn.Module, path: str | Path, *, allow_missing: bool = False, allow_unexpected: bool = False
+    model: nn.Module,
+    path: str | Path,
+    *,
+    allow_missing: bool = False,
+    allow_unexpected: bool = False,
+    added: Collection[str] = (),
 ) -> LoadReport:
     """Load a checkpoint into ``model`` (a backbone), remapping its keys; return what was and was not loaded.
 
@@ -392,19 +419,24 @@ def load_pretrained(
     - layer scale and a learned ``pos_embed``, which the model has no place for, always raise: dropping them
       would change the features. A ``pos_embed`` equal to the fixed sinusoid table is the model's own and is
       ignored;
-    - a tensor of another shape always raises.
+    - a tensor of another shape always raises;
+    - parameters added for fine-tuning keep their initial values (``report.added``): the LoRA factors of peft
+      layers, whose wrapped weights load under their plain names, and the state-dict names in ``added``.
+      So a model loads the same file before and after LoRA or adapters were attached.
     """
     source = str(path)
     raw = read_state_dict(path)
     fmt, sd = to_backbone_keys(raw, source)
     kernel = sd.get("patch_embed.proj.weight")
     image_source = kernel is not None and kernel.ndim == 4
-    sd = adapt_to_model(sd, model)
-    target = model.state_dict()
+    names, fresh = pretraining_names(model, added)
+    own = model.state_dict()
+    target = {key: own[real] for key, real in names.items()}
+    sd = adapt_to_model(sd, model, target)
     name = type(model).__name__
     _refuse_feature_changes(sd, target, name, source)
     _check_depth(sd, target, name, source, allow_missing, allow_unexpected)
-    report = LoadReport(source, fmt)
+    report = LoadReport(source, fmt, added=sorted(fresh))
     usable: dict[str, Tensor] = {}
     for key, value in sd.items():
         if key not in target:
@@ -450,6 +482,6 @@ def load_pretrained(
         log.warning(
             "%s; left at their initial values (allow_missing=True): %s", message, ", ".join(unexplained)
         )
-    model.load_state_dict(usable, strict=False)
+    model.load_state_dict({names[k]: v for k, v in usable.items()}, strict=False)
     log.info(report.summary())
     return report

@@ -18,13 +18,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from models.checkpoint import load_pretrained
+from models.checkpoint import LoadReport, load_pretrained
 from models.context_decoder import ContextRefinementDecoder, extend_boxes
 from models.query_localiser import LocaliserOutput, QueryLocaliser, SimpleFeaturePyramid, postprocess
 from models.set_criterion import HungarianMatcher, action_losses, action_targets, mean_over_ranks, set_losses
@@ -88,11 +88,10 @@ class EVAD(nn.Module):
 
     Parts (each a module a recipe can configure with ``class_path``/``init_args``, or None for the paper's):
 
-    - ``backbone``: None builds ViT-B with drop-path 0.1. ``pretrained`` is loaded into it with
-      ``load_pretrained`` before anything else. The encoder's final LayerNorm belongs to the decoder: a
-      backbone with a token-wise ``norm`` (``use_mean_pooling=False``, as the default is built, so that a
-      pre-training checkpoint's norm loads) hands its weights to ``decoder.norm`` and keeps an identity;
-      ``fc_norm`` (clip pooling) is unused here and frozen.
+    - ``backbone``: None builds ViT-B with drop-path 0.1; ``load_pretrained`` fills it from a checkpoint. The
+      encoder's final LayerNorm belongs to the decoder: a backbone with a token-wise ``norm``
+      (``use_mean_pooling=False``, as the default is built, so that a pre-training checkpoint's norm loads)
+      hands it to ``decoder.norm`` and keeps an identity; ``fc_norm`` (clip pooling) is unused here and frozen.
     - ``localiser``: None builds the paper's (100 proposals, 256-d, 6 stages); ``pyramid``: None builds one
       from the backbone width to the localiser width.
     - ``decoder``: None builds the paper's for the backbone (384-d, 6 layers, 6 heads; ViT-L: 512-d, 12, 8)
@@ -120,7 +119,6 @@ class EVAD(nn.Module):
         localiser: QueryLocaliser | None = None,
         decoder: ContextRefinementDecoder | None = None,
         pyramid: SimpleFeaturePyramid | None = None,
-        pretrained: str | None = None,
         keep_rate: float = 0.7,
         keyframe_weight: float = 1.0,
         prune_layers: list[int] | None = None,
@@ -143,8 +141,6 @@ class EVAD(nn.Module):
         backbone = (
             VideoMAEViT("base", drop_path_rate=0.1, use_mean_pooling=False) if backbone is None else backbone
         )
-        if pretrained:
-            load_pretrained(backbone, pretrained)
         self.backbone = backbone
         large = _is_large(backbone)
         self.tap_layers = tuple(default_tap_layers(backbone.depth) if tap_layers is None else tap_layers)
@@ -160,7 +156,8 @@ class EVAD(nn.Module):
         self.localiser = QueryLocaliser() if localiser is None else localiser
         self.pyramid = self._checked_pyramid(pyramid, backbone)
         self.decoder = self._checked_decoder(decoder, backbone, num_classes, box_extension)
-        if isinstance(backbone.norm, nn.LayerNorm):  # the encoder's final norm runs inside the decoder
+        self._norm_in_decoder = isinstance(backbone.norm, nn.LayerNorm)
+        if self._norm_in_decoder:  # the encoder's final norm runs inside the decoder
             self.decoder.norm.load_state_dict(backbone.norm.state_dict())
             backbone.norm = nn.Identity()
         if backbone.fc_norm is not None:
@@ -177,6 +174,17 @@ class EVAD(nn.Module):
         self.giou_loss_weight, self.no_object_weight = giou_loss_weight, no_object_weight
         self.matcher = HungarianMatcher(class_loss_weight, l1_loss_weight, giou_loss_weight)
         self.score = score
+
+    def load_pretrained(self, path: str, **options: Any) -> LoadReport:
+        """Load a backbone checkpoint (``models.checkpoint.load_pretrained``, ``options`` passed on); its final
+        norm goes to ``decoder.norm``, where this model runs it."""
+        if not self._norm_in_decoder:
+            return load_pretrained(self.backbone, path, **options)
+        self.backbone.norm = self.decoder.norm  # the same module: the checkpoint's norm loads into the decoder
+        try:
+            return load_pretrained(self.backbone, path, **options)
+        finally:
+            self.backbone.norm = nn.Identity()
 
     def _checked_pyramid(
         self, pyramid: SimpleFeaturePyramid | None, backbone: VideoMAEViT

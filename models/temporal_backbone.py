@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import Tensor, nn
 
-from models.checkpoint import load_pretrained
+from models.checkpoint import LoadReport, load_pretrained
 from models.lora import add_lora
 from models.vit import VideoMAEViT
 
@@ -84,8 +84,8 @@ class ChunkedVideoBackbone(nn.Module):
     ``chunk_batch`` runs each block on that many chunks at a time (adapters, which mix chunks, still see the
     whole window), bounding the transient memory of attention and MLP. ``activation_checkpointing``
     recomputes each block and adapter in the backward pass instead of storing its activations.
-    ``pretrained`` is loaded into ``vit`` before LoRA or adapters are added, while its keys still match (a
-    block-drop-compressed ``vit``, built with ``drop_blocks``, takes its kept blocks from it).
+    ``load_pretrained`` fills ``vit`` from a checkpoint, the LoRA factors and adapters keeping their initial
+    values (a block-drop-compressed ``vit``, built with ``drop_blocks``, takes its kept blocks from it).
     """
 
     def __init__(
@@ -101,7 +101,6 @@ class ChunkedVideoBackbone(nn.Module):
         adapter_blocks: list[int] | None = None,
         activation_checkpointing: bool = False,
         chunk_batch: int | None = None,
-        pretrained: str | None = None,
     ):
         super().__init__()
         if finetune not in ("frozen", "full", "lora", "adapter"):
@@ -118,8 +117,6 @@ class ChunkedVideoBackbone(nn.Module):
         self.finetune = finetune
         vit.activation_checkpointing = activation_checkpointing
         vit.micro_batch = chunk_batch
-        if pretrained:
-            load_pretrained(vit, pretrained)
 
         vit.requires_grad_(finetune == "full")
         if vit.fc_norm is not None:
@@ -134,6 +131,12 @@ class ChunkedVideoBackbone(nn.Module):
             for i in range(len(vit.blocks)) if adapter_blocks is None else adapter_blocks:
                 adapter = TemporalInformativeAdapter(vit.embed_dim, adapter_ratio, adapter_kernel)
                 vit.blocks[i].add_module("adapter", adapter)
+
+    def load_pretrained(self, path: str, **options: Any) -> LoadReport:
+        """Load a checkpoint of the ViT (``models.checkpoint.load_pretrained``, ``options`` passed on) into
+        ``vit``; the LoRA factors and adapters, which no checkpoint of it holds, keep their values."""
+        adapters = [k for k in self.vit.state_dict() if ".adapter." in k]
+        return load_pretrained(self.vit, path, added=adapters, **options)
 
     @property
     def adapters(self) -> dict[int, TemporalInformativeAdapter]:

@@ -24,8 +24,7 @@ def tiny_tad(run_dir: Path, data_root: Path) -> list[str]:
     ``data_root`` as it is, without loader workers, runs under ``run_dir``."""
     return [
         "--config", str(TAD_QUICKSTART), f"--data.init_args.root={data_root}", "--data.init_args.synthetic=false",
-        # (a nested `...init_args.pretrained=null` would reach the model as the string "None")
-        '--model.init_args.backbone={"init_args": {"pretrained": null}}', "--data.init_args.num_workers=0",
+        "--model.init_args.pretrained=null", "--data.init_args.num_workers=0",
         "--data.init_args.batch_size=2", "--data.init_args.window_size=64", "--data.init_args.frame_stride=1",
         "--data.init_args.crop_size=32", "--data.init_args.train_short_side=32", "--data.init_args.eval_short_side=32",
         "--model.init_args.backbone.init_args.head_length=64", "--model.init_args.head.init_args.max_seq_len=64",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,7 @@ from datamodules.keyframes import (
 LABEL_MAP = (
     'item {\n  name: "e"\n  id: 5\n}\nitem {\n  name: "a"\n  id: 1\n}\nitem {\n  name: "c"\n  id: 3\n}\n'
 )
-SYNTHETIC = {
-    "synthetic_num_videos": 3, "synthetic_val_fraction": 1 / 3, "synthetic_size": (64, 80),
-    "synthetic_seconds": 4, "synthetic_fps": 12, "synthetic_seed": 3,
-}  # fmt: skip
+SYNTHETIC = synthetic.SpatiotemporalSet(num_videos=3, val_fraction=1 / 3, size=(64, 80), seconds=4, fps=12, seed=3)
 
 
 def write(path: Path, text: str) -> Path:
@@ -168,7 +166,7 @@ def test_padding_to_a_multiple_of_32_keeps_boxes_and_zeroes_after_normalising(tm
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ava") / "synthetic"
-    AVADataModule(str(root), synthetic=True, **SYNTHETIC).prepare_data()
+    AVADataModule(str(root), synthetic=SYNTHETIC).prepare_data()
     return root
 
 
@@ -182,8 +180,8 @@ def csv_boxes(path: Path) -> dict[tuple[str, int], list[tuple[tuple[float, ...],
 
 
 def synthetic_module(root: Path, **kwargs) -> AVADataModule:
-    args = {"train_short_side": 48, "eval_short_side": 40, "batch_size": 2, "num_workers": 0, **SYNTHETIC}
-    return AVADataModule(str(root), synthetic=True, **{**args, **kwargs})
+    args = {"train_short_side": 48, "eval_short_side": 40, "batch_size": 2, "num_workers": 0, "synthetic": SYNTHETIC}
+    return AVADataModule(str(root), **{**args, **kwargs})
 
 
 def test_synthetic_batches_have_pixel_boxes_of_the_resized_clip(synthetic_root):
@@ -323,10 +321,10 @@ def test_detector_proposals_travel_in_pixels(tmp_path, make_video):
 
 def test_synthetic_actor_size_sets_the_boxes_and_regenerates(tmp_path):
     root = tmp_path / "synthetic"
-    args = {**SYNTHETIC, "synthetic_num_videos": 6, "synthetic_val_fraction": 0.5}
     sides = {}
     for actor_size in ((0.13, 0.36), (0.25, 0.5)):
-        AVADataModule(str(root), synthetic=True, synthetic_actor_size=actor_size, **args).prepare_data()
+        settings = replace(SYNTHETIC, num_videos=6, val_fraction=0.5, actor_size=actor_size)
+        AVADataModule(str(root), synthetic=settings).prepare_data()
         assert synthetic.is_complete(root, "spatiotemporal", actor_size=list(actor_size))
         boxes = np.array(
             [box for rows in csv_boxes(root / "annotations" / "train.csv").values() for box, _ in rows]

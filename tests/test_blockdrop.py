@@ -216,9 +216,9 @@ def test_a_compressed_backbone_is_rebuilt_from_its_dropped_blocks(tmp_path):
     full = tiny_vit()
     torch.save({"module": full.state_dict()}, tmp_path / "full.pth")
     pretrained = ChunkedVideoBackbone(
-        VideoMAEViT(**tiny, drop_blocks=[1, 3]), chunk_frames=4, head_length=None, finetune="frozen",
-        pretrained=str(tmp_path / "full.pth"),
-    ).eval()  # fmt: skip
+        VideoMAEViT(**tiny, drop_blocks=[1, 3]), chunk_frames=4, head_length=None, finetune="frozen"
+    ).eval()
+    pretrained.load_pretrained(str(tmp_path / "full.pth"))
     for position, index in enumerate([0, 2, 4]):
         mine, theirs = pretrained.vit.blocks[position].state_dict(), full.blocks[index].state_dict()
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from datamodules.classification import VideoClassificationDataModule
-from lightning_modules.tasks.base import param_groups, warmup_cosine
+from lightning_modules.tasks.base import OptimizerSettings, ScheduleSettings, param_groups, warmup_cosine
 from lightning_modules.tasks.classification import VideoClassifier
 from models.vit import InflatedViT, VideoMAEViT
 
@@ -116,13 +116,13 @@ def test_softmax_ce_multilabel_loss_and_scores():
 
 
 def test_per_epoch_schedule_is_haltingvt_official():
-    """``lr_interval: epoch`` with warmup 5 from 0.1 and a cosine ending at epoch 25 over 20 epochs gives the
+    """``schedule.interval: epoch`` with warmup 5 from 0.1 and a cosine ending at epoch 25 over 20 epochs gives the
     official schedule, which mmengine builds as LinearLR(0.1, 5 epochs) then CosineAnnealingLR(T_max=20,
     begin=5); PyTorch's own LinearLR + CosineAnnealingLR are the reference. The last epoch runs at 0.21x."""
     task = tiny_classifier(
-        lr=1e-5, optimizer="adam", warmup_epochs=5, warmup_start_factor=0.1, min_lr_ratio=0.0, schedule_epochs=25,
-        lr_interval="epoch",
-    )  # fmt: skip
+        optimizer=OptimizerSettings(name="adam", lr=1e-5),
+        schedule=ScheduleSettings(warmup_epochs=5, warmup_start_factor=0.1, min_lr_ratio=0.0, epochs=25, interval="epoch"),
+    )
     task._trainer = SimpleNamespace(max_epochs=20, estimated_stepping_batches=20 * 7)
     config = task.configure_optimizers()
     opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]

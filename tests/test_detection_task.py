@@ -22,7 +22,7 @@ from lightning_modules.metrics.ava import (
     read_ava_ground_truth,
 )
 from lightning_modules.metrics.video_map import FrameVideoMAP
-from lightning_modules.tasks.base import warmup_step_decay
+from lightning_modules.tasks.base import OptimizerSettings, warmup_step_decay
 from lightning_modules.tasks.detection import SpatioTemporalDetection
 from models.context_decoder import ContextRefinementDecoder
 from models.evad import EVAD, ActionDetections
@@ -39,12 +39,11 @@ def tiny(run_root: Path, data_root: Path) -> list[str]:
     batches, CSV logs under ``run_root``."""
     d = "--model.init_args.detector"
     return [
-        "--config", str(QUICKSTART), f"--data.init_args.root={data_root}", "--data.init_args.synthetic_num_videos=4",
-        "--data.init_args.synthetic_seconds=4", "--data.init_args.synthetic_size=[48, 64]",
-        "--data.init_args.synthetic_fps=8", "--data.init_args.num_workers=0", "--data.init_args.batch_size=2",
+        "--config", str(QUICKSTART), f"--data.init_args.root={data_root}", "--data.init_args.synthetic.num_videos=4",
+        "--data.init_args.synthetic.seconds=4", "--data.init_args.synthetic.size=[48, 64]",
+        "--data.init_args.synthetic.fps=8", "--data.init_args.num_workers=0", "--data.init_args.batch_size=2",
         "--data.init_args.train_short_side=48", "--data.init_args.eval_short_side=48",
-        # (a nested `...init_args.pretrained=null` would reach the model as the string "None")
-        f'{d}={{"init_args": {{"pretrained": null}}}}', f"{d}.init_args.backbone.init_args.embed_dim=32",
+        "--model.init_args.pretrained=null", f"{d}.init_args.backbone.init_args.embed_dim=32",
         f"{d}.init_args.pyramid.init_args.in_channels=32", f"{d}.init_args.decoder.init_args.encoder_dim=32",
         f"--trainer.default_root_dir={run_root}", "--trainer.logger=lightning_modules.runs.RunCSVLogger",
         f"--trainer.logger.init_args.save_dir={run_root}", "--trainer.max_epochs=1",
@@ -136,7 +135,7 @@ def tiny_task(**kwargs) -> SpatioTemporalDetection:
 
 
 def test_param_groups_heads_at_8x_and_no_decay_list():
-    task = tiny_task(lr=1e-3, weight_decay=0.05)
+    task = tiny_task(optimizer=OptimizerSettings(lr=1e-3, weight_decay=0.05))
     where = {}
     for group in task.optimizer_groups():
         for p in group["params"]:
@@ -172,7 +171,8 @@ def test_step_decay_multiplier_by_hand(epoch, factor):
 
 
 def test_official_schedule_through_the_optimiser():
-    task = tiny_task(lr=1e-3)  # defaults: warmup 2 epochs from 0.1, x0.1 at 5 and x0.01 at 8, per step
+    # The schedule's defaults: warmup 2 epochs from 0.1, x0.1 at 5 and x0.01 at 8, per step.
+    task = tiny_task(optimizer=OptimizerSettings(lr=1e-3, weight_decay=1e-4))
     task._trainer = SimpleNamespace(max_epochs=12, estimated_stepping_batches=120)  # 10 steps per epoch
     config = task.configure_optimizers()
     opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -224,7 +224,7 @@ def test_ddp_fit_and_validation_equal_a_single_process(tmp_path):
     once. Validation classifies the ground-truth boxes (the given-boxes path), so a barely trained model still
     scores above zero and every keyframe's detections count."""
     data = tmp_path / "data"
-    args = [*tiny(tmp_path / "runs", data), "--data.init_args.synthetic_val_fraction=0.25"]
+    args = [*tiny(tmp_path / "runs", data), "--data.init_args.synthetic.val_fraction=0.25"]
     ddp = ["--trainer.strategy=ddp_fork_find_unused_parameters_true", "--trainer.accelerator=cpu"]
     ddp += ["--trainer.devices=2", "--trainer.num_sanity_val_steps=0"]
     # pyramid levels given no box in a step leave parameters unused, as in the AVA recipes
@@ -259,7 +259,7 @@ def test_act_recipes_fit_and_test_with_video_map_on_act_pickle_frames(tmp_path, 
     truth = ground_truth()
     d = "--model.init_args.detector"
     tiny_parts = {
-        "pretrained": None, "num_classes": 2,
+        "num_classes": 2,
         "backbone": {"class_path": "models.vit.VideoMAEViT", "init_args": {
             "size": None, "embed_dim": 32, "depth": 4, "num_heads": 2, "num_frames": 4, "img_size": 48}},
         "localiser": {"class_path": "models.query_localiser.QueryLocaliser", "init_args": {
@@ -279,6 +279,7 @@ def test_act_recipes_fit_and_test_with_video_map_on_act_pickle_frames(tmp_path, 
         f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.logger=lightning_modules.runs.RunCSVLogger",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", "--trainer.callbacks=[]",
         f"{d}.init_args.activation_checkpointing=false", f"{d}={json.dumps({'init_args': tiny_parts})}",
+        "--model.init_args.pretrained=null",
     ]  # fmt: skip
     main(["fit", *args, "--run_id=fit"])
     ckpt = tmp_path / "runs" / "fit" / "checkpoints" / "last.ckpt"

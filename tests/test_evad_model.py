@@ -272,7 +272,10 @@ def test_pretrained_backbone_and_its_final_norm(tmp_path):
         source.norm.bias.normal_()
     path = tmp_path / "pretrain.pth"
     torch.save({"model": {f"encoder.{k}": v for k, v in source.state_dict().items()}}, path)
-    model = tiny_evad(mean_pooling=False, pretrained=str(path))
+    model = tiny_evad(mean_pooling=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = model.load_pretrained(str(path))
+    assert report.added == [] and not report.unexpected
     for key, value in source.state_dict().items():
         if not key.startswith("norm."):
             assert torch.equal(model.backbone.state_dict()[key], value), key
@@ -280,6 +283,9 @@ def test_pretrained_backbone_and_its_final_norm(tmp_path):
     assert isinstance(model.backbone.norm, torch.nn.Identity) and model.backbone.fc_norm is None
     assert torch.equal(model.decoder.norm.weight, source.norm.weight)
     assert torch.equal(model.decoder.norm.bias, source.norm.bias)
+    # nothing outside the backbone and the decoder's norm changed
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(("backbone.", "decoder.norm.")) for k in changed), sorted(changed)
 
 
 def test_defaults_and_refusals():

@@ -70,18 +70,18 @@ def configs(*recipes: str) -> list[str]:
 
 
 def pretrained_path(config: dict[str, Any]) -> str:
-    """The weight file a task config names, wherever the task keeps ``pretrained``."""
+    """The weight file a task config names: every task keeps it in ``model.init_args.pretrained``, and nothing
+    below the task names another."""
     found = []
 
     def visit(node: Any) -> None:
         if isinstance(node, dict):
-            if node.get("pretrained"):
-                found.append(node["pretrained"])
+            found.extend(v for k, v in node.items() if k == "pretrained" and v)
             for value in node.values():
                 visit(value)
 
     visit(config["model"])
-    assert len(found) == 1, f"expected one pretrained file in the recipe, found {found}"
+    assert found == [config["model"]["init_args"].get("pretrained")], f"pretrained files in the recipe: {found}"
     return found[0]
 
 

@@ -207,16 +207,27 @@ def test_dropping_a_block_drops_its_adapter():
     assert backbone(make_video()).shape == (B, DIM, 768)
 
 
-def test_pretrained_is_loaded_before_lora(tmp_path):
+@pytest.mark.parametrize("finetune", ["lora", "adapter"])
+def test_pretrained_loads_under_lora_and_adapters(tmp_path, finetune):
+    """A plain ViT checkpoint loads into the backbone once LoRA or adapters are attached: every tensor of the
+    file lands in its layer (LoRA's wrapped weights under ``base_layer``), the added parameters keep their
+    values and are reported as added."""
     source = tiny_vit()
     path = tmp_path / "videomae.pth"
     torch.save({"model": source.state_dict()}, path)
     torch.manual_seed(5)
     backbone = ChunkedVideoBackbone(
-        VideoMAEViT(embed_dim=DIM, depth=2, num_heads=2, img_size=48, num_frames=16), finetune="lora",
-        pretrained=str(path),
-    )  # fmt: skip
-    assert torch.equal(backbone.vit.blocks[1].attn.qkv.base_layer.weight, source.blocks[1].attn.qkv.weight)
+        VideoMAEViT(embed_dim=DIM, depth=2, num_heads=2, img_size=48, num_frames=16), finetune=finetune
+    )
+    added_before = {k: v.clone() for k, v in backbone.vit.state_dict().items() if "lora_" in k or ".adapter." in k}
+    report = backbone.load_pretrained(str(path))
+    own = backbone.vit.state_dict()
+    for key, value in source.state_dict().items():
+        wrapped = key.replace("attn.qkv.", "attn.qkv.base_layer.").replace("attn.proj.", "attn.proj.base_layer.")
+        assert torch.equal(own[key if key in own else wrapped], value), key
+    assert sorted(report.added) == sorted(added_before) and added_before
+    assert all(torch.equal(own[k], v) for k, v in added_before.items())
+    assert not report.missing and not report.unexpected
 
 
 def test_window_not_a_multiple_of_the_chunk_is_an_error():

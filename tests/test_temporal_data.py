@@ -18,10 +18,7 @@ from datamodules.temporal import TemporalDetectionDataModule
 from datamodules.temporal_windows import TemporalTrainTransform, collate_windows, random_truncation
 
 FPS, SECONDS, STRIDE, WINDOW = 10, 6.0, 2, 16  # 60 frames -> 30 sampled frames -> windows at 0, 8, 14
-SYNTHETIC = {
-    "synthetic_num_videos": 4, "synthetic_size": 32, "synthetic_seconds": SECONDS, "synthetic_fps": FPS,
-    "synthetic_seed": 5,
-}  # fmt: skip
+SYNTHETIC = synthetic.TemporalSet(num_videos=4, size=32, seconds=SECONDS, fps=FPS, seed=5)
 
 
 def module(root: Path, **kwargs) -> TemporalDetectionDataModule:
@@ -36,7 +33,7 @@ def module(root: Path, **kwargs) -> TemporalDetectionDataModule:
 def temporal_root(tmp_path_factory) -> Path:
     """4 synthetic videos (3 training, 1 validation) of 6 s at 10 fps, written through the data module."""
     root = tmp_path_factory.mktemp("temporal") / "synthetic"
-    module(root, synthetic=True, **SYNTHETIC).prepare_data()
+    module(root, synthetic=SYNTHETIC).prepare_data()
     return root
 
 
@@ -47,7 +44,7 @@ def database(root: Path) -> dict:
 def test_synthetic_set_written_once_and_never_over_other_data(temporal_root, tmp_path):
     assert synthetic.is_complete(temporal_root, "temporal")
     before = (temporal_root / "annotations.json").stat().st_mtime_ns
-    dm = module(temporal_root, synthetic=True, **SYNTHETIC)
+    dm = module(temporal_root, synthetic=SYNTHETIC)
     dm.prepare_data()
     assert (temporal_root / "annotations.json").stat().st_mtime_ns == before
     assert dm.class_names == list(synthetic.TEMPORAL_ACTIONS) and dm.num_classes == 3
@@ -56,7 +53,7 @@ def test_synthetic_set_written_once_and_never_over_other_data(temporal_root, tmp
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not synthetic")
     with pytest.raises(FileExistsError, match="did not write"):
-        module(foreign, synthetic=True, **SYNTHETIC).prepare_data()
+        module(foreign, synthetic=SYNTHETIC).prepare_data()
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 

@@ -95,7 +95,7 @@ def test_external_class_scores_formats(tmp_path):
 def test_missing_dataset_says_what_to_download(tmp_path, recipe):
     # The recipes name local VideoMAE checkpoints this machine lacks.
     no_weights = tmp_path / "no_weights.yaml"
-    no_weights.write_text("model:\n  init_args:\n    backbone:\n      init_args:\n        pretrained: null\n")
+    no_weights.write_text("model:\n  init_args:\n    pretrained: null\n")
     with pytest.raises(Exception, match=r"(?s)not found.*(THUMOS14|ActivityNet-1.3)"):
         main(["fit", "--config", str(recipe), "--config", str(no_weights), f"--data.init_args.root={tmp_path}",
               "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
@@ -149,13 +149,14 @@ def test_demo_tad_starts_the_detector_from_the_backbone_it_trained(
     assert ckpt == tmp_path / "backbone" / "tad_backbone" / "checkpoints" / "last.ckpt"
     assert not first["backbone"]["reused"] and 0 <= first["backbone"]["val_top1"] <= 1
     config = yaml.safe_load((tmp_path / "first" / "config.yaml").read_text())
-    assert config["model"]["init_args"]["backbone"]["init_args"]["pretrained"] == str(ckpt)
+    assert config["model"]["init_args"]["pretrained"] == str(ckpt)
 
     # The detector's ViT as the run built it holds the classifier's backbone tensors, read from the file.
     built = ChunkedVideoBackbone(
         VideoMAEViT(size=None, embed_dim=32, depth=1, num_heads=4, img_size=32, num_frames=8), chunk_frames=8,
-        head_length=64, finetune="full", pretrained=str(ckpt),
-    )  # fmt: skip
+        head_length=64, finetune="full",
+    )
+    built.load_pretrained(str(ckpt))
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     own = built.vit.state_dict()
     shared = [k for k in saved if k.startswith("backbone.") and k.removeprefix("backbone.") in own]

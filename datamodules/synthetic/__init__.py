@@ -18,20 +18,25 @@ Run as ``python -m datamodules.synthetic --out DIR [--kind classification|spatio
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from datamodules.synthetic.classification import (
     CLASSIFICATION_CLASSES,
+    ClassificationSet,
     classification_geometry,
     classification_trajectory,
     generate_classification,
 )
 from datamodules.synthetic.files import DECORD_UNSAFE_WIDTHS, is_complete, write_video
-from datamodules.synthetic.spatiotemporal import SPATIOTEMPORAL_ACTIONS, generate_spatiotemporal
-from datamodules.synthetic.temporal import TEMPORAL_ACTIONS, generate_temporal
+from datamodules.synthetic.spatiotemporal import (
+    SPATIOTEMPORAL_ACTIONS,
+    SpatiotemporalSet,
+    generate_spatiotemporal,
+)
+from datamodules.synthetic.temporal import TEMPORAL_ACTIONS, TemporalSet, generate_temporal
 
 KINDS: tuple[str, ...] = ("classification", "spatiotemporal", "temporal")
 
@@ -41,6 +46,23 @@ _GENERATORS: dict[str, Callable[..., Path]] = {
     "spatiotemporal": generate_spatiotemporal,
     "temporal": generate_temporal,
 }
+#: The settings of each kind (a data module's ``synthetic`` argument).
+SETTINGS: dict[str, type] = {
+    "classification": ClassificationSet,
+    "spatiotemporal": SpatiotemporalSet,
+    "temporal": TemporalSet,
+}
+
+
+def chosen_settings(synthetic: bool | object, kind: str) -> object | None:
+    """A data module's ``synthetic`` argument -> the settings of its set: ``True`` the defaults, ``False`` None
+    (real data), or the given settings of that kind."""
+    cls = SETTINGS[kind]
+    if isinstance(synthetic, cls):
+        return synthetic
+    if isinstance(synthetic, bool):
+        return cls() if synthetic else None
+    raise TypeError(f"synthetic must be true, false or {cls.__name__} settings, got {synthetic!r}")
 
 
 def generate(root: str | Path, kind: str = "all", seed: int = 0, **kwargs: Any) -> dict[str, Path]:
@@ -59,7 +81,7 @@ def generate(root: str | Path, kind: str = "all", seed: int = 0, **kwargs: Any) 
             continue  # aimed at a kind that was not selected
         targets = [prefix] if prefix is not None else list(kinds)
         name = key[len(prefix) + 1 :] if prefix is not None else key
-        accepted = [k for k in targets if name in inspect.signature(_GENERATORS[k]).parameters]
+        accepted = [k for k in targets if name in {f.name for f in fields(SETTINGS[k])}]
         if not accepted:
             raise TypeError(f"no selected generator ({', '.join(kinds)}) accepts {key!r}")
         for k in accepted:
@@ -72,8 +94,13 @@ __all__ = [
     "CLASSIFICATION_CLASSES",
     "DECORD_UNSAFE_WIDTHS",
     "KINDS",
+    "SETTINGS",
     "SPATIOTEMPORAL_ACTIONS",
     "TEMPORAL_ACTIONS",
+    "ClassificationSet",
+    "SpatiotemporalSet",
+    "TemporalSet",
+    "chosen_settings",
     "classification_geometry",
     "classification_trajectory",
     "generate",

@@ -3,6 +3,7 @@ motion."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,30 +128,42 @@ def _classification_video(rng: np.random.Generator, label: str, size: int, num_f
     return render(background, num_frames, [(tex, cx, cy, angle)])
 
 
+@dataclass(frozen=True)
+class ClassificationSet:
+    """The synthetic classification set: ``videos_per_class`` clips of each class in CLASSIFICATION_CLASSES,
+    ``size`` x ``size`` pixels, ``num_frames`` long at ``fps``; the last ``val_fraction`` of each class form the
+    validation list. Every clip is a pure function of ``seed``."""
+
+    videos_per_class: int = 40
+    val_fraction: float = 0.25
+    size: int = 80
+    num_frames: int = 24
+    fps: int = 12
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seed", check_seed(self.seed))
+        if self.size % 2:
+            raise ValueError(f"size must be even for yuv420p, got {self.size}")
+        if self.num_frames < 2:
+            raise ValueError("num_frames must be >= 2: the classes are defined by motion")
+
+
 def generate_classification(
-    root: str | Path,
-    *,
-    videos_per_class: int = 40,
-    val_fraction: float = 0.25,
-    size: int = 80,
-    num_frames: int = 24,
-    fps: int = 12,
-    seed: int = 0,
+    root: str | Path, settings: ClassificationSet | None = None, **overrides: Any
 ) -> Path:
     """Writes root/videos/*.mp4, root/train.txt, root/val.txt, root/classes.txt; returns root.
 
     List lines are ``videos/<class>_<i:04d>.mp4 <num_frames> <label_index>``; classes.txt has one class per
     line (index = line number, order of CLASSIFICATION_CLASSES). The split is stratified: the last
     ``round(videos_per_class * val_fraction)`` clips of each class (at least one, if there are two) are val.
+    ``overrides`` replace fields of ``settings`` (default: ``ClassificationSet()``).
     """
-    seed = check_seed(seed)
-    if size % 2:
-        raise ValueError(f"size must be even for yuv420p, got {size}")
-    if num_frames < 2:
-        raise ValueError("num_frames must be >= 2: the classes are defined by motion")
+    s = replace(settings or ClassificationSet(), **overrides)
+    videos_per_class, size, num_frames, fps, seed = s.videos_per_class, s.size, s.num_frames, s.fps, s.seed
     root = Path(root)
     begin_writing(root)
-    n_val = num_val(videos_per_class, val_fraction)
+    n_val = num_val(videos_per_class, s.val_fraction)
     train, val = [], []
     jobs = [
         (ci, label, i) for ci, label in enumerate(CLASSIFICATION_CLASSES) for i in range(videos_per_class)
@@ -164,16 +177,5 @@ def generate_classification(
     write_text_atomic(root / "classes.txt", text_lines(list(CLASSIFICATION_CLASSES)))
     write_text_atomic(root / "train.txt", text_lines(train))
     write_text_atomic(root / "val.txt", text_lines(val))
-    finish_writing(
-        root,
-        "classification",
-        {
-            "seed": seed,
-            "videos_per_class": videos_per_class,
-            "val_fraction": val_fraction,
-            "size": size,
-            "num_frames": num_frames,
-            "fps": fps,
-        },
-    )
+    finish_writing(root, "classification", asdict(s))
     return root

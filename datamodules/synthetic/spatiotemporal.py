@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +22,46 @@ from datamodules.synthetic.files import (
 )
 
 SPATIOTEMPORAL_ACTIONS: tuple[str, ...] = ("move_left", "move_right", "rotate", "stand_still")
+
+
+@dataclass(frozen=True)
+class SpatiotemporalSet:
+    """The synthetic AVA-style set: ``num_videos`` videos of ``size`` (height, width) pixels, ``seconds`` long
+    at ``fps`` (keyframes at every whole second but the first and last), with 1 to ``max_actors`` actors of
+    ``actor_size`` (fractions of the frame's width and height); the last ``val_fraction`` of the videos form
+    the validation split. Every video is a pure function of ``seed``."""
+
+    num_videos: int = 8
+    val_fraction: float = 0.25
+    size: tuple[int, int] = (96, 128)
+    seconds: int = 8
+    fps: int = 12
+    max_actors: int = 2
+    actor_size: tuple[float, float] = (0.13, 0.36)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seed", check_seed(self.seed))
+        height, width = int(self.size[0]), int(self.size[1])
+        object.__setattr__(self, "size", (height, width))
+        object.__setattr__(self, "actor_size", tuple(float(v) for v in self.actor_size))
+        if height % 2 or width % 2:
+            raise ValueError(f"size must be even for yuv420p, got {self.size}")
+        if self.seconds < 2:
+            raise ValueError("seconds must be >= 2 to have at least one keyframe")
+        if not (0 < self.actor_size[0] <= 1 and 0 < self.actor_size[1] <= 1):
+            raise ValueError(
+                f"actor_size must be two fractions in (0, 1] of (width, height), got {self.actor_size}"
+            )
+        aw, ah = self.actor_pixels
+        if math.hypot(aw, ah) > min(height, width):
+            raise ValueError(f"frame {self.size} too small for {aw}x{ah} actors")
+
+    @property
+    def actor_pixels(self) -> tuple[int, int]:
+        """An actor's (width, height) in pixels before it rotates."""
+        height, width = self.size
+        return max(4, round(self.actor_size[0] * width)), max(6, round(self.actor_size[1] * height))
 
 
 def _actor_track(
@@ -78,16 +120,7 @@ def _actor_track(
 
 
 def generate_spatiotemporal(
-    root: str | Path,
-    *,
-    num_videos: int = 8,
-    val_fraction: float = 0.25,
-    size: tuple[int, int] = (96, 128),
-    seconds: int = 8,
-    fps: int = 12,
-    max_actors: int = 2,
-    actor_size: tuple[float, float] = (0.13, 0.36),
-    seed: int = 0,
+    root: str | Path, settings: SpatiotemporalSet | None = None, **overrides: Any
 ) -> Path:
     """AVA-style: root/videos/<video_id>.mp4, root/annotations/{train,val}.csv,
     root/annotations/label_map.pbtxt, root/annotations/{train,val}_excluded_timestamps.csv; returns root.
@@ -96,22 +129,15 @@ def generate_spatiotemporal(
     as in AVA (4-digit zero-padded integer second, keyframes 1..seconds-1 at frame round(t*fps)), boxes
     normalised to [0, 1] with 3 decimals, 1-based action ids and 0-based per-video person ids. Each actor is an
     upright rectangle of ``actor_size`` (fractions of the frame's width and height) before it rotates.
+    ``overrides`` replace fields of ``settings`` (default: ``SpatiotemporalSet()``).
     """
-    seed = check_seed(seed)
-    height, width = int(size[0]), int(size[1])
-    if height % 2 or width % 2:
-        raise ValueError(f"size must be even for yuv420p, got {size}")
-    if seconds < 2:
-        raise ValueError("seconds must be >= 2 to have at least one keyframe")
+    s = replace(settings or SpatiotemporalSet(), **overrides)
+    (height, width), (aw, ah) = s.size, s.actor_pixels
+    num_videos, seconds, fps, max_actors, seed = s.num_videos, s.seconds, s.fps, s.max_actors, s.seed
     root = Path(root)
     begin_writing(root)
     num_frames = int(seconds * fps)
-    if not (0 < actor_size[0] <= 1 and 0 < actor_size[1] <= 1):
-        raise ValueError(f"actor_size must be two fractions in (0, 1] of (width, height), got {actor_size}")
-    aw, ah = max(4, round(actor_size[0] * width)), max(6, round(actor_size[1] * height))
-    if math.hypot(aw, ah) > min(height, width):
-        raise ValueError(f"frame {size} too small for {aw}x{ah} actors")
-    n_val = num_val(num_videos, val_fraction)
+    n_val = num_val(num_videos, s.val_fraction)
     rows: dict[str, list[str]] = {"train": [], "val": []}
     for i in range(num_videos):
         rng = np.random.default_rng([seed, KIND_TAG["spatiotemporal"], i])
@@ -142,18 +168,5 @@ def generate_spatiotemporal(
     for split in ("train", "val"):
         write_text_atomic(ann / f"{split}_excluded_timestamps.csv", "")
         write_text_atomic(ann / f"{split}.csv", text_lines(rows[split]))
-    finish_writing(
-        root,
-        "spatiotemporal",
-        {
-            "seed": seed,
-            "num_videos": num_videos,
-            "val_fraction": val_fraction,
-            "size": [height, width],
-            "seconds": seconds,
-            "fps": fps,
-            "max_actors": max_actors,
-            "actor_size": [float(actor_size[0]), float(actor_size[1])],
-        },
-    )
+    finish_writing(root, "spatiotemporal", asdict(s))
     return root

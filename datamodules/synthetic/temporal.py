@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,26 @@ from datamodules.synthetic.files import (
 )
 
 TEMPORAL_ACTIONS: tuple[str, ...] = ("jump", "spin", "slide")
+
+
+@dataclass(frozen=True)
+class TemporalSet:
+    """The synthetic temporal set: ``num_videos`` untrimmed videos of ``size`` x ``size`` pixels, ``seconds``
+    long at ``fps``, each with 1 to ``max_segments`` actions; the last ``val_fraction`` of them form the
+    validation subset. Every video is a pure function of ``seed``."""
+
+    num_videos: int = 8
+    val_fraction: float = 0.25
+    size: int = 64
+    seconds: float = 12.0
+    fps: int = 10
+    max_segments: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seed", check_seed(self.seed))
+        if self.size % 2:
+            raise ValueError(f"size must be even for yuv420p, got {self.size}")
 
 
 def _sample_segments(
@@ -45,33 +66,23 @@ def _sample_segments(
     return segments
 
 
-def generate_temporal(
-    root: str | Path,
-    *,
-    num_videos: int = 8,
-    val_fraction: float = 0.25,
-    size: int = 64,
-    seconds: float = 12.0,
-    fps: int = 10,
-    max_segments: int = 3,
-    seed: int = 0,
-) -> Path:
+def generate_temporal(root: str | Path, settings: TemporalSet | None = None, **overrides: Any) -> Path:
     """ActivityNet/THUMOS-style: root/videos/<video_id>.mp4 and root/annotations.json; returns root.
+    ``overrides`` replace fields of ``settings`` (default: ``TemporalSet()``).
 
     Also writes root/category_idx.txt (one label per line, index = label_id). Outside the segments the
     object idles (sub-pixel sway); inside it jumps (up and down), spins, or slides sideways and back.
     Segment boundaries lie on frame times, so ``segment * fps`` are integer frame indices.
     """
-    seed = check_seed(seed)
-    if size % 2:
-        raise ValueError(f"size must be even for yuv420p, got {size}")
+    s = replace(settings or TemporalSet(), **overrides)
+    num_videos, size, fps, max_segments, seed = s.num_videos, s.size, s.fps, s.max_segments, s.seed
     root = Path(root)
     begin_writing(root)
-    num_frames = int(round(seconds * fps))
+    num_frames = int(round(s.seconds * fps))
     obj = max(4, 2 * round(size / 8))
     hd = obj / math.sqrt(2)
     jump_amp, slide_amp = 0.22 * size, 0.28 * size
-    n_val = num_val(num_videos, val_fraction)
+    n_val = num_val(num_videos, s.val_fraction)
     database: dict[str, Any] = {}
     for i in range(num_videos):
         rng = np.random.default_rng([seed, KIND_TAG["temporal"], i])
@@ -125,17 +136,5 @@ def generate_temporal(
     write_text_atomic(
         root / "annotations.json", json.dumps({"version": "synthetic", "database": database}, indent=2) + "\n"
     )
-    finish_writing(
-        root,
-        "temporal",
-        {
-            "seed": seed,
-            "num_videos": num_videos,
-            "val_fraction": val_fraction,
-            "size": size,
-            "seconds": seconds,
-            "fps": fps,
-            "max_segments": max_segments,
-        },
-    )
+    finish_writing(root, "temporal", asdict(s))
     return root

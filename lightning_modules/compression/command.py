@@ -34,6 +34,7 @@ import os
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -272,13 +273,13 @@ class Compressor:
         if (s.recovery == "none" and not s.head_trainable) or epochs == 0:
             return info
         if s.lr is not None:
-            task.lr = s.lr
+            task.optimizer_settings = replace(task.optimizer_settings, lr=s.lr)
         if s.backbone_lr is not None and hasattr(task, "backbone_lr"):
             task.backbone_lr = s.backbone_lr
-        if s.warmup_epochs is not None:
-            task.warmup_epochs = s.warmup_epochs
-        if s.schedule_epochs is not None:
-            task.schedule_epochs = s.schedule_epochs
+        schedule = {"warmup_epochs": s.warmup_epochs, "epochs": s.schedule_epochs}
+        task.schedule_settings = replace(
+            task.schedule_settings, **{k: v for k, v in schedule.items() if v is not None}
+        )
         aligned = teacher is not None and (
             s.alignment.feature or s.alignment.prediction or s.alignment.segment
         )

@@ -98,11 +98,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         backbone = None
     else:
         backbone = {"checkpoint": args.pretrained, "val_top1": None, "reused": True}
-    # As a dict: jsonargparse reads a nested `...init_args.pretrained=null` as the string "None".
-    pretrained = json.dumps(
-        {"init_args": {"pretrained": None if backbone is None else backbone["checkpoint"]}}
-    )
-    common = ["--config", str(RECIPE), f"--model.init_args.detector={pretrained}", *overrides]
+    pretrained = "null" if backbone is None else backbone["checkpoint"]
+    common = ["--config", str(RECIPE), f"--model.init_args.pretrained={pretrained}", *overrides]
 
     start = time.perf_counter()
     fit = cli_main(["fit", *common])

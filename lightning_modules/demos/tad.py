@@ -125,15 +125,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         backbone = None
     else:
         backbone = {"checkpoint": args.pretrained, "val_top1": None, "minutes": None, "reused": True}
-    # As a dict: jsonargparse reads a nested `...init_args.pretrained=null` as the string "None".
-    pretrained = json.dumps(
-        {"init_args": {"pretrained": None if backbone is None else backbone["checkpoint"]}}
-    )
+    pretrained = "null" if backbone is None else backbone["checkpoint"]
 
     start = time.perf_counter()
-    cli = cli_main([
-        "fit", "--config", str(RECIPE), f"--model.init_args.backbone={pretrained}", *overrides
-    ])  # fmt: skip
+    cli = cli_main(["fit", "--config", str(RECIPE), f"--model.init_args.pretrained={pretrained}", *overrides])
     minutes = (time.perf_counter() - start) / 60
     run_dir = Path(cli.trainer.default_root_dir)
     logged = {k.removeprefix("val/"): float(v) for k, v in cli.trainer.callback_metrics.items()

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from dataclasses import asdict, dataclass, is_dataclass
+from functools import partial
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from models.checkpoint import load_pretrained
+from models.checkpoint import LoadReport
 
 #: Parameters that never get weight decay besides biases and norms (1-D tensors).
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "time_embed", "mask_token", "q_bias", "v_bias")
@@ -49,59 +51,84 @@ def warmup_step_decay(
     return gamma ** sum(step >= m for m in milestones)
 
 
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The optimiser: ``name`` (AdamW, or Adam with L2-free updates), the base ``lr``, ``weight_decay`` (never on
+    biases, norms and ``NO_DECAY_NAMES``) and Adam's ``betas``."""
+
+    name: Literal["adamw", "adam"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adamw", "adam"):
+            raise ValueError(f"optimizer.name must be 'adamw' or 'adam', got {self.name!r}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"optimizer.lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """The learning-rate schedule: linear warmup over ``warmup_epochs`` from ``warmup_start_factor`` x lr, then
+
+    - ``kind: cosine``: a cosine down to ``min_lr_ratio`` x lr reaching its end after ``epochs`` (default:
+      ``trainer.max_epochs``; it may exceed them, as AdaTAD's 100-epoch cosine stopped at 60 on THUMOS);
+    - ``kind: step``: x ``gamma`` at each of ``milestones`` (epochs from the start of training), as EVAD's
+      ``warmup_epochs: 2, milestones: [5, 8]``;
+
+    updated every optimiser step (``interval: step``) or once per epoch (``epoch``, as mmengine's ``by_epoch``
+    schedulers: HaltingVT's official LinearLR(0.1, 5 epochs) + CosineAnnealingLR(T_max=20, begin=5) is
+    ``warmup_epochs: 5, warmup_start_factor: 0.1, epochs: 25, min_lr_ratio: 0, interval: epoch``).
+    """
+
+    kind: Literal["cosine", "step"] = "cosine"
+    warmup_epochs: float = 1.0
+    warmup_start_factor: float = 0.01
+    min_lr_ratio: float = 0.01
+    epochs: float | None = None
+    interval: Literal["step", "epoch"] = "step"
+    milestones: tuple[float, ...] = ()
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.interval not in ("step", "epoch"):
+            raise ValueError(f"schedule.interval must be 'step' or 'epoch', got {self.interval!r}")
+        if self.kind not in ("cosine", "step"):
+            raise ValueError(f"schedule.kind must be 'cosine' or 'step', got {self.kind!r}")
+        milestones = tuple(float(m) for m in self.milestones)
+        if self.kind == "step" and list(milestones) != sorted(milestones):
+            raise ValueError(f"schedule.milestones must be ascending epochs, got {list(milestones)}")
+        object.__setattr__(self, "milestones", milestones)
+
+
 class VideoTask(L.LightningModule):
     """Base LightningModule: subclasses build their model in ``__init__`` and implement the steps.
 
-    Schedule: linear warmup over ``warmup_epochs`` from ``warmup_start_factor`` x lr, then a cosine down to
-    ``min_lr_ratio`` x lr reaching its end after ``schedule_epochs`` (default: ``trainer.max_epochs``), updated
-    every optimiser step (``lr_interval: step``) or once per epoch (``epoch``, as mmengine's ``by_epoch``
-    schedulers: HaltingVT's official LinearLR(0.1, 5 epochs) + CosineAnnealingLR(T_max=20, begin=5) is
-    ``warmup_epochs: 5, warmup_start_factor: 0.1, schedule_epochs: 25, min_lr_ratio: 0, lr_interval: epoch``).
-    ``lr_schedule: step`` replaces the cosine by a step decay: x ``lr_gamma`` at each of ``lr_milestones``
-    (epochs, counted from the start of training), as EVAD's ``warmup_epochs: 2, lr_milestones: [5, 8]``.
+    Every task takes its optimiser and learning-rate schedule as two typed settings (``optimizer``,
+    ``schedule``); a recipe sets only what departs from the task's defaults, e.g.
+    ``model.init_args.optimizer.lr: 3e-4``. The settings travel in checkpoints as plain dictionaries.
     """
 
     def __init__(
         self,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        optimizer: Literal["adamw", "adam"] = "adamw",
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_epochs: float = 1.0,
-        warmup_start_factor: float = 0.01,
-        min_lr_ratio: float = 0.01,
-        schedule_epochs: float | None = None,
-        lr_interval: Literal["step", "epoch"] = "step",
-        lr_schedule: Literal["cosine", "step"] = "cosine",
-        lr_milestones: Sequence[float] = (),
-        lr_gamma: float = 0.1,
+        optimizer: OptimizerSettings = OptimizerSettings(),
+        schedule: ScheduleSettings = ScheduleSettings(),
     ):
         super().__init__()
-        if lr_interval not in ("step", "epoch"):
-            raise ValueError(f"lr_interval must be 'step' or 'epoch', got {lr_interval!r}")
-        if lr_schedule not in ("cosine", "step"):
-            raise ValueError(f"lr_schedule must be 'cosine' or 'step', got {lr_schedule!r}")
-        if lr_schedule == "step" and list(lr_milestones) != sorted(lr_milestones):
-            raise ValueError(f"lr_milestones must be ascending epochs, got {list(lr_milestones)}")
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.optimizer_name = optimizer
-        self.betas = betas
-        self.warmup_epochs = warmup_epochs
-        self.warmup_start_factor = warmup_start_factor
-        self.min_lr_ratio = min_lr_ratio
-        self.schedule_epochs = schedule_epochs
-        self.lr_interval = lr_interval
-        self.lr_schedule = lr_schedule
-        self.lr_milestones = tuple(float(m) for m in lr_milestones)
-        self.lr_gamma = lr_gamma
+        self.optimizer_settings = optimizer
+        self.schedule_settings = schedule
 
-    def load_backbone(self, backbone: nn.Module, pretrained: str | None) -> None:
-        """Load ``pretrained`` into ``backbone`` and report what was loaded. Tasks load in their constructor,
-        before any trainer exists, so the report goes through Lightning's rank-zero logger, not ``self.print``."""
+    def load_pretrained(self, pretrained: str | None) -> None:
+        """Every task's ``pretrained`` argument: a checkpoint of its backbone (any format ``models.checkpoint``
+        reads), loaded by ``load_backbone`` once the model is built, then reported. Tasks load in their
+        constructor, before any trainer exists, so the report goes through Lightning's rank-zero logger."""
         if pretrained:
-            report = load_pretrained(backbone, pretrained)
-            rank_zero_info(report.summary())
+            rank_zero_info(self.load_backbone(pretrained).summary())
+
+    def load_backbone(self, path: str) -> LoadReport:
+        """Load a backbone checkpoint into this task's model; each task says where its backbone is."""
+        raise NotImplementedError(f"{type(self).__name__} does not say where to load a pretrained backbone")
 
     def empty_batch_loss(self) -> torch.Tensor:
         """Loss of a batch whose clips were all skipped bad videos: zero, but touching every parameter, so this
@@ -111,29 +138,37 @@ class VideoTask(L.LightningModule):
 
     def optimizer_groups(self) -> list[dict]:
         """Parameter groups of the optimiser; tasks with several learning rates give each group its ``lr``."""
-        return param_groups(self, self.weight_decay)
+        return param_groups(self, self.optimizer_settings.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Plain values only, so checkpoints load with torch.load(weights_only=True).
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams is not None:
+            for key, value in hparams.items():
+                if is_dataclass(value) and not isinstance(value, type):
+                    hparams[key] = asdict(value)
 
     def configure_optimizers(self):
-        groups = self.optimizer_groups()
-        cls = torch.optim.AdamW if self.optimizer_name == "adamw" else torch.optim.Adam
-        opt = cls(groups, lr=self.lr, betas=self.betas)
+        o, s = self.optimizer_settings, self.schedule_settings
+        cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+        opt = cls(self.optimizer_groups(), lr=o.lr, betas=o.betas)
         epochs = max(self.trainer.max_epochs or 1, 1)
-        if self.lr_interval == "epoch":
-            warmup, total = self.warmup_epochs, self.schedule_epochs or epochs
-            milestones = self.lr_milestones
+        if s.interval == "epoch":
+            warmup, total, milestones = s.warmup_epochs, s.epochs or epochs, s.milestones
         else:
             steps = max(int(self.trainer.estimated_stepping_batches), 1)
-            warmup = int(steps * self.warmup_epochs / epochs)
-            # The cosine may span more epochs than are trained (AdaTAD on THUMOS: a 100-epoch cosine stopped at 60).
-            total = int(steps * self.schedule_epochs / epochs) if self.schedule_epochs else steps
-            milestones = tuple(int(steps * m / epochs) for m in self.lr_milestones)
-        if self.lr_schedule == "step":
-            start, gamma = self.warmup_start_factor, self.lr_gamma
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: warmup_step_decay(s, warmup, milestones, start, gamma)
-            )
+            warmup = int(steps * s.warmup_epochs / epochs)
+            total = int(steps * s.epochs / epochs) if s.epochs else steps
+            milestones = tuple(int(steps * m / epochs) for m in s.milestones)
+        if s.kind == "step":
+            schedule = partial(
+                warmup_step_decay, warmup_steps=warmup, milestones=milestones, start_factor=s.warmup_start_factor,
+                gamma=s.gamma,
+            )  # fmt: skip
         else:
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: warmup_cosine(s, warmup, total, self.warmup_start_factor, self.min_lr_ratio)
-            )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.lr_interval}}
+            schedule = partial(
+                warmup_cosine, warmup_steps=warmup, total_steps=total, start_factor=s.warmup_start_factor,
+                min_ratio=s.min_lr_ratio,
+            )  # fmt: skip
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": s.interval}}

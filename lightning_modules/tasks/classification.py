@@ -12,8 +12,9 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_modules.compression.task import Compressible
 from lightning_modules.metrics.classification import VideoClassificationScores, first_occurrences
-from lightning_modules.tasks.base import VideoTask
+from lightning_modules.tasks.base import OptimizerSettings, ScheduleSettings, VideoTask
 from models.blockdrop import MLPActivation, class_alignment
+from models.checkpoint import LoadReport, load_pretrained
 from models.flops import count_macs
 
 
@@ -38,24 +39,13 @@ class VideoClassifier(Compressible, VideoTask):
         multilabel: bool = False,
         multilabel_loss: Literal["bce", "softmax_ce"] = "bce",
         top_k: tuple[int, ...] = (1, 5),
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        optimizer: Literal["adamw", "adam"] = "adamw",
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_epochs: float = 1.0,
-        warmup_start_factor: float = 0.01,
-        min_lr_ratio: float = 0.01,
-        schedule_epochs: float | None = None,
-        lr_interval: Literal["step", "epoch"] = "step",
+        optimizer: OptimizerSettings = OptimizerSettings(),
+        schedule: ScheduleSettings = ScheduleSettings(),
     ):
-        super().__init__(
-            lr=lr, weight_decay=weight_decay, optimizer=optimizer, betas=betas, warmup_epochs=warmup_epochs,
-            warmup_start_factor=warmup_start_factor, min_lr_ratio=min_lr_ratio, schedule_epochs=schedule_epochs,
-            lr_interval=lr_interval,
-        )  # fmt: skip
+        super().__init__(optimizer, schedule)
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
-        self.load_backbone(backbone, pretrained)
+        self.load_pretrained(pretrained)
         self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(backbone.embed_dim, num_classes))
         nn.init.trunc_normal_(self.head[1].weight, std=0.02)
         nn.init.zeros_(self.head[1].bias)
@@ -71,6 +61,9 @@ class VideoClassifier(Compressible, VideoTask):
         self._macs: dict[str, dict[str, list[Tensor]]] = {"val": {}, "test": {}}
         self._video_macs: dict[str, dict[str, list[Tensor]]] = {"val": {}, "test": {}}
         self._dense_macs: dict[tuple[int, ...], int] = {}
+
+    def load_backbone(self, path: str) -> LoadReport:
+        return load_pretrained(self.backbone, path)
 
     def forward(self, video: Tensor) -> Tensor:
         """(B, 3, T, H, W) -> (B, num_classes) logits."""

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from lightning_modules.metrics.ava import AVAFrameMAP
 from lightning_modules.metrics.video_map import FrameVideoMAP
-from lightning_modules.tasks.base import VideoTask, param_groups
+from lightning_modules.tasks.base import OptimizerSettings, ScheduleSettings, VideoTask, param_groups
+from models.checkpoint import LoadReport
 from models.evad import EVAD, ActionDetections
 from models.flops import count_macs
 
@@ -57,37 +58,30 @@ class SpatioTemporalDetection(VideoTask):
     the official code trains it. ``use_proposals``: classify the data module's ``proposals`` (given person boxes, e.g. AVA's
     ``proposals_csv``) instead of the localiser's boxes at evaluation; training always uses the localiser.
 
-    Optimisation (the official recipe): AdamW, ``weight_decay`` 1e-4 except on 1-D tensors, positions and the
-    mask token; ``lr`` 2.5e-5 (batch 16) for the backbone, ``head_lr_mult`` (8) x ``lr`` for the localiser,
-    pyramid and context refinement decoder; linear warmup over ``warmup_epochs`` (2) from
-    ``warmup_start_factor`` (0.1) x lr, then x0.1 at epoch 5 and x0.01 at epoch 8 (``lr_schedule: step``,
-    ``lr_milestones: [5, 8]``), updated every optimiser step.
+    ``pretrained``: a checkpoint of the detector's backbone (its final norm goes to the decoder, see ``EVAD``).
+
+    Optimisation (the official recipe, the defaults of ``optimizer`` and ``schedule``): AdamW, weight decay 1e-4
+    except on 1-D tensors, positions and the mask token; ``optimizer.lr`` 2.5e-5 (batch 16) for the backbone,
+    ``head_lr_mult`` (8) x that for the localiser, pyramid and context refinement decoder; linear warmup over 2
+    epochs from 0.1 x lr, then x0.1 at epoch 5 and x0.01 at epoch 8 (``schedule.kind: step``,
+    ``milestones: [5, 8]``), updated every optimiser step.
     """
 
     def __init__(
         self,
         detector: EVAD,
         num_classes: int,
+        pretrained: str | None = None,
         multilabel: bool = True,
         use_proposals: bool = False,
-        lr: float = 2.5e-5,
         head_lr_mult: float = 8.0,
-        weight_decay: float = 1e-4,
-        optimizer: Literal["adamw", "adam"] = "adamw",
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_epochs: float = 2.0,
-        warmup_start_factor: float = 0.1,
-        lr_schedule: Literal["cosine", "step"] = "step",
-        lr_milestones: Sequence[float] = (5.0, 8.0),
-        lr_gamma: float = 0.1,
-        min_lr_ratio: float = 0.0,
-        schedule_epochs: float | None = None,
-        lr_interval: Literal["step", "epoch"] = "step",
+        optimizer: OptimizerSettings = OptimizerSettings(lr=2.5e-5, weight_decay=1e-4),
+        schedule: ScheduleSettings = ScheduleSettings(
+            kind="step", warmup_epochs=2.0, warmup_start_factor=0.1, milestones=(5.0, 8.0), gamma=0.1,
+            min_lr_ratio=0.0,
+        ),
     ):
-        super().__init__(
-            lr, weight_decay, optimizer, betas, warmup_epochs, warmup_start_factor, min_lr_ratio,
-            schedule_epochs, lr_interval, lr_schedule, lr_milestones, lr_gamma,
-        )  # fmt: skip
+        super().__init__(optimizer, schedule)
         if detector.num_classes != num_classes:
             raise ValueError(
                 f"the detector classifies {detector.num_classes} actions but the data has {num_classes}: set "
@@ -100,9 +94,13 @@ class SpatioTemporalDetection(VideoTask):
         self.num_classes = num_classes
         self.use_proposals = use_proposals
         self.head_lr_mult = head_lr_mult
+        self.load_pretrained(pretrained)
         self.metrics = nn.ModuleDict()  # built at setup, when the data module says which protocol applies
         self._protocol: Literal["ava", "frames"] | None = None
         self._action_ids: list[int] = []
+
+    def load_backbone(self, path: str) -> LoadReport:
+        return self.detector.load_pretrained(path)
 
     # ---------------------------------------------------------------------------------------------- setup
 
@@ -270,11 +268,12 @@ class SpatioTemporalDetection(VideoTask):
     def optimizer_groups(self) -> list[dict]:
         """Backbone at ``lr``, the heads (localiser, pyramid, decoder) at ``head_lr_mult`` x ``lr``; no weight
         decay on 1-D tensors (biases, norms, q/v biases), positions and the mask token."""
-        parts = [(self.detector.backbone, self.lr)]
-        parts += [(getattr(self.detector, name), self.lr * self.head_lr_mult) for name in HEAD_PARTS]
+        lr = self.optimizer_settings.lr
+        parts = [(self.detector.backbone, lr)]
+        parts += [(getattr(self.detector, name), lr * self.head_lr_mult) for name in HEAD_PARTS]
         groups, seen = [], set()
         for module, lr in parts:
-            for group in param_groups(module, self.weight_decay):
+            for group in param_groups(module, self.optimizer_settings.weight_decay):
                 seen.update(id(p) for p in group["params"])
                 if group["params"]:
                     groups.append({**group, "lr": lr})

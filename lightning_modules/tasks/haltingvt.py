@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.compression.task import Alignment
+from lightning_modules.tasks.base import OptimizerSettings, ScheduleSettings
 from lightning_modules.tasks.classification import VideoClassifier
 from models.haltingvt import HaltingOutput, HaltingViT
 
@@ -68,21 +69,13 @@ class HaltingVTClassifier(VideoClassifier):
         multilabel: bool = False,
         multilabel_loss: Literal["bce", "softmax_ce"] = "bce",
         top_k: tuple[int, ...] = (1, 5),
-        lr: float = 1e-5,
-        weight_decay: float = 1e-5,
-        optimizer: Literal["adamw", "adam"] = "adam",
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_epochs: float = 5.0,
-        warmup_start_factor: float = 0.1,
-        min_lr_ratio: float = 0.0,
-        schedule_epochs: float | None = None,
-        lr_interval: Literal["step", "epoch"] = "step",
+        optimizer: OptimizerSettings = OptimizerSettings(name="adam", lr=1e-5, weight_decay=1e-5),
+        schedule: ScheduleSettings = ScheduleSettings(warmup_epochs=5.0, warmup_start_factor=0.1, min_lr_ratio=0.0),
     ):
         super().__init__(
             backbone, num_classes, pretrained=pretrained, head_dropout=head_dropout, label_smoothing=label_smoothing,
-            multilabel=multilabel, multilabel_loss=multilabel_loss, top_k=top_k, lr=lr, weight_decay=weight_decay,
-            optimizer=optimizer, betas=betas, warmup_epochs=warmup_epochs, warmup_start_factor=warmup_start_factor,
-            min_lr_ratio=min_lr_ratio, schedule_epochs=schedule_epochs, lr_interval=lr_interval,
+            multilabel=multilabel, multilabel_loss=multilabel_loss, top_k=top_k, optimizer=optimizer,
+            schedule=schedule,
         )  # fmt: skip
         self.ponder_weight = ponder_weight
         self.prior_weight = prior_weight

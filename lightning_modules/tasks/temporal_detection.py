@@ -26,9 +26,10 @@ from torch import Tensor, nn
 
 from lightning_modules.compression.task import Compressible
 from lightning_modules.metrics.tad import THUMOS_TIOUS, TemporalDetectionMAP, map_key
-from lightning_modules.tasks.base import VideoTask, param_groups
+from lightning_modules.tasks.base import OptimizerSettings, ScheduleSettings, VideoTask, param_groups
 from models.actionformer import ActionFormerHead, ActionFormerOutputs
 from models.blockdrop import MLPActivation, detector_alignment
+from models.checkpoint import LoadReport
 from models.tad_postprocess import Detections, TADPostProcessor
 from models.temporal_backbone import ChunkedVideoBackbone
 from models.temporal_detector import TemporalActionDetector
@@ -73,9 +74,10 @@ class TemporalActionDetection(Compressible, VideoTask):
     """``backbone`` (a ``ChunkedVideoBackbone`` over a VideoMAE ViT) + ``head`` (an ``ActionFormerHead`` given
     without its ``in_channels``/``num_classes``, which the task fills in) + ``postprocess``.
 
-    ``lr`` is the head's learning rate, ``backbone_lr`` that of the backbone's trainable part (adapters, LoRA,
-    norms, or everything under full fine-tuning). ``tious`` are the evaluation thresholds (THUMOS14
-    0.3:0.1:0.7; ActivityNet 0.5:0.05:0.95).
+    ``pretrained``: a checkpoint of the backbone's ViT, loaded once the adapters or LoRA are attached (they keep
+    their initial values). ``optimizer.lr`` is the head's learning rate, ``backbone_lr`` that of the backbone's
+    trainable part (adapters, LoRA, norms, or everything under full fine-tuning). ``tious`` are the evaluation
+    thresholds (THUMOS14 0.3:0.1:0.7; ActivityNet 0.5:0.05:0.95).
     """
 
     def __init__(
@@ -83,31 +85,18 @@ class TemporalActionDetection(Compressible, VideoTask):
         backbone: ChunkedVideoBackbone,
         head: HeadFactory,
         num_classes: int,
+        pretrained: str | None = None,
         postprocess: TADPostProcessor | None = None,
         tious: tuple[float, ...] = THUMOS_TIOUS,
         external_class_scores: str | None = None,
-        lr: float = 1e-4,
         backbone_lr: float = 2e-4,
-        weight_decay: float = 0.05,
-        optimizer: Literal["adamw", "adam"] = "adamw",
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_epochs: float = 5.0,
-        warmup_start_factor: float = 0.001,
-        min_lr_ratio: float = 0.0,
-        schedule_epochs: float | None = None,
+        optimizer: OptimizerSettings = OptimizerSettings(lr=1e-4),
+        schedule: ScheduleSettings = ScheduleSettings(warmup_epochs=5.0, warmup_start_factor=0.001, min_lr_ratio=0.0),
     ):
-        super().__init__(
-            lr,
-            weight_decay,
-            optimizer,
-            betas,
-            warmup_epochs,
-            warmup_start_factor,
-            min_lr_ratio,
-            schedule_epochs,
-        )
+        super().__init__(optimizer, schedule)
         self.save_hyperparameters(ignore=["backbone", "head", "postprocess"])
         self.detector = TemporalActionDetector(backbone, head(backbone.embed_dim, num_classes))
+        self.load_pretrained(pretrained)
         self.postprocess = postprocess or TADPostProcessor()
         self.num_classes = num_classes
         self.backbone_lr = backbone_lr
@@ -115,6 +104,9 @@ class TemporalActionDetection(Compressible, VideoTask):
         self.tious = tuple(tious)
         self._candidates: dict[str, list[dict[str, Any]]] = {"val": [], "test": []}
         self.metrics = nn.ModuleDict({s: TemporalDetectionMAP(self.tious) for s in ("val", "test")})
+
+    def load_backbone(self, path: str) -> LoadReport:
+        return self.detector.backbone.load_pretrained(path)
 
     def forward(self, video: Tensor, valid: Tensor | None = None):
         return self.detector(video, valid)
@@ -160,8 +152,8 @@ class TemporalActionDetection(Compressible, VideoTask):
         """The ViT built without the ``dropped`` blocks (and with ReLU MLPs if asked), the LoRA merged (plain
         weights: ``finetune: full``), no pretrained backbone to read."""
         vit = {"init_args": {"drop_blocks": list(dropped), "mlp_activation": mlp_activation}}
-        backbone = {"finetune": "full", "pretrained": None, "vit": vit}
-        return {"model": {"init_args": {"backbone": {"init_args": backbone}}}}
+        backbone = {"finetune": "full", "vit": vit}
+        return {"model": {"init_args": {"pretrained": None, "backbone": {"init_args": backbone}}}}
 
     def batch_loss(self, batch: dict[str, Any]) -> Tensor:
         """Focal + DIoU loss on a batch, normalised by its own positive count, nothing logged (block-drop
@@ -304,8 +296,9 @@ class TemporalActionDetection(Compressible, VideoTask):
     def optimizer_groups(self) -> list[dict]:
         """Backbone (trainable part) at ``backbone_lr``, head at ``lr``; no decay on biases, norms, scales."""
         groups = []
-        for module, lr in ((self.detector.backbone, self.backbone_lr), (self.detector.head, self.lr)):
-            for group in param_groups(module, self.weight_decay):
+        head_lr, decay = self.optimizer_settings.lr, self.optimizer_settings.weight_decay
+        for module, lr in ((self.detector.backbone, self.backbone_lr), (self.detector.head, head_lr)):
+            for group in param_groups(module, decay):
                 if group["params"]:
                     groups.append({**group, "lr": lr})
         return groups
