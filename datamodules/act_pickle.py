@@ -9,6 +9,10 @@ Python 2, so read with latin-1) hold:
 - ``nframes``: ``{video: number of frames}``; ``resolution``: ``{video: (height, width)}``.
 - ``train_videos`` / ``test_videos``: one list of videos per split (UCF101-24: 1 split; JHMDB: 3, ``split``).
 
+A pickle can run code while it loads; these files are read by an unpickler that builds only what the format
+holds (dicts, lists, tuples, strings, numbers, numpy arrays and scalars) and refuses any other name in the file,
+so nothing in it runs.
+
 Frames are read from ``frames_dir/frame_pattern``, by default ``rgb-images/{video}/{index:05d}.jpg`` numbered
 from 1 (the layout MOC distributes for UCF101-24; its JHMDB copy is ``Frames/{video}/{index:05d}.png``).
 
@@ -108,6 +112,28 @@ class ActVideo:
         return np.unique(self.rows[:, 0]).astype(np.int64)
 
 
+#: The globals an ACT ground-truth pickle names (numpy arrays and scalars, Python 2's byte strings, sets), as
+#: (module, name) before and after Python 2's names are mapped; the unpickler refuses every other one.
+_ACT_GLOBALS = {
+    (module, name)
+    for prefix in ("numpy.core", "numpy._core")
+    for module, name in ((f"{prefix}.multiarray", "_reconstruct"), (f"{prefix}.multiarray", "scalar"))
+} | {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"), ("collections", "OrderedDict"),
+    ("__builtin__", "set"), ("builtins", "set"), ("__builtin__", "frozenset"), ("builtins", "frozenset"),
+}  # fmt: skip
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ACT_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which an ACT ground-truth pickle never holds (not loaded: a pickle "
+                "naming other objects can run code); use the file ACT-detector / MOC-detector distribute"
+            )
+        return super().find_class(module, name)
+
+
 def read_act_pickle(path: str | Path) -> ActAnnotations:
     """Load and check the layout of an ACT ground-truth pickle; errors name the file, the entry and the fix."""
     path = Path(path)
@@ -118,7 +144,7 @@ def read_act_pickle(path: str | Path) -> ActAnnotations:
         )
     try:
         with path.open("rb") as handle:
-            data = pickle.load(handle, encoding="latin1")  # written by Python 2
+            data = _DataOnlyUnpickler(handle, encoding="latin1").load()  # written by Python 2
     except Exception as err:  # noqa: BLE001 - unpickling raises many types
         raise AnnotationError(f"{path}: not a readable pickle ({err})") from None
     missing = [k for k in PICKLE_KEYS if not isinstance(data, dict) or k not in data]

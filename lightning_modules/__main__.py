@@ -48,12 +48,15 @@ def tools_help() -> str:
     return f"Other commands (python -m lightning_modules COMMAND --help): {tools}."
 
 
-def run(argv: Sequence[str] | None = None) -> int | None:
+def run(argv: Sequence[str] | None = None) -> int:
+    """The process's exit status: a tool's own (an int), 0 for a tool that returns its results (``compress``:
+    the round records, for callers in Python), and 0 after a Lightning command (which raises on failure)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOLS:
-        return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
+        status = importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
+        return status if isinstance(status, int) else 0
     main(argv, epilog=tools_help())
-    return None
+    return 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ that names the file, the keys and the fix.
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from collections import Counter
 from collections.abc import Collection, Iterable
@@ -31,6 +30,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from models.layers import sinusoid_table
+from models.torch_files import TorchFileError, read_torch_file
 from models.vit import VIT_SIZES
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,14 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Read a raw state dict from a file or a ``save_pretrained`` directory, unwrapping training wrappers."""
+def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """Read a raw state dict from a file or a ``save_pretrained`` directory, unwrapping training wrappers.
+    Nothing in the file runs (``models.torch_files.read_torch_file``) unless ``trust_pickle``."""
     path = Path(path).expanduser()
     if path.is_dir():
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (path / name).exists():
-                return read_state_dict(path / name)
+                return read_state_dict(path / name, trust_pickle=trust_pickle)
         raise CheckpointError(
             f"{path} is a directory without model.safetensors or pytorch_model.bin; "
             "point to the checkpoint file, or to a directory written by save_pretrained"
@@ -123,15 +124,10 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
         return load_file(str(path))
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # Official VideoMAE checkpoints pickle their argparse namespace beside the weights.
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-            log.warning(
-                "%s holds more than tensors; it was loaded with full unpickling (trust only your own files)",
-                path,
-            )
+        # Official VideoMAE checkpoints pickle their argparse namespace beside the weights: stood in for.
+        obj, _ = read_torch_file(path, trust_pickle=trust_pickle)
+    except TorchFileError as err:
+        raise CheckpointError(str(err)) from None
     except Exception as err:  # any failure here means the file is not a readable checkpoint
         raise CheckpointError(
             f"cannot read {path} as a PyTorch checkpoint ({err}); is the file complete?"
@@ -405,6 +401,7 @@ def load_pretrained(
     allow_missing: bool = False,
     allow_unexpected: bool = False,
     added: Collection[str] = (),
+    trust_pickle: bool = False,
 ) -> LoadReport:
     """Load a checkpoint into ``model`` (a backbone), remapping its keys; return what was and was not loaded.
 
@@ -423,9 +420,13 @@ def load_pretrained(
     - parameters added for fine-tuning keep their initial values (``report.added``): the LoRA factors of peft
       layers, whose wrapped weights load under their plain names, and the state-dict names in ``added``.
       So a model loads the same file before and after LoRA or adapters were attached.
+
+    Nothing in the file runs: objects beside the tensors (an ``argparse.Namespace``, a message hub) are stood
+    in for and never built; a file that calls a function while it loads is refused. ``trust_pickle`` unpickles
+    fully instead, running what the file names: only for files you made or trust.
     """
     source = str(path)
-    raw = read_state_dict(path)
+    raw = read_state_dict(path, trust_pickle=trust_pickle)
     fmt, sd = to_backbone_keys(raw, source)
     kernel = sd.get("patch_embed.proj.weight")
     image_source = kernel is not None and kernel.ndim == 4

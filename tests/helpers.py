@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import lightning as L
 
@@ -161,3 +162,19 @@ class LoadedFrom(L.Callback):
             self.compared = assert_loaded(pl_module.state_dict(), file_tensors(self.weights), self.backbone)
         except AssertionError as failed:
             self.error = str(failed)
+
+
+def touch(path: str) -> None:
+    """Create the file ``path``: what ``Payload`` calls while it is unpickled."""
+    Path(path).touch()
+
+
+class Payload:
+    """Pickles as a call of ``touch(marker)``: whatever loads it with full unpickling creates ``marker``, so a test
+    sees whether a loader ran code from a file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return touch, (self.marker,)

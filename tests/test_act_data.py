@@ -165,6 +165,28 @@ def test_bad_pickles_name_the_file_and_entry(act_root, tmp_path):
         module(act_root, annotation_file="nothere.pkl").setup("fit")
 
 
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_pickle_naming_anything_but_data_is_refused_and_never_run(tmp_path, protocol):
+    """A ground-truth pickle with one more entry, whose unpickling calls a function: refused with the name, and
+    the call never happens; the same data without it (dicts, lists, numpy arrays and scalars, sets) loads."""
+    from tests.helpers import Payload
+
+    marker = tmp_path / "ran"
+    data = ground_truth()
+    data["extra"] = Payload(str(marker))
+    path = tmp_path / "hostile.pkl"
+    with path.open("wb") as handle:
+        pickle.dump(data, handle, protocol=protocol)
+    with pytest.raises(AnnotationError, match=r"hostile\.pkl: .*tests\.helpers\.touch.*never holds"):
+        read_act_pickle(path)
+    assert not marker.exists()
+    data = ground_truth()
+    data["extra"] = {"seen": {np.int64(3), "b"}, "scale": np.float32(0.5)}
+    with path.open("wb") as handle:
+        pickle.dump(data, handle, protocol=protocol)
+    assert read_act_pickle(path).labels == ground_truth()["labels"]
+
+
 def test_missing_frames_stop_the_run_or_are_skipped_and_counted(act_root):
     shutil.rmtree(act_root / "rgb-images" / "a" / "v3")
     with pytest.raises(

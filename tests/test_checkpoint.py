@@ -201,3 +201,60 @@ def test_pretraining_checkpoint_into_mean_pooling_model_leaves_only_fc_norm_fres
         dst.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight
     )
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_nothing_in_a_checkpoint_runs_unless_trusted(tmp_path, caplog):
+    """A file beside its tensors holds an ``argparse.Namespace`` (as official VideoMAE files do) and an object
+    whose unpickling calls a function: the weights load, the foreign objects are stood in for, the call never
+    happens. ``trust_pickle=True`` unpickles fully, and the call happens."""
+    import argparse
+
+    from models.torch_files import read_torch_file
+    from tests.helpers import Payload
+
+    source = tiny(seed=1)
+    marker = tmp_path / "ran"
+    path = tmp_path / "hostile.pth"
+    hostile = {"model": source.state_dict(), "args": argparse.Namespace(lr=1.5e-4), "x": Payload(str(marker))}
+    torch.save(hostile, path)
+    model = tiny(seed=2)
+    report = load_pretrained(model, path)
+    assert not marker.exists()
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+    assert len(report.loaded) == len(source.state_dict())
+    obj, foreign = read_torch_file(path)
+    assert "argparse.Namespace" in foreign and any("touch" in name for name in foreign) and not marker.exists()
+    assert set(obj["model"]) == set(source.state_dict())
+    with caplog.at_level(logging.WARNING):
+        load_pretrained(tiny(seed=2), path, trust_pickle=True)
+    assert marker.exists() and "trust_pickle" in caplog.text
+
+
+class Shell:
+    def __reduce__(self):
+        import os
+
+        return os.getcwd, ()
+
+
+class Chained:
+    """Unpickles as ``getattr(Path, "touch")(Path(marker))``: a call of what another call returned."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (Path(self.marker),)
+
+
+@pytest.mark.parametrize("payload", ["blocked", "chained"])
+def test_a_checkpoint_whose_calls_cannot_be_stood_in_for_is_refused_with_the_opt_in_named(tmp_path, payload):
+    marker = tmp_path / "ran"
+    path = tmp_path / "hostile.pth"
+    torch.save({"model": tiny().state_dict(), "x": Shell() if payload == "blocked" else Chained(str(marker))}, path)
+    name = "getcwd" if payload == "blocked" else "getattr"
+    with pytest.raises(CheckpointError, match=rf"(?s){name}.*nothing in it ran.*trust_pickle: true"):
+        load_pretrained(tiny(), path)
+    assert not marker.exists()

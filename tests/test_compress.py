@@ -15,6 +15,8 @@ import torch
 from datamodules.synthetic import generate_temporal
 from lightning_modules.cli import main as cli_main
 from lightning_modules.compression.command import main as compress
+from models.torch_files import TorchFileError
+from tests.helpers import Payload
 from tests.quick import tiny_tad
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,11 +81,29 @@ def test_two_rounds_by_training_loss_record_report_and_export(tmp_path, trained,
     ])  # fmt: skip
     assert validated.model.block_stack().block_ids == records[2]["kept"]
     assert abs(float(validated.trainer.callback_metrics["val/average_mAP"]) - records[2]["score"]) < 1e-6
-    # A finished compression re-run does nothing new.
-    again = compress(
-        compress_args(out, data, checkpoint, "--compress.metric=train_loss", "--compress.max_blocks=2")
-    )
+    # A finished compression re-run does nothing new; as a process it exits 0 with nothing on stderr but logs.
+    args = compress_args(out, data, checkpoint, "--compress.metric=train_loss", "--compress.max_blocks=2")
+    again = compress(args)
     assert again == records
+    done = subprocess.run(
+        [sys.executable, "-m", "lightning_modules", "compress", *args], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert report in done.stdout and "'round'" not in done.stderr  # no record list printed as an exit message
+
+
+def test_compress_never_runs_code_from_its_checkpoint(tmp_path, trained):
+    """The trained checkpoint with one object more, which calls a function when unpickled: compress refuses the
+    file, naming what to use, and the call never happens (a checkpoint of this project holds no such object)."""
+    data, checkpoint = trained
+    marker = tmp_path / "ran"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state["extra"] = Payload(str(marker))
+    torch.save(state, tmp_path / "hostile.ckpt")
+    with pytest.raises(TorchFileError, match="nothing in it ran"):
+        compress(compress_args(tmp_path / "bd", data, tmp_path / "hostile.ckpt", "--compress.max_blocks=1"))
+    assert not marker.exists()
 
 
 def test_fixed_blocks_and_no_recovery(tmp_path, trained):

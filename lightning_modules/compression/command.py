@@ -76,6 +76,7 @@ from models.blockdrop import (
 )
 from models.flops import count_macs
 from models.lora import merge_lora
+from models.torch_files import read_own_checkpoint
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -171,11 +172,11 @@ class Compressor:
         """Give ``task`` (fresh from the recipe) the weights of ``source`` (a round's model.pt) or, for None, of
         the uncompressed checkpoint; LoRA merged, dropped blocks removed."""
         if source is None:
-            state = torch.load(self.settings.checkpoint, map_location="cpu", weights_only=False)
+            state = read_own_checkpoint(self.settings.checkpoint)
             task.load_state_dict(state["state_dict"])  # as trained (LoRA layers included, if any)
             merge_lora(task)
             return task
-        saved = torch.load(source, map_location="cpu", weights_only=False)
+        saved = read_own_checkpoint(source)
         merge_lora(task)
         if saved["dropped"]:
             drop_blocks(task.block_stack(), saved["dropped"])
@@ -361,7 +362,7 @@ class Compressor:
         source = self.model_file(kept["round"])
         model_file, info_file = folder / "model.pt", folder / "recovery.json"
         if model_file.is_file():
-            dropped = torch.load(model_file, map_location="cpu", weights_only=False)["dropped"]
+            dropped = read_own_checkpoint(model_file)["dropped"]
             if dropped != kept["dropped"]:
                 raise RuntimeError(
                     f"{model_file} is the ReLU stage of a model without blocks {dropped}, but the compression now "

@@ -119,14 +119,16 @@ class VideoTask(L.LightningModule):
         self.optimizer_settings = optimizer
         self.schedule_settings = schedule
 
-    def load_pretrained(self, pretrained: str | None) -> None:
+    def load_pretrained(self, pretrained: str | None, trust_pickle: bool = False) -> None:
         """Every task's ``pretrained`` argument: a checkpoint of its backbone (any format ``models.checkpoint``
-        reads), loaded by ``load_backbone`` once the model is built, then reported. Tasks load in their
-        constructor, before any trainer exists, so the report goes through Lightning's rank-zero logger."""
+        reads), loaded by ``load_backbone`` once the model is built, then reported. Nothing in the file runs
+        unless the task's ``trust_pickle`` says so (full unpickling: only for files you made or trust). Tasks
+        load in their constructor, before any trainer exists, so the report goes through Lightning's rank-zero
+        logger."""
         if pretrained:
-            rank_zero_info(self.load_backbone(pretrained).summary())
+            rank_zero_info(self.load_backbone(pretrained, trust_pickle=trust_pickle).summary())
 
-    def load_backbone(self, path: str) -> LoadReport:
+    def load_backbone(self, path: str, trust_pickle: bool = False) -> LoadReport:
         """Load a backbone checkpoint into this task's model; each task says where its backbone is."""
         raise NotImplementedError(f"{type(self).__name__} does not say where to load a pretrained backbone")
 

@@ -34,6 +34,7 @@ class VideoClassifier(Compressible, VideoTask):
         backbone: nn.Module,
         num_classes: int,
         pretrained: str | None = None,
+        trust_pickle: bool = False,
         head_dropout: float = 0.0,
         label_smoothing: float = 0.0,
         multilabel: bool = False,
@@ -45,7 +46,7 @@ class VideoClassifier(Compressible, VideoTask):
         super().__init__(optimizer, schedule)
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
-        self.load_pretrained(pretrained)
+        self.load_pretrained(pretrained, trust_pickle)
         self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(backbone.embed_dim, num_classes))
         nn.init.trunc_normal_(self.head[1].weight, std=0.02)
         nn.init.zeros_(self.head[1].bias)
@@ -62,8 +63,8 @@ class VideoClassifier(Compressible, VideoTask):
         self._video_macs: dict[str, dict[str, list[Tensor]]] = {"val": {}, "test": {}}
         self._dense_macs: dict[tuple[int, ...], int] = {}
 
-    def load_backbone(self, path: str) -> LoadReport:
-        return load_pretrained(self.backbone, path)
+    def load_backbone(self, path: str, trust_pickle: bool = False) -> LoadReport:
+        return load_pretrained(self.backbone, path, trust_pickle=trust_pickle)
 
     def forward(self, video: Tensor) -> Tensor:
         """(B, 3, T, H, W) -> (B, num_classes) logits."""

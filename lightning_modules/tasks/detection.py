@@ -72,6 +72,7 @@ class SpatioTemporalDetection(VideoTask):
         detector: EVAD,
         num_classes: int,
         pretrained: str | None = None,
+        trust_pickle: bool = False,
         multilabel: bool = True,
         use_proposals: bool = False,
         head_lr_mult: float = 8.0,
@@ -94,13 +95,13 @@ class SpatioTemporalDetection(VideoTask):
         self.num_classes = num_classes
         self.use_proposals = use_proposals
         self.head_lr_mult = head_lr_mult
-        self.load_pretrained(pretrained)
+        self.load_pretrained(pretrained, trust_pickle)
         self.metrics = nn.ModuleDict()  # built at setup, when the data module says which protocol applies
         self._protocol: Literal["ava", "frames"] | None = None
         self._action_ids: list[int] = []
 
-    def load_backbone(self, path: str) -> LoadReport:
-        return self.detector.load_pretrained(path)
+    def load_backbone(self, path: str, trust_pickle: bool = False) -> LoadReport:
+        return self.detector.load_pretrained(path, trust_pickle=trust_pickle)
 
     # ---------------------------------------------------------------------------------------------- setup
 

@@ -56,6 +56,7 @@ class HaltingVTClassifier(VideoClassifier):
         backbone: HaltingViT,
         num_classes: int,
         pretrained: str | None = None,
+        trust_pickle: bool = False,
         ponder_weight: float = 5e-4,
         prior_weight: float = 0.0,
         prior_mean: float = 6.0,
@@ -73,9 +74,9 @@ class HaltingVTClassifier(VideoClassifier):
         schedule: ScheduleSettings = ScheduleSettings(warmup_epochs=5.0, warmup_start_factor=0.1, min_lr_ratio=0.0),
     ):
         super().__init__(
-            backbone, num_classes, pretrained=pretrained, head_dropout=head_dropout, label_smoothing=label_smoothing,
-            multilabel=multilabel, multilabel_loss=multilabel_loss, top_k=top_k, optimizer=optimizer,
-            schedule=schedule,
+            backbone, num_classes, pretrained=pretrained, trust_pickle=trust_pickle, head_dropout=head_dropout,
+            label_smoothing=label_smoothing, multilabel=multilabel, multilabel_loss=multilabel_loss, top_k=top_k,
+            optimizer=optimizer, schedule=schedule,
         )  # fmt: skip
         self.ponder_weight = ponder_weight
         self.prior_weight = prior_weight

@@ -86,6 +86,7 @@ class TemporalActionDetection(Compressible, VideoTask):
         head: HeadFactory,
         num_classes: int,
         pretrained: str | None = None,
+        trust_pickle: bool = False,
         postprocess: TADPostProcessor | None = None,
         tious: tuple[float, ...] = THUMOS_TIOUS,
         external_class_scores: str | None = None,
@@ -96,7 +97,7 @@ class TemporalActionDetection(Compressible, VideoTask):
         super().__init__(optimizer, schedule)
         self.save_hyperparameters(ignore=["backbone", "head", "postprocess"])
         self.detector = TemporalActionDetector(backbone, head(backbone.embed_dim, num_classes))
-        self.load_pretrained(pretrained)
+        self.load_pretrained(pretrained, trust_pickle)
         self.postprocess = postprocess or TADPostProcessor()
         self.num_classes = num_classes
         self.backbone_lr = backbone_lr
@@ -105,8 +106,8 @@ class TemporalActionDetection(Compressible, VideoTask):
         self._candidates: dict[str, list[dict[str, Any]]] = {"val": [], "test": []}
         self.metrics = nn.ModuleDict({s: TemporalDetectionMAP(self.tious) for s in ("val", "test")})
 
-    def load_backbone(self, path: str) -> LoadReport:
-        return self.detector.backbone.load_pretrained(path)
+    def load_backbone(self, path: str, trust_pickle: bool = False) -> LoadReport:
+        return self.detector.backbone.load_pretrained(path, trust_pickle=trust_pickle)
 
     def forward(self, video: Tensor, valid: Tensor | None = None):
         return self.detector(video, valid)
