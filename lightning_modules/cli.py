@@ -33,6 +33,7 @@ from lightning_modules.runs import (
     LastCheckpoint,
     RunCSVLogger,
     RunDirectory,
+    RunLock,
     RunState,
     resolve_run_id,
 )
@@ -61,6 +62,14 @@ class RunConfigCallback(SaveConfigCallback):
 
 
 class VideoCLI(LightningCLI):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.lock: RunLock | None = None
+        try:
+            super().__init__(*args, **kwargs)  # runs the subcommand
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The number of classes and single- vs multi-label targets travel from the data to the model.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -101,7 +110,10 @@ class VideoCLI(LightningCLI):
         if root is None:
             configs = cfg.get("config") or []
             root = f"runs/{Path(str(configs[-1])).stem}" if configs else "runs/default"
+        launching = RUN_ID_ENV not in os.environ  # not a DDP rank this process's launcher started
         self.run = RunDirectory(Path(root), resolve_run_id(cfg.run_id))
+        if self.subcommand is not None:
+            self.run.check_writable()
         cfg.run_id = self.run.run_id
         os.environ[RUN_ID_ENV] = self.run.run_id  # DDP ranks started by this process inherit it
         cfg.trainer.default_root_dir = str(self.run.path)
@@ -113,6 +125,11 @@ class VideoCLI(LightningCLI):
             # A validate/test/predict run sharing a fit's run id keeps the fit's config.yaml.
             self.save_config_kwargs["config_filename"] = f"config_{self.subcommand}.yaml"
             return
+        if launching and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+            self.lock = RunLock(self.run.path)
+            self.lock.acquire()  # refuses while another fit of this run lives
+            for part in self.run.remove_stale_parts():
+                rank_zero_info(f"removed {part}, left by a checkpoint write that was killed")
         if cfg.ckpt_path is None:
             previous = self.run.resume_checkpoint()
             if previous is not None and cfg.resume == "never":

@@ -9,22 +9,29 @@ Every ``fit``/``validate``/``test``/``predict`` of the CLI works in one shallow 
         metrics.csv            the CSV log (appended to on resume)
         wandb/                 W&B files of the same run id (offline runs sync later)
         hpc_ckpt_N.ckpt        Lightning's SLURM requeue checkpoints
+        run.lock               while a fit runs: its host and process (a second fit of the run refuses)
 
 The run id is ``--run_id`` when given, else the SLURM job id (``<job>_<array task>`` in an array), else a new
 time stamp; every DDP rank agrees on it (the launching process passes it to the ranks it starts through
-``EVT_RUN_ID``). ``fit`` with ``--resume auto`` (the default) continues from the newest of ``last.ckpt`` and
-the HPC checkpoints in the run directory, so re-running a killed command with the same run id, or a requeued
-SLURM job, picks up where it stopped, in the same W&B run and CSV file.
+``EVT_RUN_ID``). ``fit`` with ``--resume auto`` (the default) continues from the newest intact of ``last.ckpt``
+and the HPC checkpoints in the run directory (a truncated one is passed over, saying so), so re-running a killed
+command with the same run id, or a requeued SLURM job, picks up where it stopped, in the same W&B run and CSV
+file (rows logged after the restored step are dropped first). The run directory must be writable before anything
+starts; the ``.part`` files of writes a kill interrupted are removed.
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
+import json
 import logging
 import os
 import signal
+import socket
+import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,10 +90,128 @@ class RunDirectory:
         return self.path / "checkpoints"
 
     def resume_checkpoint(self) -> Path | None:
-        """The newest of ``checkpoints/last.ckpt`` and Lightning's ``hpc_ckpt_N.ckpt``, or None."""
-        candidates = [self.checkpoints / "last.ckpt", *self.path.glob("hpc_ckpt_*.ckpt")]
-        existing = [p for p in candidates if p.is_file()]
-        return max(existing, key=lambda p: p.stat().st_mtime_ns) if existing else None
+        """The checkpoint a re-run continues from, or None for a new run: the newest intact one of
+        ``checkpoints/last*.ckpt`` and Lightning's ``hpc_ckpt_N.ckpt`` (by time written, whatever its name);
+        when none of those is intact (a truncated file), the newest intact checkpoint of the run, saying so."""
+        newest_first = lambda paths: sorted(  # noqa: E731
+            (p for p in paths if p.is_file()), key=lambda p: p.stat().st_mtime_ns, reverse=True
+        )
+        last = newest_first([*self.checkpoints.glob("last*.ckpt"), *self.path.glob("hpc_ckpt_*.ckpt")])
+        broken = [p for p in last if not intact(p)]
+        for p in last:
+            if p not in broken:
+                return p
+        others = [p for p in newest_first(self.checkpoints.glob("*.ckpt")) if p not in last and intact(p)]
+        if broken and others:
+            log.warning("%s cannot be read (truncated?): resuming from %s, the newest intact checkpoint of the run",
+                        broken[0], others[0])  # fmt: skip
+            return others[0]
+        if broken:
+            raise RuntimeError(
+                f"{broken[0]} cannot be read (truncated?) and the run holds no other checkpoint: remove "
+                f"{self.checkpoints} to start the run afresh, or give --ckpt_path"
+            )
+        return None
+
+    def remove_stale_parts(self) -> list[Path]:
+        """Delete the ``.part`` files of checkpoint writes whose process is gone (killed mid-write)."""
+        removed = []
+        for part in [*self.checkpoints.glob(".*.part"), *self.path.glob(".*.part")]:
+            pid = part.name.rsplit(".", 2)[-2]
+            if not (pid.isdigit() and pid_alive(int(pid))):
+                part.unlink(missing_ok=True)
+                removed.append(part)
+        return removed
+
+    def check_writable(self) -> None:
+        """Create the run's folders and write a probe file, so an unwritable place stops the run at once."""
+        probe = self.checkpoints / f".write_test.{os.getpid()}"
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise PermissionError(
+                f"cannot write the run directory {self.path} ({err.strerror or err}): set "
+                "trainer.default_root_dir to a folder you can write"
+            ) from None
+
+
+def intact(path: Path) -> bool:
+    """Whether a checkpoint file is whole: ``torch.save`` writes a zip archive, whose directory is at its end."""
+    return zipfile.is_zipfile(path)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """One fit per run directory at a time: ``run.lock`` names its owner (host, process), and a thread refreshes
+    it every ``beat`` seconds. A second fit of the run refuses to start while the owner lives; a lock whose owner
+    is gone (its process dead on this host, or not refreshed for ``stale`` seconds) is taken over."""
+
+    NAME = "run.lock"
+
+    def __init__(self, run_path: Path, beat: float = 15.0, stale: float = 90.0):
+        self.path = run_path / self.NAME
+        self.beat, self.stale = beat, stale
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _owner(self) -> dict[str, Any] | None:
+        try:
+            owner = json.loads(self.path.read_text())
+            age = time.time() - self.path.stat().st_mtime
+        except (OSError, ValueError):
+            return None
+        gone = (owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid", 0)))) or (
+            age > self.stale
+        )
+        return None if gone else owner
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None:
+                    raise RuntimeError(
+                        f"run {self.path.parent} is being trained by process {owner.get('pid')} on "
+                        f"{owner.get('host')} ({self.path}): wait for it, stop it, or give another --run_id"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # its owner is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._thread = threading.Thread(target=self._refresh, daemon=True, name="run-lock")
+            self._thread.start()
+            return
+        raise RuntimeError(f"could not take {self.path}: another fit took it at the same time")
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.beat):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -121,6 +246,7 @@ class LastCheckpoint(ModelCheckpoint):
             every_n_train_steps=every_n_train_steps,
             every_n_epochs=None if every_n_train_steps else 1,
             save_on_train_epoch_end=True,
+            enable_version_counter=False,  # always last.ckpt, never last-v1.ckpt beside a stale one
         )
 
     def _save_last(self, trainer: L.Trainer) -> None:
@@ -222,7 +348,8 @@ class RunState(L.Callback):
         states["python"] = (p["version"], tuple(p["state"]), p["gauss"])
         _set_rng_states(states)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not on_fit_start: Lightning restores the step counter after that hook, before this one.
         if trainer.global_step > 0 and trainer.is_global_zero:
             for lg in trainer.loggers:
                 if isinstance(lg, RunCSVLogger):

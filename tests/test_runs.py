@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -79,13 +81,14 @@ def interrupted(tmp_path_factory, synthetic_classification):
     - ``kill``: run k with a loader worker per loader (a fork server starts them), SIGKILLed before step 5, mid
       second epoch; a watcher records ``children``, the ids of its child processes then, and ``left``, those
       still alive 15 s after its exit;
-    - ``term``: run t, sent SIGTERM before step 4."""
+    - ``term``: run t, sent SIGTERM before step 2, in the first epoch (before any last.ckpt of its own)."""
     root = tmp_path_factory.mktemp("interrupted")
     pids_file = root / "kill" / "children.json"
     extra = {
         "kill": ["--run_id=k", "--data.init_args.num_workers=1", "--trainer.callbacks+=tests.helpers.KillAt",
-                 "--trainer.callbacks.step=5", f"--trainer.callbacks.pids_file={pids_file}"],
-        "term": ["--run_id=t", "--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.step=4",
+                 "--trainer.callbacks.step=5", f"--trainer.callbacks.pids_file={pids_file}",
+                 "--trainer.logger.init_args.flush_logs_every_n_steps=1"],  # the rows of steps 3, 4 reach the file
+        "term": ["--run_id=t", "--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.step=2",
                  "--trainer.callbacks.sig=SIGTERM"],
     }  # fmt: skip
     runs = {}
@@ -174,9 +177,17 @@ def test_sigterm_saves_and_exits_nonzero_then_resumes(interrupted, synthetic_cla
     assert stopped["returncode"] == SIGTERM_EXIT, stopped["output"][-2000:]
     root = stopped["root"]
     saved = ckpt_state(root / "t" / "checkpoints" / "last.ckpt")["global_step"]
-    assert 4 <= saved <= 5  # saved mid-epoch, where it stopped
+    assert 2 <= saved <= 3  # saved mid-epoch, where it stopped
     resumed = main(["fit", *args(root, synthetic_classification, "--run_id=t")])
     assert resumed.trainer.global_step == uninterrupted[0]
+    # last.ckpt is the newest (no last-v1.ckpt beside a stale one), so a longer re-run continues from the end.
+    checkpoints = root / "t" / "checkpoints"
+    assert not list(checkpoints.glob("last-*.ckpt")) and ckpt_state(checkpoints / "last.ckpt")["global_step"] == 9
+    longer = main(["fit", *args(root, synthetic_classification, "--run_id=t", "--trainer.max_epochs=4")])
+    assert longer.trainer.global_step == 12
+    with (root / "t" / "metrics.csv").open() as f:
+        train_steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert train_steps == sorted(set(train_steps))  # no epoch trained twice
 
 
 def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(
@@ -194,6 +205,51 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(
     with (root / "k" / "metrics.csv").open() as f:
         val_steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("val/top1")]
     assert val_steps == [2, 5, 8]  # one validation row per epoch: the lost part's rows were dropped
+    with (root / "k" / "metrics.csv").open() as f:
+        train_steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert train_steps == list(range(9))  # steps 3 and 4, logged before the kill, are in the file once
+
+
+def test_a_truncated_last_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, synthetic_classification,
+                                                                         caplog):  # fmt: skip
+    """``last.ckpt`` cut in half (a disk that filled up under another writer): the re-run says so and continues
+    from the run's newest intact checkpoint; the ``.part`` file of a killed write is removed at the start."""
+    main(["fit", *args(tmp_path, synthetic_classification, "--run_id=r", "--trainer.max_epochs=2")])
+    checkpoints = tmp_path / "r" / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    stale = checkpoints / ".last.ckpt.999999999.part"
+    stale.write_bytes(b"half")
+    best = max((p for p in checkpoints.glob("epoch*.ckpt")), key=lambda p: p.stat().st_mtime_ns)
+    with caplog.at_level(logging.WARNING):
+        resumed = main(["fit", *args(tmp_path, synthetic_classification, "--run_id=r")])
+    assert "last.ckpt cannot be read" in caplog.text and best.name in caplog.text
+    assert resumed.trainer.global_step == 9 and not stale.exists()
+    assert ckpt_state(last)["global_step"] == 9  # whole again
+
+
+def test_a_second_fit_of_a_running_run_refuses_and_a_dead_owner_is_taken_over(tmp_path,
+                                                                             synthetic_classification):  # fmt: skip
+    run = tmp_path / "r"
+    run.mkdir()
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (run / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": owner.pid}))
+        with pytest.raises(RuntimeError, match=rf"is being trained by process {owner.pid}"):
+            main(["fit", *args(tmp_path, synthetic_classification, "--run_id=r", "--trainer.max_epochs=1")])
+        assert not (run / "checkpoints" / "last.ckpt").exists()  # refused before training
+    finally:
+        owner.kill()
+        owner.wait()
+    fit = main(["fit", *args(tmp_path, synthetic_classification, "--run_id=r", "--trainer.max_epochs=1")])
+    assert fit.trainer.global_step == 3 and not (run / "run.lock").exists()  # taken over, released at the end
+
+
+def test_an_unwritable_run_directory_stops_before_anything_is_built(tmp_path, synthetic_classification):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the runs should go")
+    with pytest.raises(PermissionError, match=r"cannot write the run directory .*not_a_folder.*default_root_dir"):
+        main(["fit", *args(blocker, synthetic_classification, "--run_id=r")])
 
 
 def test_loader_workers_die_with_a_killed_trainer(interrupted):
