@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -75,7 +75,10 @@ class AVADataModule(KeyframeDetectionDataModule):
     Checks at setup, before any worker starts: malformed rows are errors naming file and line; every video of
     the stage is opened (or its frame folder counted) once, and a missing or unreadable video, a keyframe before
     the start of its video or past its end is an error naming the CSV line and the fix under ``bad_video:
-    error``, and is counted and left out under ``skip``.
+    error``, and is counted and left out under ``skip``. A class of the label map with no row in the training
+    CSV (a mistyped id) is an error under ``empty_classes: error`` (a warning under ``warn``; unset: error for
+    real data, warning for the synthetic set); rows of ids the map leaves out are dropped with a warning counting
+    them per id.
 
     ``synthetic`` (``true``, or ``SpatiotemporalSet`` settings such as ``{num_videos: 320, max_actors: 2}``)
     writes the synthetic AVA-style set (``synthetic.generate_spatiotemporal``) to ``root`` on first use, and
@@ -112,6 +115,7 @@ class AVADataModule(KeyframeDetectionDataModule):
         pad_multiple: int = 32,
         num_actions: int | None = 80,
         keep_unlabelled_boxes: bool = True,
+        empty_classes: Literal["error", "warn"] | None = None,
         proposals_csv: str | None = None,
         proposal_score_threshold: float = 0.8,
         synthetic: bool | SpatiotemporalSet = False,
@@ -169,6 +173,8 @@ class AVADataModule(KeyframeDetectionDataModule):
         self.flip = flip
         self.num_actions = num_actions
         self.keep_unlabelled_boxes = keep_unlabelled_boxes
+        # The synthetic set is drawn at random: a small one may lack a class without any typo.
+        self.empty_classes = empty_classes or ("warn" if self.synthetic else "error")
         self.proposals_path = self.root / proposals_csv if proposals_csv is not None else None
         self.proposal_score_threshold = proposal_score_threshold
         self.download_hint = download_hint
@@ -288,7 +294,8 @@ class AVADataModule(KeyframeDetectionDataModule):
             excluded_path = None
         excluded = read_excluded_timestamps(excluded_path)
         keyframes = read_ava_csv(
-            csv_path, self.action_ids, self.num_actions, excluded, self.keep_unlabelled_boxes
+            csv_path, self.action_ids, self.num_actions, excluded, self.keep_unlabelled_boxes,
+            empty_classes=self.empty_classes if train else "warn",  # a class may be missing from a small val set
         )
         if train or self.proposals_path is None:
             return keyframes

@@ -17,8 +17,10 @@ The official files, as PySlowFast lays them out under ``root/annotations``:
 
 Errors: a missing file, a malformed row, a timestamp that is not a whole second, a box outside [0, 1] or
 reversed, or an action id neither in the label map nor in 1..``num_actions`` is an ``AnnotationError`` naming the
-file and line, what was expected and the fix; nothing malformed is skipped silently. Only rows of known AVA
-classes the label map leaves out are dropped, and their count is logged. Reading the videos, and the checks of
+file and line, what was expected and the fix; nothing malformed is skipped silently, and a label map is parsed
+strictly (a misspelt block is an error at its line). Only rows of known AVA classes the label map leaves out are
+dropped, with a warning counting them per id; a class of the map with no row in the training CSV is an error
+(``empty_classes``). Reading the videos, and the checks of
 keyframes against them, are the data module's (``datamodules.ava``).
 """
 
@@ -28,10 +30,11 @@ import csv
 import logging
 import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -71,17 +74,37 @@ def read_label_map(path: str | Path) -> dict[int, str]:
             "(ava_action_list_v2.2_for_activitynet_2019.pbtxt for the standard 60)"
         )
     text = path.read_text(encoding="utf-8", errors="replace")
+    # Comments blanked out in place, so offsets (and line numbers) stay those of the file.
+    bare = re.sub(r"#[^\n]*", lambda m: " " * len(m.group()), text)
+    line_at = lambda offset: text.count("\n", 0, offset) + 1  # noqa: E731
     classes: dict[int, str] = {}
-    for item in re.finditer(r"item\s*\{(.*?)\}", text, flags=re.DOTALL):
-        line = text.count("\n", 0, item.start()) + 1
-        name = re.search(r'\bname\s*:\s*"([^"]*)"', item.group(1))
-        number = re.search(r"\b(?:label_id|id)\s*:\s*(-?\d+)", item.group(1))
+    end = 0
+    for block in re.finditer(r"(\w+)\s*\{([^{}]*)\}", bare):
+        stray = re.search(r"\S", bare[end : block.start()])
+        if stray:
+            raise AnnotationError(
+                f"{path}:{line_at(end + stray.start())}: unexpected text {bare[end + stray.start():].split()[0]!r}; a "
+                'label map holds only item { name: "..." id: N } blocks'
+            )
+        end, line = block.end(), line_at(block.start())
+        if block.group(1) != "item":
+            raise AnnotationError(
+                f'{path}:{line}: "{block.group(1)} {{" is not a label-map block; write item {{ name: "..." id: N }}'
+            )
+        name = re.search(r'\bname\s*:\s*"([^"]*)"', block.group(2))
+        number = re.search(r"\b(?:label_id|id)\s*:\s*(-?\d+)", block.group(2))
         if name is None or number is None:
             raise AnnotationError(f'{path}:{line}: an item needs name: "..." and id: N')
         action = int(number.group(1))
         if action < 1 or action in classes:
             raise AnnotationError(f"{path}:{line}: class id {action} must be a positive integer listed once")
         classes[action] = name.group(1)
+    stray = re.search(r"\S", bare[end:])
+    if stray:
+        raise AnnotationError(
+            f"{path}:{line_at(end + stray.start())}: unexpected text {bare[end + stray.start():].split()[0]!r} "
+            "(an unclosed or stray brace?); a label map holds only item { ... } blocks"
+        )
     if not classes:
         raise AnnotationError(f'{path}: no class found; expected items like item {{ name: "stand" id: 12 }}')
     return classes
@@ -157,12 +180,15 @@ def read_ava_csv(
     num_actions: int | None = 80,
     excluded: Collection[tuple[str, int]] = (),
     keep_unlabelled_boxes: bool = True,
+    empty_classes: Literal["error", "warn"] = "warn",
 ) -> list[AVAKeyframe]:
     """Keyframes of an AVA annotation CSV, ordered by video (first appearance) then timestamp.
 
     Class ``c`` of the targets is ``action_ids[c]``. Rows of an id in 1..``num_actions`` but not in
-    ``action_ids`` are dropped; any other id, a malformed row, a box outside [0, 1] or with x2 <= x1 / y2 <= y1
-    is an ``AnnotationError`` naming the file and line. Excluded keyframes are left out.
+    ``action_ids`` are dropped, with a warning counting them per id; any other id, a malformed row, a box outside
+    [0, 1] or with x2 <= x1 / y2 <= y1 is an ``AnnotationError`` naming the file and line. Excluded keyframes are
+    left out. A class of ``action_ids`` without any row (a mistyped id in the label map, most often) is an error
+    under ``empty_classes: error`` and a warning under ``warn``.
     """
     path = Path(path)
     if not path.is_file():
@@ -171,7 +197,9 @@ def read_ava_csv(
     # (video, timestamp) -> box -> class indices, in file order, and the first line of each keyframe.
     people: dict[tuple[str, int], dict[tuple[float, ...], set[int]]] = defaultdict(dict)
     first_line: dict[tuple[str, int], int] = {}
-    dropped_rows, excluded_keys = 0, set()
+    dropped: Counter[int] = Counter()
+    seen: set[int] = set()
+    excluded_keys = set()
     for where, fields in csv_rows(path):
         line = int(where.rpartition(":")[2])
         if len(fields) not in (7, 8):
@@ -184,6 +212,8 @@ def read_ava_csv(
             raise AnnotationError(
                 f"{where}: action id {action} is not in {valid}; check the label map and num_actions"
             )
+        if action in column:
+            seen.add(action)
         if key in excluded:
             excluded_keys.add(key)
             continue
@@ -192,7 +222,7 @@ def read_ava_csv(
         if action in column:
             classes.add(column[action])
         else:
-            dropped_rows += 1
+            dropped[action] += 1
     videos = {video: i for i, (video, _) in reversed(list(enumerate(first_line)))}
     keyframes = []
     for key in sorted(first_line, key=lambda k: (videos[k[0]], k[1])):
@@ -204,10 +234,22 @@ def read_ava_csv(
             labels[row, sorted(classes)] = 1.0
         boxes = np.array([b for b, _ in persons], dtype=np.float32).reshape(-1, 4)
         keyframes.append(AVAKeyframe(key[0], key[1], str(path), first_line[key], boxes, labels))
-    log.info(
-        "%s: %d keyframes; %d rows of classes outside the label map dropped, %d excluded keyframes left out",
-        path, len(keyframes), dropped_rows, len(excluded_keys),
-    )  # fmt: skip
+    log.info("%s: %d keyframes, %d excluded keyframes left out", path, len(keyframes), len(excluded_keys))
+    if dropped:
+        counts = ", ".join(f"{a}: {n}" for a, n in sorted(dropped.items()))
+        log.warning(
+            "%s: %d rows of action ids outside the label map dropped (rows per id: %s)",
+            path, sum(dropped.values()), counts,
+        )  # fmt: skip
+    empty = [a for a in action_ids if a not in seen]
+    if empty:
+        message = (
+            f"{path}: class ids {empty} of the label map have no row (a mistyped id in the label map?); "
+            "fix the label map, or set data.init_args.empty_classes=warn to train without them"
+        )
+        if empty_classes == "error":
+            raise AnnotationError(message)
+        log.warning(message)
     return keyframes
 
 

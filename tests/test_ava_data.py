@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -80,6 +81,39 @@ def test_label_map_keeps_its_classes_in_id_order(tmp_path):
         read_label_map(
             write(tmp_path / "map2.pbtxt", 'item { name: "a" id: 1 }\n\n\nitem { name: "b" id: 1 }\n')
         )
+
+
+def test_rows_outside_the_label_map_are_counted_per_id_and_a_class_without_rows_stops_training(tmp_path, caplog):
+    rows = "vidA,0902,0.1,0.2,0.5,0.6,1,0\nvidA,0902,0.1,0.2,0.5,0.6,2,0\nvidA,0903,0.1,0.2,0.5,0.6,2,0\n"
+    rows += "vidA,0903,0.3,0.3,0.9,0.9,7,1\nvidB,0902,0.1,0.2,0.5,0.6,3,0\n"
+    path = write(tmp_path / "train.csv", rows)
+    with caplog.at_level(logging.WARNING):
+        keyframes = read_ava_csv(path, [1, 3], 80)
+    assert len(keyframes) == 3
+    assert "3 rows of action ids outside the label map dropped (rows per id: 2: 2, 7: 1)" in caplog.text
+    # id 5 in the map but in no row (the map says 5 where the CSV says 3, say): an error by default
+    with pytest.raises(AnnotationError, match=r"train\.csv: class ids \[5\] of the label map have no row.*empty_classes"):
+        read_ava_csv(path, [1, 5], 80, empty_classes="error")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert len(read_ava_csv(path, [1, 5], 80, empty_classes="warn")) == 3
+    assert "class ids [5] of the label map have no row" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('item {\n name: "a"\n id: 1\n}\nitme {\n name: "b"\n id: 2\n}\n', r':5: "itme \{" is not a label-map block'),
+        ('item { name: "a" id: 1 }\nfoo\nitem { name: "b" id: 2 }\n', r":2: unexpected text 'foo'"),
+        ('item { name: "a" id: 1 }\nitem { name: "b" id: 2\n', r":2: unexpected text 'item' \(an unclosed"),
+    ],
+)
+def test_a_malformed_label_map_is_an_error_at_its_line(tmp_path, text, message):
+    with pytest.raises(AnnotationError, match=r"map\.pbtxt" + message):
+        read_label_map(write(tmp_path / "map.pbtxt", text))
+    # comments anywhere are fine
+    ok = '# AVA\nitem {  # first\n  name: "a"\n  id: 1\n}\n'
+    assert read_label_map(write(tmp_path / "ok.pbtxt", ok)) == {1: "a"}
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -91,6 +92,30 @@ def test_two_rounds_by_training_loss_record_report_and_export(tmp_path, trained,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert report in done.stdout and "'round'" not in done.stderr  # no record list printed as an exit message
+    # The folder records its source; another checkpoint is refused there before anything is built.
+    source = json.loads((out / "source.json").read_text())
+    assert source["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    other = tmp_path / "other.ckpt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state["global_step"] += 1
+    torch.save(state, other)
+    with pytest.raises(FileExistsError, match=r"holds the compression of .*last\.ckpt.*not of .*other\.ckpt"):
+        compress(compress_args(out, data, other, "--compress.metric=train_loss", "--compress.max_blocks=2"))
+    assert json.loads((out / "rounds.json").read_text()) == records
+
+
+@pytest.mark.parametrize(
+    ("extra", "env"),
+    [(["--trainer.devices=2", "--trainer.accelerator=cpu"], {}), (["--trainer.num_nodes=2"], {}),
+     ([], {"WORLD_SIZE": "2"}), ([], {"SLURM_NTASKS": "4"})],
+)  # fmt: skip
+def test_compress_refuses_several_processes_with_the_way_to_launch_it(tmp_path, trained, monkeypatch, extra, env):
+    data, checkpoint = trained
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=r"compress runs as one process.*--trainer\.devices=1"):
+        compress(compress_args(tmp_path / "bd", data, checkpoint, *extra))
+    assert not (tmp_path / "bd" / "rounds.json").exists()
 
 
 def test_compress_never_runs_code_from_its_checkpoint(tmp_path, trained):
