@@ -407,7 +407,7 @@ class ActPickleDataModule(KeyframeDetectionDataModule):
             log.warning(
                 "%s: %d boxes empty once clipped to their frame were dropped", annotations.path, dropped
             )
-        self.settle(problems, f"{stage} videos of split {self.split}")
+        self.settle(problems, f"{stage} videos of split {self.split}", (stage,))
         if train:
             samples = [(i, int(f)) for i, v in enumerate(videos) for f in v.annotated_frames()]
         else:

@@ -331,7 +331,7 @@ class AVADataModule(KeyframeDetectionDataModule):
             except VideoDecodeError as err:
                 del position[video_id]
                 problems.append(Problem(err.kind, where, f"video {video_id!r}: {err}", err.path))
-        self.settle(problems, what)
+        self.settle(problems, what, (stage,))
         checked, problems = [], []
         for k in sorted(keyframes, key=lambda k: (k.file, k.line)):  # problems in file order
             if k.video_id not in position:
@@ -355,7 +355,7 @@ class AVADataModule(KeyframeDetectionDataModule):
             else:
                 checked.append(replace(k, video_index=position[k.video_id]))
         checked.sort(key=lambda k: (k.video_index, k.timestamp))
-        self.settle(problems, what)
+        self.settle(problems, f"{what} (against their videos)", (stage,))
         if not checked:
             raise AnnotationError(
                 f"{self.paths['train_csv' if stage == 'train' else 'val_csv']}: no usable keyframe"

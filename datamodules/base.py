@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -210,6 +210,7 @@ class VideoDataModule(L.LightningDataModule):
         self.skip_counts: Counter[str] = Counter()
         self.skipped_files: set[str] = set()
         self._epoch_skips: dict[str, dict[int, tuple[str, str]]] = defaultdict(dict)
+        self._setup_skips: dict[str, dict[str, Counter[str]]] = defaultdict(dict)
         self._epoch_samples: Counter[str] = Counter()
         self._datasets: dict[str, Dataset] = {}
 
@@ -286,10 +287,13 @@ class VideoDataModule(L.LightningDataModule):
         """Good samples this rank has delivered in the current epoch of ``stage``."""
         return self._epoch_samples[stage]
 
-    def settle(self, problems: Sequence[Problem], what: str) -> None:
+    def settle(self, problems: Sequence[Problem], what: str, stages: Iterable[str] = ()) -> None:
         """The set-up report: under ``bad_video: error`` raise on the first problem (``AnnotationError`` for the
         kinds in ``annotation_fixes``, else ``BadVideoError``) with its place, reason and fix; under ``skip`` log
-        them once and count them by kind (on rank 0: the reports sum over ranks)."""
+        them once and count them by kind (on rank 0: the reports sum over ranks), and for each of the ``stages``
+        that read ``what`` (its ``<stage>/skipped_videos`` counts them every epoch: they are left out of each)."""
+        for stage in stages:
+            self._setup_skips[stage][what] = Counter(p.kind for p in problems)
         if not problems:
             return
         first = problems[0]
@@ -307,6 +311,10 @@ class VideoDataModule(L.LightningDataModule):
         if self.trainer is None or self.trainer.global_rank == 0:
             self.skip_counts.update(counts)
             self.skipped_files.update(p.file for p in problems if p.file is not None)
+
+    def setup_skips(self, stage: str) -> Counter[str]:
+        """What set-up left out of ``stage`` under ``bad_video: skip``, by kind (the same on every DDP rank)."""
+        return sum(self._setup_skips.get(stage, {}).values(), Counter())
 
     def skip_summary(self, skips: dict[int, tuple[str, str]] | None = None) -> str:
         """Counts by reason: of ``skips`` (index -> (path, kind)), else of everything recorded so far."""

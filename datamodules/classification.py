@@ -276,14 +276,19 @@ class VideoClassificationDataModule(VideoDataModule):
         """Check at setup that every listed video exists: the missing ones go through ``settle`` (an error naming
         them, or left out and counted once per list), and a list none of whose videos exists is an error."""
         missing = [r.path for r in records if not Path(r.path).is_file()]
+        reading = [s for s, name in self.lists.items() if name and self.root / name == list_file]
         self.settle_missing(
-            missing, len(records), str(list_file), "fix the paths in the list or data.init_args.root"
+            missing, len(records), str(list_file), "fix the paths in the list or data.init_args.root",
+            reading or [stage],
         )
         gone = set(missing)
         return [r for r in records if r.path not in gone]
 
-    def settle_missing(self, missing: list[str], listed: int, source: str, fix: str) -> None:
-        """The set-up report of listed videos that are not there (each list or subset counted once)."""
+    def settle_missing(
+        self, missing: list[str], listed: int, source: str, fix: str, stages: Sequence[str]
+    ) -> None:
+        """The set-up report of listed videos that are not there (each list or subset counted once, for the
+        ``stages`` that read it)."""
         if not missing:
             return
         if len(missing) == listed:
@@ -296,7 +301,7 @@ class VideoClassificationDataModule(VideoDataModule):
         problems = [
             Problem("missing", source, f"video {path} does not exist ({count})", path) for path in missing
         ]
-        self.settle(problems, source)
+        self.settle(problems, source, stages)
         self._missing_counted.add(source)
 
     def activitynet_records(self, stage: str) -> list[VideoRecord]:
@@ -304,7 +309,8 @@ class VideoClassificationDataModule(VideoDataModule):
         split = read_activitynet(json_file, self.video_dir, subset, self.class_names)
         listed = len(split.missing) + len(split.records)
         fix = f"download them into {self.video_dir}"
-        self.settle_missing(split.missing, listed, f"{json_file}, subset {subset!r}", fix)
+        reading = [s for s in self.lists if self.lists[s] == self.lists[stage] and self.subsets[s] == subset]
+        self.settle_missing(split.missing, listed, f"{json_file}, subset {subset!r}", fix, reading)
         several = sum(len(r.labels) > 1 for r in split.records)
         if several and not self.multilabel:
             log.warning(

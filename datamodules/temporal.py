@@ -85,7 +85,8 @@ class TemporalDetectionDataModule(VideoDataModule):
 
     ``synthetic`` (``true``, or ``TemporalSet`` settings such as ``{num_videos: 240, seconds: 12}``) writes the
     synthetic temporal set (``datamodules.synthetic.generate_temporal``) to ``root`` on first use, and again
-    when its settings change, but never into a non-empty folder the generator did not write. ``download_hint`` is added to the error raised when data is missing.
+    when its settings change, but never into a non-empty folder the generator did not write. ``download_hint``
+    is added to the error raised when data is missing.
     """
 
     annotation_fixes: ClassVar[Mapping[str, str]] = ANNOTATION_FIXES
@@ -253,6 +254,10 @@ class TemporalDetectionDataModule(VideoDataModule):
         """Where a set-up problem of ``video_id`` is: the annotation file and the video."""
         return f"{self.annotation_path}: video {video_id!r}"
 
+    def stages_of(self, subset: str) -> list[str]:
+        """The stages that read ``subset``."""
+        return [stage for stage, name in self.subsets.items() if name == subset]
+
     def subset_videos(self, subset: str, opened: bool = False) -> list[TemporalVideo]:
         """The checked videos of ``subset`` (JSON order); ``opened``: each opened once for its frame count."""
         key = (subset, opened)
@@ -264,7 +269,7 @@ class TemporalDetectionDataModule(VideoDataModule):
                         videos.append(self._opened(video))
                     except VideoDecodeError as err:
                         problems.append(Problem(err.kind, self.where(video.video_id), err.reason, err.path))
-                self.settle(problems, f"{self.annotation_path}, subset {subset!r}")
+                self.settle(problems, f"{self.annotation_path}, subset {subset!r}", self.stages_of(subset))
             else:
                 videos = self._read_subset(subset)
             self._subset_videos[key] = videos
@@ -330,7 +335,7 @@ class TemporalDetectionDataModule(VideoDataModule):
             videos.append(
                 TemporalVideo(video_id, video_index, str(path), float(duration), segments, labels, num_frames)
             )
-        self.settle(problems, f"{self.annotation_path}, subset {subset!r}")
+        self.settle(problems, f"{self.annotation_path}, subset {subset!r} (annotations)", self.stages_of(subset))
         if not videos:
             raise AnnotationError(f"{json_file}: subset {subset!r} has no usable video")
         return videos

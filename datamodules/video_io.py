@@ -24,7 +24,8 @@ DENSE_READ_FACTOR = 4
 class VideoDecodeError(RuntimeError):
     """A video that is missing, empty, corrupt or too short for what was asked.
 
-    ``kind`` is one of "missing", "empty", "corrupt", "too_short", "decode_failed" (what skips are counted by).
+    ``kind`` is one of "missing", "unreadable", "empty", "corrupt", "too_short", "decode_failed" (what skips are
+    counted by).
     """
 
     def __init__(self, path: str | Path, kind: str, reason: str):
@@ -44,9 +45,18 @@ class Video:
             decord.logging.QUIET
         )  # reasons are reported once per file by the data module
         self.path = Path(path)
-        if not self.path.is_file():
-            raise VideoDecodeError(path, "missing", "file not found")
-        size = self.path.stat().st_size
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb"):  # decord reports an unreadable file as one it cannot decode
+                pass
+        except FileNotFoundError:
+            raise VideoDecodeError(path, "missing", "file not found") from None
+        except PermissionError as err:
+            raise VideoDecodeError(
+                path, "unreadable", f"permission denied ({err.strerror}): make it readable by this user"
+            ) from None
+        except IsADirectoryError:
+            raise VideoDecodeError(path, "missing", "a folder, not a video file") from None
         if size < MIN_VIDEO_BYTES:
             raise VideoDecodeError(path, "empty", f"file has {size} bytes, too small to hold a video")
         try:

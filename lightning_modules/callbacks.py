@@ -47,10 +47,15 @@ class BadVideoReport(L.Callback):
             dist.all_gather_object(gathered, (skips, samples))
             skips = {i: s for rank_skips, _ in gathered for i, s in rank_skips.items()}
             samples = sum(n for _, n in gathered)
+        left_out = dm.setup_skips(stage) if hasattr(dm, "setup_skips") else {}
         if stage in ("train", "val", "test"):
-            pl_module.log(f"{stage}/skipped_videos", float(len(skips)), rank_zero_only=True)
+            count = len(skips) + sum(left_out.values())
+            pl_module.log(f"{stage}/skipped_videos", float(count), rank_zero_only=True)
         if skips:
             rank_zero_info(f"[{stage}] bad input policy '{dm.bad_video}': {dm.skip_summary(skips)}")
+        if left_out and stage != "sanity":
+            kinds = "; ".join(f"{n} x {kind}" for kind, n in left_out.most_common())
+            rank_zero_info(f"[{stage}] left out at set-up (bad_video: skip; in {stage}/skipped_videos): {kinds}")
         if skips and samples == 0 and stage != "sanity":
             files = sorted({path for path, _ in skips.values()})
             raise BadVideoError(

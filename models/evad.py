@@ -285,8 +285,17 @@ class EVAD(nn.Module):
         return x, [maps[i] for i in taps], kept, grid
 
     def localise(self, maps: Sequence[Tensor], image_sizes: Tensor) -> LocaliserOutput:
-        """Keyframe maps of the tap blocks -> pyramid -> the localiser's per-stage boxes and logits."""
-        return self.localiser(self.pyramid(maps), image_sizes)
+        """Keyframe maps of the tap blocks -> pyramid -> the localiser's per-stage boxes and logits.
+
+        In training every pyramid level takes part in the first stage's logits with weight zero: a level no box
+        is pooled from in a step (small frames leave the coarsest one empty) would otherwise leave its
+        convolution without a gradient, which DDP refuses unless it searches for unused parameters every step.
+        Values and every other gradient are unchanged (zero is added)."""
+        levels = self.pyramid(maps)
+        out = self.localiser(levels, image_sizes)
+        if self.training and torch.is_grad_enabled():
+            out.logits[0] = out.logits[0] + sum(level.sum() for level in levels) * 0.0
+        return out
 
     def classify(
         self, tokens: Tensor, boxes: Tensor, image_sizes: Tensor, grid: Grid, kept: Tensor

@@ -196,7 +196,7 @@ def test_missing_frames_stop_the_run_or_are_skipped_and_counted(act_root):
     dm = module(act_root, split=2, bad_video="skip")
     dm.setup("validate")
     assert dm.dataset("val").samples == [(0, f) for f in range(1, 6)] and dm.video_names("val") == ["b/v2"]
-    assert dm.skip_counts == {"missing": 1}
+    assert dm.skip_counts == {"missing": 1} and dm.setup_skips("val") == {"missing": 1}
     (act_root / "rgb-images" / "b" / "v2" / "00005.jpg").unlink()  # disappears after setup: skipped when read
     batch = next(iter(dm.val_dataloader()))
     assert batch["batch_size"] == 2 and batch["frame"].tolist() == [1, 2]

@@ -92,7 +92,8 @@ def test_rows_outside_the_label_map_are_counted_per_id_and_a_class_without_rows_
     assert len(keyframes) == 3
     assert "3 rows of action ids outside the label map dropped (rows per id: 2: 2, 7: 1)" in caplog.text
     # id 5 in the map but in no row (the map says 5 where the CSV says 3, say): an error by default
-    with pytest.raises(AnnotationError, match=r"train\.csv: class ids \[5\] of the label map have no row.*empty_classes"):
+    missing_class = r"train\.csv: class ids \[5\] of the label map have no row.*empty_classes"
+    with pytest.raises(AnnotationError, match=missing_class):
         read_ava_csv(path, [1, 5], 80, empty_classes="error")
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -325,6 +326,7 @@ def test_bad_videos_and_keyframes_are_reported_with_line_or_skipped(tmp_path, ma
     dataset = dm.dataset("val")
     assert [(k.video_id, k.timestamp) for k in dataset.keyframes] == [("clip", 901)]
     assert dm.skip_counts == {"missing": 1, "keyframe_past_end": 1, "before_start": 1}
+    assert dm.setup_skips("val") == dm.skip_counts and not dm.setup_skips("train")
     assert any(f.endswith("gone.mp4") for f in dm.skipped_files)
 
 

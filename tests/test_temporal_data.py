@@ -297,6 +297,10 @@ def test_bad_input_is_an_error_naming_file_and_video_or_a_counted_skip(temporal_
     dm = module(root, bad_video="skip")
     dm.setup("fit")
     assert dm.skip_counts == {kind: 1} and f"1 x {kind}" in dm.skip_summary()
+    # ... and counted for the stage that leaves it out (val and test read the same subset)
+    reading = ("val", "test") if stage == "val" else ("train",)
+    assert all(dm.setup_skips(s) == {kind: 1} for s in reading)
+    assert not any(dm.setup_skips(s) for s in ("train", "val") if s not in reading)
     before = [a for a in database(temporal_root)[video_id]["annotations"]]
     ids = [v.video_id for v in dm.dataset(stage).videos]
     if kind in ("missing", "corrupt"):

@@ -207,3 +207,26 @@ def test_datamodule_streams_synthetic_set_with_workers(synthetic_classification)
     val = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
     assert val["video"].shape == (4, 2, 3, 8, 64, 64) and val["video"].min() >= -1 and val["video"].max() <= 1
     assert len(dm.dataset("val")) == 8 and len(dm.dataset("train")) == 16
+
+
+def test_an_unreadable_video_is_named_as_such_not_as_corrupt(tmp_path, monkeypatch, make_video):
+    """A file this user may not read (simulated: the tests run as root, whom permissions do not stop) is reported as
+    permission denied, kind ``unreadable``, not as a video decord cannot open; a folder is no video either."""
+    import builtins
+
+    path = make_video("ramp.mp4", 10, fps=10)
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(VideoDecodeError, match="permission denied") as info:
+        open_video(path)
+    assert info.value.kind == "unreadable"
+    monkeypatch.setattr(builtins, "open", real_open)
+    (tmp_path / "folder.mp4").mkdir()
+    with pytest.raises(VideoDecodeError, match="a folder, not a video file"):
+        open_video(tmp_path / "folder.mp4")

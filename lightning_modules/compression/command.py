@@ -28,10 +28,7 @@ command resumes at the round, and inside a recovery at the epoch, it reached.
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib
 import json
-import logging
 import os
 import random
 import time
@@ -47,6 +44,11 @@ from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 
 from lightning_modules.cli import as_list, place_checkpoints, place_loggers
+from lightning_modules.compression.checks import (
+    record_source,
+    refuse_several_processes,
+    refuse_uncompressible,
+)
 from lightning_modules.compression.report import (
     finish_wandb,
     kept_round,
@@ -79,9 +81,6 @@ from models.blockdrop import (
 from models.flops import count_macs
 from models.lora import merge_lora
 from models.torch_files import read_own_checkpoint
-
-log = logging.getLogger(__name__)
-
 
 def save_atomic(obj: Any, path: Path) -> None:
     AtomicCheckpointIO().save_checkpoint(obj, path)
@@ -117,46 +116,14 @@ class Compressor:
         settings["alignment"] = Alignment(**(settings.get("alignment") or {}))
         self.settings = BlockDrop(**settings)
         self.out = Path(self.settings.out_dir)
-        task_class = _class_of(cfg.model)
-        if not issubclass(task_class, Compressible):
-            raise TypeError(
-                f"{task_class.__name__} ({cfg.model.class_path}) cannot be compressed: block drop needs a task that "
-                "implements lightning_modules.compression.task.Compressible (its block stack, batch loss, cost "
-                "inputs and compressed layout); the temporal detector, the classifiers and HaltingVT do"
-            )
-        problem = task_class.alignment_problem(cfg.model.get("init_args") or {}, self.settings.alignment)
-        if problem:
-            raise ValueError(f"compress.alignment: {problem}")
+        refuse_uncompressible(cfg.model, self.settings.alignment)
         if not Path(self.settings.checkpoint).is_file():
             raise FileNotFoundError(
                 f"compress.checkpoint {self.settings.checkpoint} not found: give the trained task's Lightning "
                 "checkpoint (e.g. runs/<recipe>/<run id>/checkpoints/last.ckpt)"
             )
-        _refuse_several_processes(cfg.trainer)
-        self._check_source()
-
-    def _check_source(self) -> None:
-        """``source.json`` in ``out_dir`` names the checkpoint the compression started from (path and SHA-256):
-        a re-run into the same folder with another checkpoint is refused, not answered with the other's rounds."""
-        checkpoint = Path(self.settings.checkpoint)
-        digest = hashlib.sha256()
-        with checkpoint.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(chunk)
-        source = {"checkpoint": str(checkpoint), "sha256": digest.hexdigest()}
-        path = self.out / "source.json"
-        if path.is_file():
-            recorded = json.loads(path.read_text())
-            if recorded.get("sha256") != source["sha256"]:
-                raise FileExistsError(
-                    f"{self.out} holds the compression of {recorded.get('checkpoint')} (SHA-256 "
-                    f"{str(recorded.get('sha256'))[:12]}...), not of {checkpoint} ({source['sha256'][:12]}...): give "
-                    f"another --compress.out_dir, or remove {self.out} to compress this checkpoint there"
-                )
-            return
-        if (self.out / "rounds.json").is_file():
-            log.warning("%s has rounds but no source record: taking them as rounds of %s", self.out, checkpoint)
-        write_json(path, source)
+        refuse_several_processes(cfg.trainer)
+        record_source(self.out, Path(self.settings.checkpoint))
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -476,30 +443,6 @@ class Compressor:
             }
             save_atomic(state, self.out / f"{name}.ckpt")
             (self.out / f"{name}.yaml").write_text(task.compressed_config(kept["dropped"], activation))
-
-
-def _class_of(model: Namespace) -> type:
-    """The task class a recipe's ``model.class_path`` names."""
-    module, _, name = model.class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-def _refuse_several_processes(trainer: Namespace) -> None:
-    """Compression is driven by one process: under DDP every rank would run every round (scores, records and
-    files written once per rank). Refuse a launch with several ranks, or a recipe asking for several devices."""
-    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1) or 1
-    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
-        devices = int(devices)
-    if devices in ("auto", None, -1, "-1"):
-        accelerator = str(trainer.get("accelerator") or "auto")
-        devices = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") else 1
-    many = (len(devices) if isinstance(devices, list | tuple) else int(devices)) > 1 or nodes > 1
-    launched = max(int(os.environ.get(k, "1") or 1) for k in ("WORLD_SIZE", "SLURM_NTASKS")) > 1
-    if many or launched:
-        raise ValueError(
-            "compress runs as one process (it drives the rounds; under DDP every rank would run all of them): pass "
-            "--trainer.devices=1 --trainer.num_nodes=1 and start one task (SLURM: --ntasks=1, one GPU)"
-        )
 
 
 def _without_pretrained(node: Any) -> None:
