@@ -316,11 +316,14 @@ class RunState(L.Callback):
       so a resumed run draws what the uninterrupted run would have drawn.
     - On SIGTERM (what schedulers send before a kill) every rank stops at the next batch, ``last.ckpt`` is
       written, and the CLI exits with status 143 instead of Lightning's 0, so a scheduler sees an interrupted job.
+      With ``save_on_sigterm=False`` the last epoch's ``last.ckpt`` is kept instead (the compress command's
+      recoveries: a re-run resumes at that epoch boundary and gives the uninterrupted result exactly).
     - On resume, CSV rows logged after the restored step (the lost part) are dropped before new ones are added.
     """
 
-    def __init__(self, checkpoint_dir: str | Path):
+    def __init__(self, checkpoint_dir: str | Path, save_on_sigterm: bool = True):
         self.checkpoint_dir = Path(checkpoint_dir)
+        self.save_on_sigterm = save_on_sigterm
 
     def state_dict(self) -> dict[str, Any]:
         states = _collect_rng_states(include_cuda=torch.cuda.is_available())
@@ -363,6 +366,9 @@ class RunState(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            if not self.save_on_sigterm:
+                rank_zero_info("SIGTERM: stopping; the last epoch's last.ckpt is kept, and a re-run resumes there")
+                return
             path = self.checkpoint_dir / "last.ckpt"
             trainer.save_checkpoint(path)
             rank_zero_info(f"SIGTERM: saved {path}; re-run the same command (same --run_id) to resume")

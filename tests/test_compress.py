@@ -16,6 +16,7 @@ import torch
 from datamodules.synthetic import generate_temporal
 from lightning_modules.cli import main as cli_main
 from lightning_modules.compression.command import main as compress
+from lightning_modules.runs import SIGTERM_EXIT
 from models.torch_files import TorchFileError
 from tests.helpers import Payload
 from tests.quick import tiny_tad
@@ -148,14 +149,19 @@ def test_fixed_blocks_and_no_recovery(tmp_path, trained):
     )
 
 
-def test_killed_in_a_recovery_the_same_command_resumes_at_the_round_and_epoch(tmp_path, trained):
+@pytest.mark.parametrize(("sig", "step"), [("SIGKILL", 3), ("SIGTERM", 2)])
+def test_killed_in_a_recovery_the_same_command_resumes_at_the_round_and_epoch(tmp_path, trained, sig, step):
+    """Killed (SIGKILL), or stopped by a scheduler (SIGTERM: status 143, the last epoch's checkpoint kept), in a
+    recovery's second epoch: the same command continues from the first epoch's end and ends as the uninterrupted
+    command does."""
     data, checkpoint = trained
     settings = ["--compress.metric=feature_mse", "--compress.max_blocks=2", "--compress.epochs=2"]
     out = tmp_path / "killed"
     kill = [
         "--trainer.callbacks+=tests.helpers.KillAt",
-        "--trainer.callbacks.step=3",
-    ]  # round 1, second (last) epoch
+        f"--trainer.callbacks.step={step}",
+        f"--trainer.callbacks.sig={sig}",
+    ]  # round 1, second (last) epoch (a SIGTERM stops at the next batch: sent at its first)
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
     env.pop("EVT_RUN_ID", None)
     with (tmp_path / "killed.log").open("w") as log:
@@ -171,7 +177,8 @@ def test_killed_in_a_recovery_the_same_command_resumes_at_the_round_and_epoch(tm
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+    expected = -signal.SIGKILL if sig == "SIGKILL" else SIGTERM_EXIT
+    assert proc.returncode == expected, (tmp_path / "killed.log").read_text()[-2000:]
     last = out / "round_1" / "recovery" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 2  # the first epoch's end
     assert not (out / "round_1" / "model.pt").exists()

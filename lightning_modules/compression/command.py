@@ -42,6 +42,7 @@ import torch
 from jsonargparse import ActionConfigFile, Namespace
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_modules.cli import as_list, place_checkpoints, place_loggers
 from lightning_modules.compression.checks import (
@@ -62,6 +63,7 @@ from lightning_modules.compression.scoring import HIGHER_IS_BETTER, score_candid
 from lightning_modules.compression.settings import BlockDrop
 from lightning_modules.compression.task import Alignment, Compressible
 from lightning_modules.runs import (
+    SIGTERM_EXIT,
     AtomicCheckpointIO,
     LastCheckpoint,
     RunDirectory,
@@ -285,7 +287,9 @@ class Compressor:
         _, dm, trainer_args = self.fresh(run=run)
         trainer_args.update(default_root_dir=str(run.path), max_epochs=epochs)
         callbacks = list(trainer_args.get("callbacks") or [])
-        trainer_args["callbacks"] = [*callbacks, LastCheckpoint(run.checkpoints), RunState(run.checkpoints)]
+        # On SIGTERM the recovery keeps its last epoch's checkpoint: the re-run then equals the uninterrupted run.
+        state = RunState(run.checkpoints, save_on_sigterm=False)
+        trainer_args["callbacks"] = [*callbacks, LastCheckpoint(run.checkpoints), state]
         trainer = L.Trainer(**trainer_args)
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -467,7 +471,15 @@ def _take(loader: Any, count: int | None):
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | dict[int, list[dict[str, Any]]]:
     """Run the compression; with ``--seeds 0 1 2`` once per seed (``<out_dir>/seed_<s>``, ``compress.seed`` = s),
-    then the mean and standard deviation of each round's score (``seeds.md``)."""
+    then the mean and standard deviation of each round's score (``seeds.md``). A SIGTERM stops it with status
+    143 (a re-run of the same command continues where it stopped)."""
+    try:
+        return _compress(argv)
+    except SIGTERMException:
+        raise SystemExit(SIGTERM_EXIT) from None
+
+
+def _compress(argv: Sequence[str] | None) -> list[dict[str, Any]] | dict[int, list[dict[str, Any]]]:
     parser = build_parser()
     parser.add_argument(
         "--seeds", type=list[int] | None, default=None, help="run once per seed, then mean / std"
