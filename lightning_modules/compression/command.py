@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import time
 from collections.abc import Sequence
@@ -60,7 +59,7 @@ from lightning_modules.compression.report import (
     write_json,
 )
 from lightning_modules.compression.scoring import HIGHER_IS_BETTER, score_candidates
-from lightning_modules.compression.settings import BlockDrop
+from lightning_modules.compression.settings import BlockDrop, resolve_out_dir
 from lightning_modules.compression.task import Alignment, Compressible
 from lightning_modules.runs import (
     SIGTERM_EXIT,
@@ -69,7 +68,6 @@ from lightning_modules.runs import (
     RunDirectory,
     RunState,
     new_run_id,
-    resolve_run_id,
 )
 from models.blockdrop import (
     ActivationSparsity,
@@ -84,15 +82,9 @@ from models.flops import count_macs
 from models.lora import merge_lora
 from models.torch_files import read_own_checkpoint
 
+
 def save_atomic(obj: Any, path: Path) -> None:
     AtomicCheckpointIO().save_checkpoint(obj, path)
-
-
-def resolve_out_dir(out_dir: str) -> str:
-    """``out_dir`` with ``{run_id}`` replaced: a W&B sweep trial's run id, else the SLURM job id, else a new id."""
-    if "{run_id}" not in out_dir:
-        return out_dir
-    return out_dir.replace("{run_id}", os.environ.get("WANDB_RUN_ID") or resolve_run_id(None))
 
 
 def build_parser() -> LightningArgumentParser:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lightning_modules.compression.scoring import HIGHER_IS_BETTER
 from lightning_modules.compression.task import Alignment
+from lightning_modules.runs import resolve_run_id
 from models.blockdrop import Recovery
 
 
@@ -79,3 +81,10 @@ class BlockDrop:
             raise ValueError(
                 "compress.latency_target needs measured latencies: set compress.latency_repeats to 1 or more"
             )
+
+
+def resolve_out_dir(out_dir: str) -> str:
+    """``out_dir`` with ``{run_id}`` replaced: a W&B sweep trial's run id, else the SLURM job id, else a new id."""
+    if "{run_id}" not in out_dir:
+        return out_dir
+    return out_dir.replace("{run_id}", os.environ.get("WANDB_RUN_ID") or resolve_run_id(None))
