@@ -61,7 +61,13 @@ ANNOTATION_FIXES = {
     "from the JSON, {skip}",
     "segment_past_end": "fix the segment or the video's duration, raise data.init_args.end_tolerance, {skip}",
     "empty_segment": "fix the segment (start must be before end), {skip}",
+    "duration_mismatch": "fix 'duration' in the JSON or replace the video file, raise "
+    "data.init_args.duration_tolerance, {skip}",
 }
+
+
+class _DurationMismatch(ValueError):
+    """A video file whose length disagrees with its JSON duration."""
 
 
 class TemporalDetectionDataModule(VideoDataModule):
@@ -80,7 +86,10 @@ class TemporalDetectionDataModule(VideoDataModule):
     counted by kind in ``skip_counts`` and logged once. Labels in ``ignore_labels`` (THUMOS's "Ambiguous") are
     dropped silently, as OpenTAD does, and duplicates are kept once (as the ActivityNet evaluation does).
     Training leaves out videos with no segment left (after ``min_segment_fraction``, OpenTAD's ``filter_gt``).
-    In sliding-window mode the evaluation videos are opened at setup to plan their windows.
+    The evaluation videos are opened at setup (in sliding-window mode their windows are planned from the frame
+    count); one whose file is more than ``duration_tolerance`` seconds longer or shorter than its JSON
+    ``duration`` (the segments are in the JSON's seconds, and ``resize`` scales them by it) stops the run, or is
+    left out and counted under ``skip``.
     ``eval_max_videos`` evaluates the first N videos of the evaluation subset only (JSON order).
 
     ``synthetic`` (``true``, or ``TemporalSet`` settings such as ``{num_videos: 240, seconds: 12}``) writes the
@@ -111,6 +120,7 @@ class TemporalDetectionDataModule(VideoDataModule):
         class_agnostic: bool = False,
         min_segment_fraction: float = 0.0,
         end_tolerance: float = 1.0,
+        duration_tolerance: float = 3.0,
         crop_size: int = 160,
         train_short_side: int = 182,
         eval_short_side: int = 160,
@@ -161,6 +171,7 @@ class TemporalDetectionDataModule(VideoDataModule):
         self.class_agnostic = class_agnostic
         self.min_segment_fraction = min_segment_fraction
         self.end_tolerance = end_tolerance
+        self.duration_tolerance = duration_tolerance
         self.train_transform = TemporalTrainTransform(
             crop_size, train_short_side, area_range, aspect_ratio_range, flip, randaugment_ops,
             randaugment_magnitude, color_jitter,
@@ -269,6 +280,8 @@ class TemporalDetectionDataModule(VideoDataModule):
                         videos.append(self._opened(video))
                     except VideoDecodeError as err:
                         problems.append(Problem(err.kind, self.where(video.video_id), err.reason, err.path))
+                    except _DurationMismatch as err:
+                        problems.append(Problem("duration_mismatch", self.where(video.video_id), str(err), video.path))
                 self.settle(problems, f"{self.annotation_path}, subset {subset!r}", self.stages_of(subset))
             else:
                 videos = self._read_subset(subset)
@@ -276,9 +289,18 @@ class TemporalDetectionDataModule(VideoDataModule):
         return self._subset_videos[key]
 
     def _opened(self, video: TemporalVideo) -> TemporalVideo:
+        """``video`` with its frame count, read from the file, whose length must agree with the JSON's duration
+        (the segments are in the JSON's seconds; in ``resize`` mode they are scaled by it)."""
         if video.num_frames is not None:
-            return video
-        return replace(video, num_frames=open_video(video.path, self.decode_threads).num_frames)
+            return video  # no duration in the JSON: it was the file's
+        file = open_video(video.path, self.decode_threads)
+        if abs(file.duration - video.duration) > self.duration_tolerance:
+            raise _DurationMismatch(
+                f"the JSON gives {video.duration:g} s but {video.path} holds {file.duration:.2f} s "
+                f"({file.num_frames} frames at {file.fps:g} fps), more than duration_tolerance "
+                f"{self.duration_tolerance:g} s apart"
+            )
+        return replace(video, num_frames=file.num_frames)
 
     def _read_subset(self, subset: str) -> list[TemporalVideo]:
         json_file, database, files = self.annotation_path, self.database, self.video_files
@@ -356,7 +378,7 @@ class TemporalDetectionDataModule(VideoDataModule):
         if not self.root.is_dir():
             raise self._missing_data(f"data root {self.root}")
         train = stage == "train"
-        opened = self.mode == "sliding_window" and not train
+        opened = not train  # evaluation videos are opened at set-up: windows planned, durations checked
         videos = self.subset_videos(self.subsets[stage], opened=opened)
         if not train and self.eval_max_videos is not None:
             videos = videos[: self.eval_max_videos]  # e.g. block drop scoring on part of the training set
@@ -368,7 +390,7 @@ class TemporalDetectionDataModule(VideoDataModule):
                     f"{self.annotation_path}: no '{self.subsets[stage]}' video has a segment"
                 )
             windows = [(i, 0) for i in range(len(videos))]
-        elif opened:
+        elif self.mode == "sliding_window":
             windows = [
                 (i, start)
                 for i, v in enumerate(videos)

@@ -341,3 +341,28 @@ def test_loader_batches_windows_through_collate(temporal_root):
     mixed = collate_windows([good, {"skipped": ("x.mp4", "corrupt", "cannot be opened", 7), "index": 7}])
     assert mixed["batch_size"] == 1 and mixed["skipped"] == [("x.mp4", "corrupt", "cannot be opened", 7)]
     assert collate_windows([{"skipped": ("x.mp4", "corrupt", "r", 7), "index": 7}])["batch_size"] == 0
+
+
+@pytest.mark.parametrize("mode", ["sliding_window", "resize"])
+def test_a_json_duration_the_file_does_not_have_is_an_error_or_a_counted_skip(temporal_root, tmp_path, mode):
+    """An evaluation video whose JSON says 19 s (with a segment at 14-18 s) while its file holds 6 s: stopped at
+    set-up naming both lengths, or left out and counted under ``skip``; within ``duration_tolerance`` accepted."""
+    root = tmp_path / "data"
+    shutil.copytree(temporal_root, root)
+    content = json.loads((root / "annotations.json").read_text())
+    entry = content["database"]["vid_0000"]
+    entry["duration"] = 19.0
+    entry["annotations"].append({"label": "jump", "label_id": 0, "segment": [14.0, 18.0]})
+    (root / "annotations.json").write_text(json.dumps(content))
+    common = {"mode": mode, "eval_subset": "training"}  # the 3 training videos evaluated
+    with pytest.raises(AnnotationError, match=r"video 'vid_0000': the JSON gives 19 s but .* holds 6\.00 s"):
+        module(root, **common).setup("validate")
+    dm = module(root, **common, bad_video="skip")
+    dm.setup("validate")
+    assert dm.setup_skips("val") == {"duration_mismatch": 1}
+    assert [v.video_id for v in dm.dataset("val").videos] == ["vid_0001", "vid_0002"]
+    entry["duration"], entry["annotations"] = 8.5, entry["annotations"][:-1]  # 2.5 s apart: within 3 s
+    (root / "annotations.json").write_text(json.dumps(content))
+    dm = module(root, **common)
+    dm.setup("validate")
+    assert [v.video_id for v in dm.dataset("val").videos] == ["vid_0000", "vid_0001", "vid_0002"]
