@@ -87,7 +87,9 @@ class SampleKey(NamedTuple):
 class SeededSampler(DistributedSampler):
     """Shuffled training order, split over DDP ranks, fixed by (seed, epoch); yields ``SampleKey``s.
 
-    Lightning calls ``set_epoch`` every epoch and leaves a ``DistributedSampler`` in place under DDP.
+    Lightning calls ``set_epoch`` every epoch and leaves a ``DistributedSampler`` in place under DDP. ``skip_next``
+    leaves out the samples this rank already trained on when a run resumes mid-epoch (see
+    ``VideoDataModule.resume_epoch_at``).
     """
 
     def __init__(self, dataset: Dataset, seed: int):
@@ -100,9 +102,17 @@ class SeededSampler(DistributedSampler):
             seed=seed,
         )
 
+        self._skip = 0
+
+    def skip_next(self, samples: int) -> None:
+        """Leave out the first ``samples`` of the next pass (once)."""
+        self._skip = samples
+
     def __iter__(self) -> Iterator[SampleKey]:  # type: ignore[override]
-        for index in super().__iter__():
-            yield SampleKey(int(index), self.epoch, self.seed)
+        skip, self._skip = self._skip, 0
+        for position, index in enumerate(super().__iter__()):
+            if position >= skip:
+                yield SampleKey(int(index), self.epoch, self.seed)
 
 
 def split_key(key: int | SampleKey) -> tuple[int, int | None]:
@@ -211,6 +221,7 @@ class VideoDataModule(L.LightningDataModule):
         self.skipped_files: set[str] = set()
         self._epoch_skips: dict[str, dict[int, tuple[str, str]]] = defaultdict(dict)
         self._setup_skips: dict[str, dict[str, Counter[str]]] = defaultdict(dict)
+        self._resume_at: tuple[int, int] | None = None
         self._epoch_samples: Counter[str] = Counter()
         self._datasets: dict[str, Dataset] = {}
 
@@ -226,6 +237,11 @@ class VideoDataModule(L.LightningDataModule):
         workers = self.num_workers
         dataset = self.dataset(stage)
         sampler = SeededSampler(dataset, int(os.environ.get("PL_GLOBAL_SEED", 0))) if shuffle else None
+        if sampler is not None and self._resume_at is not None:
+            epoch, batches = self._resume_at
+            sampler.set_epoch(epoch)
+            sampler.skip_next(batches * self.batch_size)
+            self._resume_at = None
         return DataLoader(
             dataset,
             batch_size=self.batch_size if stage == "train" else self.eval_batch_size,
@@ -237,6 +253,9 @@ class VideoDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
             collate_fn=self.collate_fn,
+            # The loader's own generator for its worker seeds: a resumed run's new iterator then draws nothing
+            # from the global generator, whose state (restored from the checkpoint) drives dropout and the like.
+            generator=torch.Generator(),
             # Workers forked from a trainer that already ran threaded kernels (OpenMP, decoder threads, CUDA)
             # can deadlock; a fork server starts them from a clean process instead.
             multiprocessing_context=self.worker_start if workers > 0 else None,
@@ -245,6 +264,13 @@ class VideoDataModule(L.LightningDataModule):
     @property
     def collate_fn(self) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
         return collate_clips
+
+    def resume_epoch_at(self, epoch: int, batches: int) -> None:
+        """A run resumes in ``epoch`` after ``batches`` training batches of it (a mid-epoch checkpoint): the next
+        training loader starts its sampler there, so the rest of the epoch is what the uninterrupted run trained on
+        (Lightning would start the epoch's loader again from its first batch). Set before the loader is built, as
+        its workers fetch batches from the moment it is iterated."""
+        self._resume_at = (epoch, batches)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

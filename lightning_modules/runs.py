@@ -351,6 +351,20 @@ class RunState(L.Callback):
         states["python"] = (p["version"], tuple(p["state"]), p["gauss"])
         _set_rng_states(states)
 
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # A mid-epoch checkpoint (SIGTERM): the data module's next training loader starts after the batches the
+        # epoch already trained on (this runs before the loaders are built).
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        batches = loop.get("epoch_loop.batch_progress", {})
+        done = batches.get("current", {}).get("processed", 0)
+        epoch = loop.get("epoch_progress", {}).get("current", {}).get("processed", 0)
+        dm = trainer.datamodule
+        if done > 0 and not batches.get("is_last_batch", True) and hasattr(dm, "resume_epoch_at"):
+            dm.resume_epoch_at(epoch, done)
+            rank_zero_info(f"resuming mid-epoch: epoch {epoch} goes on after its first {done} batches")
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Not on_fit_start: Lightning restores the step counter after that hook, before this one.
         if trainer.global_step > 0 and trainer.is_global_zero:

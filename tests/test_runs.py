@@ -81,15 +81,16 @@ def interrupted(tmp_path_factory, synthetic_classification):
     - ``kill``: run k with a loader worker per loader (a fork server starts them), SIGKILLed before step 5, mid
       second epoch; a watcher records ``children``, the ids of its child processes then, and ``left``, those
       still alive 15 s after its exit;
-    - ``term``: run t, sent SIGTERM before step 2, in the first epoch (before any last.ckpt of its own)."""
+    - ``term``: run t, sent SIGTERM before step 1, mid first epoch (before any last.ckpt of its own)."""
     root = tmp_path_factory.mktemp("interrupted")
     pids_file = root / "kill" / "children.json"
     extra = {
         "kill": ["--run_id=k", "--data.init_args.num_workers=1", "--trainer.callbacks+=tests.helpers.KillAt",
                  "--trainer.callbacks.step=5", f"--trainer.callbacks.pids_file={pids_file}",
                  "--trainer.logger.init_args.flush_logs_every_n_steps=1"],  # the rows of steps 3, 4 reach the file
-        "term": ["--run_id=t", "--trainer.callbacks+=tests.helpers.KillAt", "--trainer.callbacks.step=2",
-                 "--trainer.callbacks.sig=SIGTERM"],
+        "term": ["--run_id=t", "--data.init_args.num_workers=1", "--trainer.callbacks+=tests.helpers.KillAt",
+                 "--trainer.callbacks.step=1", "--trainer.callbacks.sig=SIGTERM",
+                 "--trainer.logger.init_args.flush_logs_every_n_steps=1"],
     }  # fmt: skip
     runs = {}
     for name, more in extra.items():
@@ -135,11 +136,17 @@ def finished(run: dict) -> dict:
     return run
 
 
+def train_losses(metrics: Path) -> dict[int, float]:
+    with metrics.open() as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, synthetic_classification):
+    """The reference: the same fit without interruption, in this process, without loader workers."""
     root = tmp_path_factory.mktemp("uninterrupted")
     cli = main(["fit", *args(root, synthetic_classification, "--run_id=ref")])
-    return cli.trainer.global_step, best_record(cli)
+    return cli.trainer.global_step, best_record(cli), train_losses(root / "ref" / "metrics.csv")
 
 
 def test_run_directory_layout(tmp_path, synthetic_classification):
@@ -177,9 +184,14 @@ def test_sigterm_saves_and_exits_nonzero_then_resumes(interrupted, synthetic_cla
     assert stopped["returncode"] == SIGTERM_EXIT, stopped["output"][-2000:]
     root = stopped["root"]
     saved = ckpt_state(root / "t" / "checkpoints" / "last.ckpt")["global_step"]
-    assert 2 <= saved <= 3  # saved mid-epoch, where it stopped
-    resumed = main(["fit", *args(root, synthetic_classification, "--run_id=t")])
+    assert saved == 2  # saved mid-epoch (of 3 batches), where it stopped
+    resumed = main(["fit", *args(root, synthetic_classification, "--run_id=t", "--data.init_args.num_workers=1")])
     assert resumed.trainer.global_step == uninterrupted[0]
+    # Resumed mid-epoch (with a loader worker, as the stopped run had): every step trained on the batch the
+    # uninterrupted run (no worker) trained on, so every loss is the same.
+    losses = train_losses(root / "t" / "metrics.csv")
+    assert sorted(losses) == sorted(uninterrupted[2]) == list(range(9))
+    assert [losses[k] for k in range(9)] == pytest.approx([uninterrupted[2][k] for k in range(9)], rel=1e-5)
     # last.ckpt is the newest (no last-v1.ckpt beside a stale one), so a longer re-run continues from the end.
     checkpoints = root / "t" / "checkpoints"
     assert not list(checkpoints.glob("last-*.ckpt")) and ckpt_state(checkpoints / "last.ckpt")["global_step"] == 9
@@ -199,7 +211,7 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(
     last = root / "k" / "checkpoints" / "last.ckpt"
     assert ckpt_state(last)["global_step"] == 3  # killed in the second epoch: the first epoch's end is kept
     resumed = main(["fit", *args(root, synthetic_classification, "--run_id=k")])
-    steps, record = uninterrupted
+    steps, record, _ = uninterrupted
     assert resumed.trainer.global_step == steps == 9
     assert best_record(resumed) == record  # same scores, same files: the first part's best is remembered
     with (root / "k" / "metrics.csv").open() as f:
