@@ -101,7 +101,6 @@ class SeededSampler(DistributedSampler):
             shuffle=True,
             seed=seed,
         )
-
         self._skip = 0
 
     def skip_next(self, samples: int) -> None:

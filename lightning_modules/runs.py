@@ -153,9 +153,10 @@ def pid_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """One fit per run directory at a time: ``run.lock`` names its owner (host, process), and a thread refreshes
-    it every ``beat`` seconds. A second fit of the run refuses to start while the owner lives; a lock whose owner
-    is gone (its process dead on this host, or not refreshed for ``stale`` seconds) is taken over."""
+    """One fit per run directory at a time: ``run.lock`` names its owner (host, process, SLURM job), and a thread
+    refreshes it every ``beat`` seconds. A second fit of the run refuses to start while the owner lives; a lock
+    whose owner is gone (its process dead on this host, not refreshed for ``stale`` seconds, or the same SLURM job
+    before a requeue) is taken over."""
 
     NAME = "run.lock"
 
@@ -171,8 +172,12 @@ class RunLock:
             age = time.time() - self.path.stat().st_mtime
         except (OSError, ValueError):
             return None
-        gone = (owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid", 0)))) or (
-            age > self.stale
+        pid, job = int(owner.get("pid") or 0), os.environ.get("SLURM_JOB_ID")
+        gone = (
+            pid <= 0
+            or (owner.get("host") == socket.gethostname() and not pid_alive(pid))
+            or age > self.stale
+            or (job is not None and owner.get("job") == job)  # this job before SLURM requeued it
         )
         return None if gone else owner
 

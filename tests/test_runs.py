@@ -422,3 +422,26 @@ def test_accuracy_vs_macs_is_a_command_of_the_package(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "dense/r1: val/top1 95.50  GMACs 0.0670" in printed and "halting/r1: val/top1 99.50" in printed
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_lock_from_another_host_holds_unless_stale_or_the_same_requeued_job(tmp_path, monkeypatch):
+    """The owner on another node cannot be asked whether it lives: its lock holds while refreshed, is taken over
+    once not refreshed for ``stale`` seconds, and at once by the same SLURM job after a requeue."""
+    from lightning_modules.runs import RunLock
+
+    lock = RunLock(tmp_path, stale=60.0)
+    (tmp_path / "run.lock").write_text(json.dumps({"host": "node-b", "pid": 4242, "job": "77"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    with pytest.raises(RuntimeError, match="is being trained by process 4242 on node-b"):
+        lock.acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued onto this node
+    lock.acquire()
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / "run.lock").exists()
+    (tmp_path / "run.lock").write_text(json.dumps({"host": "node-b", "pid": 4242, "job": "77"}))
+    old = time.time() - 120
+    os.utime(tmp_path / "run.lock", (old, old))  # not refreshed for two minutes
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    lock.acquire()
+    lock.release()
