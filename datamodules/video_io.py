@@ -8,6 +8,7 @@ counted skip according to their ``bad_video`` policy.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,22 +47,23 @@ class Video:
         )  # reasons are reported once per file by the data module
         self.path = Path(path)
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb"):  # decord reports an unreadable file as one it cannot decode
-                pass
+            info = self.path.stat()
         except FileNotFoundError:
             raise VideoDecodeError(path, "missing", "file not found") from None
         except PermissionError as err:
-            raise VideoDecodeError(
-                path, "unreadable", f"permission denied ({err.strerror}): make it readable by this user"
-            ) from None
-        except IsADirectoryError:
-            raise VideoDecodeError(path, "missing", "a folder, not a video file") from None
-        if size < MIN_VIDEO_BYTES:
-            raise VideoDecodeError(path, "empty", f"file has {size} bytes, too small to hold a video")
+            raise _denied(path, err) from None
+        if stat.S_ISDIR(info.st_mode):
+            raise VideoDecodeError(path, "missing", "a folder, not a video file")
+        if info.st_size < MIN_VIDEO_BYTES:
+            raise VideoDecodeError(path, "empty", f"file has {info.st_size} bytes, too small to hold a video")
         try:
             self._reader = decord.VideoReader(str(self.path), num_threads=num_threads)
         except Exception as err:  # noqa: BLE001 - decord raises its own DECORDError and RuntimeErrors
+            try:  # decord reports a file it may not read as one it cannot decode
+                with open(self.path, "rb"):
+                    pass
+            except PermissionError as denied:
+                raise _denied(path, denied) from None
             raise VideoDecodeError(
                 path, "corrupt", f"cannot be opened as a video ({_first_line(err)})"
             ) from err
@@ -117,7 +119,7 @@ def open_video(path: str | Path, num_threads: int = 1) -> Video:
         st = os.stat(path)
     except OSError:
         return Video(path, num_threads)  # raises "missing"
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_mode)  # a chmod makes it worth another try
     if key in _KNOWN_BAD:
         raise _KNOWN_BAD[key]
     try:
@@ -125,6 +127,10 @@ def open_video(path: str | Path, num_threads: int = 1) -> Video:
     except VideoDecodeError as err:
         _KNOWN_BAD[key] = err
         raise
+
+
+def _denied(path: str | Path, err: PermissionError) -> VideoDecodeError:
+    return VideoDecodeError(path, "unreadable", f"permission denied ({err.strerror}): make it readable by this user")
 
 
 def _first_line(err: Exception) -> str:

@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,22 +94,18 @@ class RunDirectory:
         """The checkpoint a re-run continues from, or None for a new run: the newest intact one of
         ``checkpoints/last*.ckpt`` and Lightning's ``hpc_ckpt_N.ckpt`` (by time written, whatever its name);
         when none of those is intact (a truncated file), the newest intact checkpoint of the run, saying so."""
-        newest_first = lambda paths: sorted(  # noqa: E731
-            (p for p in paths if p.is_file()), key=lambda p: p.stat().st_mtime_ns, reverse=True
-        )
-        last = newest_first([*self.checkpoints.glob("last*.ckpt"), *self.path.glob("hpc_ckpt_*.ckpt")])
-        broken = [p for p in last if not intact(p)]
-        for p in last:
-            if p not in broken:
-                return p
-        others = [p for p in newest_first(self.checkpoints.glob("*.ckpt")) if p not in last and intact(p)]
-        if broken and others:
+        last = _newest_first([*self.checkpoints.glob("last*.ckpt"), *self.path.glob("hpc_ckpt_*.ckpt")])
+        whole = [p for p in last if intact(p)]
+        if whole:
+            return whole[0]
+        others = [p for p in _newest_first(self.checkpoints.glob("*.ckpt")) if p not in last and intact(p)]
+        if last and others:  # every last checkpoint is broken
             log.warning("%s cannot be read (truncated?): resuming from %s, the newest intact checkpoint of the run",
-                        broken[0], others[0])  # fmt: skip
+                        last[0], others[0])  # fmt: skip
             return others[0]
-        if broken:
+        if last:
             raise RuntimeError(
-                f"{broken[0]} cannot be read (truncated?) and the run holds no other checkpoint: remove "
+                f"{last[0]} cannot be read (truncated?) and the run holds no other checkpoint: remove "
                 f"{self.checkpoints} to start the run afresh, or give --ckpt_path"
             )
         return None
@@ -135,6 +132,10 @@ class RunDirectory:
                 f"cannot write the run directory {self.path} ({err.strerror or err}): set "
                 "trainer.default_root_dir to a folder you can write"
             ) from None
+
+
+def _newest_first(paths: Iterable[Path]) -> list[Path]:
+    return sorted((p for p in paths if p.is_file()), key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
 
 def intact(path: Path) -> bool:

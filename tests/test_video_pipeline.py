@@ -210,23 +210,36 @@ def test_datamodule_streams_synthetic_set_with_workers(synthetic_classification)
 
 
 def test_an_unreadable_video_is_named_as_such_not_as_corrupt(tmp_path, monkeypatch, make_video):
-    """A file this user may not read (simulated: the tests run as root, whom permissions do not stop) is reported as
-    permission denied, kind ``unreadable``, not as a video decord cannot open; a folder is no video either."""
+    """A file this user may not read (simulated: the tests run as root, whom permissions do not stop; both Python's
+    open and decord's fail on it, as they do for a user without the right) is reported as permission denied, kind
+    ``unreadable``, not as a video decord cannot open; a folder is no video either."""
     import builtins
 
+    import decord
+
+    from datamodules.video_io import Video
+
     path = make_video("ramp.mp4", 10, fps=10)
-    real_open = builtins.open
+    real_open, real_reader = builtins.open, decord.VideoReader
 
     def denied(file, *args, **kwargs):
         if str(file) == str(path):
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
 
+    def reader(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise RuntimeError(f"ERROR opening: {file}, Permission denied")
+        return real_reader(file, *args, **kwargs)
+
     monkeypatch.setattr(builtins, "open", denied)
+    monkeypatch.setattr(decord, "VideoReader", reader)
     with pytest.raises(VideoDecodeError, match="permission denied") as info:
         open_video(path)
     assert info.value.kind == "unreadable"
     monkeypatch.setattr(builtins, "open", real_open)
+    monkeypatch.setattr(decord, "VideoReader", real_reader)
+    assert Video(path).num_frames == 10  # readable again (``open_video`` remembers a bad file until it changes)
     (tmp_path / "folder.mp4").mkdir()
     with pytest.raises(VideoDecodeError, match="a folder, not a video file"):
         open_video(tmp_path / "folder.mp4")
