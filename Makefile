@@ -28,8 +28,12 @@ demo-evad: $(STAMP)
 demo-blockdrop: $(STAMP)
 	WANDB_SILENT=true $(BIN)/python -m lightning_modules.demos.blockdrop
 
+# The tests run one intra-op thread each (tests/conftest.py), in TEST_WORKERS processes (pytest-xdist; a file's
+# tests stay in one process, so its shared fixtures are built once).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	WANDB_MODE=offline WANDB_SILENT=true $(BIN)/python -m pytest
+	WANDB_MODE=offline WANDB_SILENT=true $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --out runs/bench.json

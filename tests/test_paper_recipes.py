@@ -14,6 +14,8 @@ and TAD windows of 64 frames; HaltingVT's learned positions keep its 224x224 cro
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +63,11 @@ BACKBONE = {
 
 
 @pytest.fixture(scope="session")
-def workspace(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("paper")
+def workspace(tmp_path_factory) -> Iterator[Path]:
+    """The shared working directory; its paper-size weight files and checkpoints (gigabytes) go at the end."""
+    path = tmp_path_factory.mktemp("paper")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def configs(*recipes: str) -> list[str]:
