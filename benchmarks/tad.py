@@ -46,7 +46,6 @@ def thumos_detector(
     head_args = dict(model["head"]["init_args"])
     vit = VideoMAEViT(**backbone_args.pop("vit")["init_args"])
     backbone_args.update(finetune=finetune, activation_checkpointing=activation_checkpointing)
-    backbone_args["pretrained"] = None  # random weights: the costs do not depend on them
     if head_length is not None:
         backbone_args["head_length"] = head_args["max_seq_len"] = head_length
     backbone = ChunkedVideoBackbone(vit, **backbone_args)

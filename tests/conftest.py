@@ -15,6 +15,14 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(autouse=True)
+def master_port(monkeypatch) -> None:
+    """Each test's DDP runs (and the commands it starts) meet at a port of its own (see ``reserved_port``)."""
+    from tests.helpers import reserved_port
+
+    monkeypatch.setenv("MASTER_PORT", str(reserved_port()))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_intra_op_thread():
     """Torch may have been imported (and sized its thread pool) before the environment above was read."""

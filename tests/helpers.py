@@ -1,13 +1,35 @@
-"""Callbacks the tests add to real CLI runs (``--trainer.callbacks+=tests.helpers.KillAt``)."""
+"""Callbacks the tests add to real CLI runs (``--trainer.callbacks+=tests.helpers.KillAt``), and the ports their
+DDP runs meet at."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 
 import lightning as L
+
+_PORTS = itertools.count()
+
+
+def reserved_port() -> int:
+    """A free TCP port below the kernel's ephemeral range (32768 and up), from a band of 1000 ports of this
+    pytest-xdist worker. A DDP run's rendezvous port found the usual way (bind port 0, close, bind again later)
+    can meanwhile be handed to another process's outgoing connection; with two workers running DDP side by side
+    that happened (EADDRINUSE). Ports outside the ephemeral range are never handed out that way."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    for _ in range(1000):
+        port = 20000 + 1000 * (worker % 12) + next(_PORTS) % 1000
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port in this worker's band")
 
 
 class KillAt(L.Callback):

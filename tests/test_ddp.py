@@ -29,6 +29,7 @@ from datamodules.kinetics_list import read_video_list
 from datamodules.transforms import resize_short_side, to_tchw
 from datamodules.video_io import open_video
 from lightning_modules.cli import main
+from tests.helpers import reserved_port
 from tests.quick import quick_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +59,7 @@ def launch(args: list[str], log_file: Path) -> subprocess.Popen:
     """``python -m lightning_modules`` in its own process, output to a file (not a pipe a stray rank could
     hold open)."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
+    env["MASTER_PORT"] = str(reserved_port())  # two runs may be launched side by side
     env.pop("EVT_RUN_ID", None)
     with log_file.open("w") as out:
         return subprocess.Popen(

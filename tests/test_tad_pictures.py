@@ -70,7 +70,7 @@ def temporal_set(tmp_path_factory) -> Path:
     )
 
 
-def test_fit_and_predict_write_one_timeline_per_video(tmp_path, temporal_set):
+def test_fit_and_predict_write_one_timeline_per_video(tmp_path, temporal_set, monkeypatch):
     args = [
         *tiny_tad(tmp_path, temporal_set), "--model.init_args.head.init_args.embed_dim=16",
         "--model.init_args.head.init_args.head_channels=16", "--run_id=t",  # the recipe draws into <run>/timelines
@@ -91,11 +91,17 @@ def test_fit_and_predict_write_one_timeline_per_video(tmp_path, temporal_set):
     for path in callback.written:
         assert matplotlib.image.imread(path).ndim == 3
 
-    # Predict from the checkpoint, logging the pictures to an offline W&B run.
+    # Predict from the checkpoint, logging the pictures to an offline W&B run (W&B's process-wide state reset and
+    # its mode set here: an earlier test of the same process may have left them otherwise).
+    import wandb
+
+    wandb.teardown()
+    monkeypatch.setenv("WANDB_MODE", "offline")
     (ckpt,) = (tmp_path / "t").rglob("last.ckpt")
     main([
         "predict", *args, f"--ckpt_path={ckpt}", "--trainer.logger=lightning_modules.loggers.AutoWandbLogger",
     ])  # fmt: skip
     assert sorted(p.name for p in timelines.glob("*_predict.png")) == [f"{v}_predict.png" for v in val_videos]
+    wandb.finish()  # W&B's service writes the media files; flush it before looking (under load it lags)
     logged = list(tmp_path.rglob("wandb/**/media/images/predict/timelines*.png"))
     assert len(logged) == len(val_videos)
