@@ -18,9 +18,10 @@ shown at those grid times, and extracted frames (``frames_dir``) are the grid it
 takes the video's native frames as the grid instead.
 
 Transforms (EVAD): training flips at random (boxes too) and resizes the short side to ``train_short_side``
-(288; 224 for the ablations), no crop; evaluation resizes to ``eval_short_side`` (288). Boxes become pixels of
-the resized clip; batches pad every clip to a multiple of ``pad_multiple`` (32), and normalise with mean 0.45,
-std 0.225.
+(288; 224 for the ablations), no crop; evaluation resizes to ``eval_short_side`` (288). The resize is bilinear
+without antialiasing, as the official loader's ``cv2.resize(INTER_LINEAR)`` (``antialias: true`` filters
+first). Boxes become pixels of the resized clip; batches pad every clip to a multiple of ``pad_multiple`` (32),
+and normalise with mean 0.45, std 0.225.
 
 The dataset (one keyframe clip per sample, from a video file or a frame folder) is in ``datamodules.ava_dataset``;
 the clip geometry, transforms, collation, frame folders and setup checks that AVA shares with UCF101-24/JHMDB
@@ -98,6 +99,7 @@ class AVADataModule(KeyframeDetectionDataModule):
         train_csv: str | None = None,
         val_csv: str | None = None,
         label_map: str | None = None,
+        train_label_map: str | None = None,
         train_excluded_timestamps: str | None = None,
         val_excluded_timestamps: str | None = None,
         video_dir: str | None = None,
@@ -112,6 +114,7 @@ class AVADataModule(KeyframeDetectionDataModule):
         train_short_side: int = 288,
         eval_short_side: int = 288,
         flip: bool = True,
+        antialias: bool = False,
         pad_multiple: int = 32,
         num_actions: int | None = 80,
         keep_unlabelled_boxes: bool = True,
@@ -152,11 +155,14 @@ class AVADataModule(KeyframeDetectionDataModule):
                 "val_excluded_timestamps": "annotations/ava_val_excluded_timestamps_v2.2.csv", "video_dir": "videos_15min",
             }
         )  # fmt: skip
+        if train_label_map is not None:
+            names["train_label_map"] = train_label_map
         given = {
-            "train_csv": train_csv, "val_csv": val_csv, "label_map": label_map,
+            "train_csv": train_csv, "val_csv": val_csv, "label_map": label_map, "train_label_map": train_label_map,
             "train_excluded_timestamps": train_excluded_timestamps, "val_excluded_timestamps": val_excluded_timestamps, "video_dir": video_dir,
         }  # fmt: skip
         self.paths = {k: self.root / (given[k] if given[k] is not None else names[k]) for k in names}
+        self.separate_training_classes = train_label_map is not None
         self.given_paths = {k for k, v in given.items() if v is not None}
         self.video_ext = video_ext
         self.frames_root = self.root / frames_dir if frames_dir is not None else None
@@ -171,6 +177,7 @@ class AVADataModule(KeyframeDetectionDataModule):
         self.train_short_side = train_short_side
         self.eval_short_side = eval_short_side
         self.flip = flip
+        self.antialias = antialias
         self.num_actions = num_actions
         self.keep_unlabelled_boxes = keep_unlabelled_boxes
         # The synthetic set is drawn at random: a small one may lack a class without any typo.
@@ -179,6 +186,7 @@ class AVADataModule(KeyframeDetectionDataModule):
         self.proposal_score_threshold = proposal_score_threshold
         self.download_hint = download_hint
         self._label_map: dict[int, str] | None = None
+        self._evaluated_label_map: dict[int, str] | None = None
         self._video_files: dict[str, Path] | None = None
         self._sources: dict[str, VideoSource | VideoDecodeError] = {}
 
@@ -205,18 +213,41 @@ class AVADataModule(KeyframeDetectionDataModule):
         )
         return AnnotationError(f"{message}\n{self.download_hint}" if self.download_hint else message)
 
+    def _read_label_map(self, key: str) -> dict[int, str]:
+        if not self.paths[key].is_file():
+            raise self._missing(f"label map {self.paths[key]} ({key})")
+        return read_label_map(self.paths[key])
+
     @property
     def label_map(self) -> dict[int, str]:
-        """AVA action id -> name of the classes used."""
+        """AVA action id -> name of the classes the model is trained on: ``train_label_map``'s when it is given
+        (the official 80 of ``ava_action_list_v2.2.pbtxt``), else ``label_map``'s."""
         if self._label_map is None:
-            unwritten = not self.paths["label_map"].is_file()
-            if self.synthetic and "label_map" not in self.given_paths and unwritten:
+            key = "train_label_map" if self.separate_training_classes else "label_map"
+            unwritten = not self.paths[key].is_file()
+            if self.synthetic and key not in self.given_paths and unwritten:
                 # Asked before prepare_data has written the set (the CLI links num_classes to the model first).
                 return {k + 1: name for k, name in enumerate(synthetic.SPATIOTEMPORAL_ACTIONS)}
-            if not self.paths["label_map"].is_file():
-                raise self._missing(f"label map {self.paths['label_map']}")
-            self._label_map = read_label_map(self.paths["label_map"])
+            self._label_map = self._read_label_map(key)
         return self._label_map
+
+    @property
+    def evaluated_label_map(self) -> dict[int, str]:
+        """AVA action id -> name of the evaluated classes: ``label_map``'s (the 60 of the ActivityNet file),
+        which must all be training classes."""
+        if not self.separate_training_classes:
+            return self.label_map
+        if self._evaluated_label_map is None:
+            evaluated = self._read_label_map("label_map")
+            untrained = sorted(set(evaluated) - set(self.label_map))
+            if untrained:
+                raise AnnotationError(
+                    f"{self.paths['label_map']}: action ids {untrained[:5]} are evaluated but not trained "
+                    f"(absent from train_label_map {self.paths['train_label_map']}); give a training label map "
+                    "that holds every evaluated class"
+                )
+            self._evaluated_label_map = evaluated
+        return self._evaluated_label_map
 
     @property
     def action_ids(self) -> list[int]:
@@ -366,7 +397,7 @@ class AVADataModule(KeyframeDetectionDataModule):
             flip=self.flip, timestamp_offset=self.timestamp_offset, frame_rate=self.frame_rate,
             num_frames=self.num_frames, frame_stride=self.frame_stride, frame_pattern=self.frame_pattern,
             first_frame_number=self.first_frame_number, bad_video=self.bad_video,
-            decode_threads=self.decode_threads,
+            decode_threads=self.decode_threads, antialias=self.antialias,
         )  # fmt: skip
 
 

@@ -52,8 +52,10 @@ class AVAKeyframeDataset(Dataset):
         first_frame_number: int = 1,
         bad_video: BadVideoPolicy = "error",
         decode_threads: int = 1,
+        antialias: bool = False,
     ):
         self.keyframes = list(keyframes)
+        self.antialias = antialias
         self.sources = list(sources)
         self.short_side = short_side
         self.train = train
@@ -96,7 +98,7 @@ class AVAKeyframeDataset(Dataset):
         frames = reader.get_frames(self.clip_indices(index))
         flip = self.train and self.flip and bool(torch.rand(()) < 0.5)
         box_sets = [keyframe.boxes] + ([keyframe.proposals] if keyframe.proposals is not None else [])
-        clip, boxes, size = transform_keyframe_clip(frames, box_sets, self.short_side, flip)
+        clip, boxes, size = transform_keyframe_clip(frames, box_sets, self.short_side, flip, self.antialias)
         sample = {
             "video": clip,
             "boxes": boxes[0],

@@ -118,9 +118,10 @@ def scale_boxes(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
 
 
 def transform_keyframe_clip(
-    frames: Tensor, boxes: Sequence[np.ndarray], short_side: int, flip: bool
+    frames: Tensor, boxes: Sequence[np.ndarray], short_side: int, flip: bool, antialias: bool = True
 ) -> tuple[Tensor, list[Tensor], tuple[int, int]]:
-    """Resize the short side, optionally flip; boxes follow.
+    """Resize the short side (bilinear; ``antialias: false`` samples as ``cv2.resize(INTER_LINEAR)``, what the
+    official EVAD loader runs), optionally flip; boxes follow.
 
     ``frames`` (T, H, W, 3) uint8 -> clip (3, T, h, w) uint8, each normalised box set as pixel boxes of the
     resized clip (float32), and (h, w).
@@ -129,7 +130,7 @@ def transform_keyframe_clip(
     new_h, new_w = resized_size(height, width, short_side)
     clip = to_tchw(frames)
     if (new_h, new_w) != (height, width):
-        clip = TF.resize(clip, [new_h, new_w], antialias=True)
+        clip = TF.resize(clip, [new_h, new_w], antialias=antialias)
     out = [scale_boxes(b, new_w, new_h) for b in boxes]
     if flip:
         clip = clip.flip(-1)

@@ -126,3 +126,28 @@ class FitSummary(L.Callback):
             f"fit finished in {minutes:.1f} min after {trainer.current_epoch} epochs; final {figures}"
             + (f"; best checkpoint {best}" if best else "")
         )
+
+
+class ValidationSchedule(L.Callback):
+    """Validate at (1-based) epoch ``first_epoch`` and every ``every`` epochs after it, and at the last epoch;
+    no validation before (the trainer's ``check_val_every_n_epoch`` is set per epoch).
+
+    The papers' schedules: EVAD (PySlowFast's ``TRAIN.EVAL_PERIOD`` 5 and ``TEST_AFTER_EPOCH`` 5 with 0-based
+    epochs) validates at epochs 5, 6, ..., 12; the block-drop recoveries every 5 epochs from epoch 10.
+    """
+
+    def __init__(self, first_epoch: int = 1, every: int = 1):
+        if first_epoch < 1 or every < 1:
+            raise ValueError(f"first_epoch and every must be >= 1, got {first_epoch}, {every}")
+        self.first_epoch, self.every = first_epoch, every
+
+    def validates(self, epoch: int, max_epochs: int | None) -> bool:
+        """Whether the (1-based) ``epoch`` is validated."""
+        if epoch == max_epochs:
+            return True
+        return epoch >= self.first_epoch and (epoch - self.first_epoch) % self.every == 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        # Lightning validates when (epoch) % check_val_every_n_epoch == 0: 1 validates, a larger number does not
+        trainer.check_val_every_n_epoch = 1 if self.validates(epoch, trainer.max_epochs) else epoch + 1

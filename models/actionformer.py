@@ -227,6 +227,10 @@ class ActionFormerHead(nn.Module):
 
     ``mha_win_size <= 1`` is global attention (AdaTAD); ActionFormer on pre-extracted features uses 19.
     ``use_abs_pe`` adds a fixed sinusoid table scaled by ``1/sqrt(embed_dim)`` (AdaTAD on ActivityNet).
+    ``mask_padded_input``: the features of padded steps (past a video's end) are zeroed before the projection,
+    so the valid steps next to them see zeros through the first convolution; OpenTAD's ActionFormer never
+    passes its mask to the backbone, and the padded steps' features (of repeated last frames) reach that
+    convolution (``false``; both mask every layer's output).
     """
 
     def __init__(
@@ -254,8 +258,10 @@ class ActionFormerHead(nn.Module):
         cls_prior_prob: float = 0.01,
         loss_normalizer: float = 100.0,
         loss_normalizer_momentum: float = 0.9,
+        mask_padded_input: bool = True,
     ):
         super().__init__()
+        self.mask_padded_input = mask_padded_input
         num_levels = 1 + arch[2]
         if len(regression_ranges) != num_levels:
             raise ValueError(
@@ -318,7 +324,7 @@ class ActionFormerHead(nn.Module):
     def forward(self, features: Tensor, mask: Tensor) -> ActionFormerOutputs:
         """``features`` (B, in_channels, T), ``mask`` (B, T) bool with True on valid steps."""
         x, mask = self.pad(features, mask.bool())
-        x = self.input_dropout(x * mask[:, None].to(x.dtype))
+        x = self.input_dropout(x * mask[:, None].to(x.dtype) if self.mask_padded_input else x)
         for conv in self.embed:
             x = conv(x, mask)
         if self.use_abs_pe:

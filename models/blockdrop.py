@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.actionformer import ActionFormerOutputs, diou_loss_1d
-from models.lora import add_lora, merge_lora
+from models.lora import LoraInit, add_lora, merge_lora
 
 Recovery = Literal["lora", "full", "none"]
 MLPActivation = Literal["gelu", "relu"]
@@ -198,10 +198,12 @@ def prepare_recovery(
     mode: Recovery = "lora",
     head_trainable: bool = True,
     lora_rank: int | None = None,
+    lora_init: LoraInit = "official",
 ) -> list[nn.Parameter]:
     """Set what trains in ``model`` while it recovers from a drop; return the trainable parameters.
 
-    ``lora``: LoRA (peft, rank ``lora_rank`` or embed dim / 4, fresh: B = 0) on every block's attention ``qkv``
+    ``lora``: LoRA (peft, rank ``lora_rank`` or embed dim / 4, fresh: B = 0, A drawn as ``lora_init`` says,
+    ``models.lora``) on every block's attention ``qkv``
     and ``proj``, plus the stack's LayerNorms and patch embedding, the other stack weights frozen (the block-drop
     paper's recipe; LoRA already in the model, e.g. from the previous round, is merged first). ``full``: every
     stack weight. ``none``: nothing in the stack (no fine-tuning after the drop). Everything outside the stack
@@ -218,7 +220,7 @@ def prepare_recovery(
     stack.requires_grad_(mode == "full")
     if mode == "lora":
         dim = getattr(stack, "embed_dim", None) or stack.blocks[0].attn.qkv.in_features
-        add_lora(stack, rank=lora_rank or dim // 4)
+        add_lora(stack, rank=lora_rank or dim // 4, init=lora_init)
         for module in stack.modules():
             if isinstance(module, nn.LayerNorm):
                 module.requires_grad_(True)

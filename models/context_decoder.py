@@ -21,10 +21,11 @@ Two sub-pixel conventions of the official (detectron2) box code are not kept: th
 pixel (``x2 - x1 + 1``), and clipping stops at ``W - 1``/``H - 1``. Here boxes are continuous coordinates, as
 ``torchvision.ops.roi_align(aligned=True)`` reads them: the size is ``x2 - x1`` and the image spans [0, W].
 
-Initialisation follows the official code: Xavier-uniform Linear weights, zero biases, unit LayerNorms; the mask
-token is truncated normal (std 0.02), the VideoMAE convention. The parameter names (``encoder_to_decoder``,
-``mask_token``, ``blocks.N.*``) are those of the VideoMAE MAE decoder, whose width matches (384 for ViT-B, 512
-for ViT-L), so its weights can initialise this decoder.
+Initialisation follows the official code: Xavier-uniform Linear weights, zero biases, unit LayerNorms, and a
+Xavier-uniform mask token (bound sqrt(3 / embed_dim)): the official head draws it truncated normal (std 0.02),
+then its ``_reset_parameters`` redraws every parameter of more than one dimension, the (1, 1, C) token included.
+The parameter names (``encoder_to_decoder``, ``mask_token``, ``blocks.N.*``) are those of the VideoMAE MAE
+decoder, whose width matches (384 for ViT-B, 512 for ViT-L), so its weights can initialise this decoder.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ class ContextRefinementDecoder(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.xavier_uniform_(self.mask_token)
 
     def position_embedding(self, grid: Grid) -> Tensor:
         """(t*h*w, embed_dim) fixed positions for a token grid, resized from ``pretrain_grid``."""

@@ -104,6 +104,12 @@ class EVAD(nn.Module):
     inference. Losses: the localiser's set losses (``class_loss_weight``, ``l1_loss_weight``,
     ``giou_loss_weight``, ``no_object_weight``; the matcher uses the same three as costs) on every stage, and
     the action BCE x ``action_loss_weight`` (None: 12, 6 for ViT-L) on every decoder layer.
+    ``loss_normalisation``: the loss trained on is the sum of these weighted terms divided by their number
+    (``"terms"``: 18 + 6 for ViT-B, 18 + 12 for ViT-L), as the official training loop divides it, or their sum
+    (``"sum"``). Under AdamW without gradient clipping (the official recipe) the factor cancels between Adam's
+    moments except against its epsilon (1e-8), which then weighs 24x more: elements whose gradients are that
+    small take smaller steps, so the two differ measurably (three steps of a tiny model already part by about
+    the size of a step) and the official division is the default.
 
     ``score``: a detection's action score. ``"person_x_action"`` (default) multiplies the sigmoid action score
     by the box's person probability, the usual convention of AVA frame-mAP; ``"action"`` is the sigmoid alone,
@@ -134,8 +140,12 @@ class EVAD(nn.Module):
         score: Score = "person_x_action",
         activation_checkpointing: bool = False,
         importance_chunk: int | None = None,
+        loss_normalisation: Literal["terms", "sum"] = "terms",
     ):
         super().__init__()
+        if loss_normalisation not in ("terms", "sum"):
+            raise ValueError(f"loss_normalisation must be 'terms' or 'sum', got {loss_normalisation!r}")
+        self.loss_normalisation = loss_normalisation
         if score not in ("person_x_action", "action"):
             raise ValueError(f"score must be 'person_x_action' or 'action', got {score!r}")
         backbone = (
@@ -349,7 +359,8 @@ class EVAD(nn.Module):
         return EVADOutput(localiser, logits, boxes, mask, kept, grid, image_sizes)
 
     def loss(self, outputs: EVADOutput, targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
-        """Weighted loss terms and their sum ``loss``. ``targets`` per image: ``boxes`` (G, 4) pixels,
+        """Weighted loss terms and ``loss``: their sum, divided by their number under ``loss_normalisation:
+        terms``. ``targets`` per image: ``boxes`` (G, 4) pixels,
         ``labels`` (G, C) multi-hot. Set losses on every box stage (``stage{s}_class/l1/giou``), the action
         BCE on the proposals matched by the last stage, for every decoder layer (``action{l}``)."""
         if outputs.localiser is None:
@@ -364,8 +375,23 @@ class EVAD(nn.Module):
         )  # fmt: skip
         action, matched = action_targets(matches, [t["labels"] for t in targets], outputs.boxes.shape[1])
         losses.update(action_losses(outputs.action_logits, action, matched, self.action_loss_weight))
-        losses["loss"] = sum(losses.values())
+        total = sum(losses.values())
+        losses["loss"] = total / len(losses) if self.loss_normalisation == "terms" else total
         return losses
+
+    @torch.no_grad()
+    def person_proposals(self, outputs: EVADOutput) -> tuple[list[Tensor], list[Tensor]]:
+        """Per image: every proposal of the last box stage (pixels, clipped to the image) and its person
+        probability, before any threshold: what the official person meter scores."""
+        if outputs.localiser is None:
+            raise ValueError("person_proposals needs the localiser's outputs (not given boxes)")
+        kept = postprocess(
+            outputs.localiser.logits[-1].float(),
+            outputs.localiser.boxes[-1].float(),
+            outputs.image_sizes,
+            0.0,
+        )
+        return [d.boxes for d in kept], [d.scores for d in kept]
 
     @torch.no_grad()
     def predict(self, outputs: EVADOutput, image_sizes: Tensor | None = None) -> list[ActionDetections]:

@@ -4,15 +4,25 @@ The block-drop TAD detector fine-tunes VideoMAE with low-rank updates of every b
 ``attn.proj`` (rank = embed dim / 4, B zero-initialised, so the adapted model starts equal to the original),
 and merges them into the weights before the next compression round. peft does the injection and the merge;
 this module names the targets and leaves the rest of the model as it was.
+
+Initialisation (``init``): ``"official"`` draws A from a normal with std 1 / sqrt(rank), as the LoRALayer of the
+block-drop code (OpenTAD's ``vit_longlora*.py``: ``randn(in, rank) / sqrt(rank)``, B zeros, scaling 1);
+``"peft"`` keeps peft's Kaiming-uniform A (std 1 / sqrt(3 in_features): about 3.5x smaller at rank 96 of a
+384-d ViT). Under AdamW the first updates of B move the output in proportion to A, so the official A trains
+the adapted layers about 3.5x faster at the same learning rate.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Literal
 
+import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
+
+LoraInit = Literal["official", "peft"]
 
 #: Full-name regex of the adapted layers: the attention projections of ``blocks.N`` at any nesting depth.
 #: A bare ``proj`` would also catch ``patch_embed.proj``.
@@ -29,14 +39,18 @@ def add_lora(
     alpha: float | None = None,
     dropout: float = 0.0,
     target: str = ATTENTION_PROJECTIONS,
+    init: LoraInit = "official",
 ) -> nn.Module:
     """Wrap the layers whose full name matches ``target`` in peft LoRA layers, in place; return ``module``.
 
     ``alpha`` defaults to ``rank``: a scaling ``alpha / rank`` of 1, as the block-drop code's LoRA has.
-    peft initialises B to zero, so the output is unchanged until B is trained. Unlike peft, which freezes
+    B starts at zero, so the output is unchanged until B is trained; A as ``init`` says (see the module doc).
+    Unlike peft, which freezes
     everything else, the ``requires_grad`` of the existing parameters is kept (the caller chooses what else
     trains); the new LoRA parameters are trainable.
     """
+    if init not in ("official", "peft"):
+        raise ValueError(f"LoRA init must be 'official' or 'peft', got {init!r}")
     if _lora_layers(module):
         raise ValueError(
             f"{type(module).__name__} already has LoRA layers; call merge_lora(module) before adding new ones"
@@ -46,6 +60,11 @@ def add_lora(
         r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout, target_modules=target
     )
     inject_adapter_in_model(config, module)  # raises if no layer matches ``target``
+    if init == "official":
+        with torch.no_grad():
+            for _, layer in _lora_layers(module):
+                for a in layer.lora_A.values():
+                    a.weight.normal_(0.0, rank**-0.5)
     for name, p in module.named_parameters():
         # A wrapped layer's own weights now sit under ``<layer>.base_layer``.
         p.requires_grad = trainable.get(name.replace(".base_layer.", "."), False)

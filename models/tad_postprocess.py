@@ -1,16 +1,20 @@
 """From ActionFormer outputs to a video's detections, as OpenTAD post-processes AdaTAD.
 
 1. ``TADPostProcessor.decode``: per window, the sigmoid scores of all valid points of all levels; every
-   (point, class) pair above ``pre_nms_thresh``, the ``pre_nms_topk`` best, with its segment in head steps.
+   (point, class) pair above ``pre_nms_thresh``, the ``pre_nms_topk`` best, with its segment in head steps. A
+   one-class (class-agnostic) head keeps every point, as OpenTAD's one-class branch, which applies neither.
 2. ``TADPostProcessor.merge_windows``: the candidates of all windows of a video converted to seconds
-   (``offset + step * seconds_per_step``), clipped to ``[0, duration]``, concatenated, then one NMS over the
-   video. A video seen whole (ActivityNet: resized to a fixed length) is the one-window case.
+   (``offset + step * seconds_per_step``), concatenated, then one NMS over the video. Windows of a video cut
+   into several (sliding windows, THUMOS14) are clipped to ``[0, duration]`` before the NMS, as OpenTAD
+   converts each window; a video seen whole (ActivityNet, resized to a fixed length) is NMSed on its unclipped
+   segments and clipped after, as OpenTAD's and ActionFormer's single-stage detectors do.
 3. ``TADPostProcessor.fuse_video_classes`` (ActivityNet): class-agnostic proposals times the top-k scores of
    an external video-level classifier.
 
 NMS (``TADPostProcessor.nms``) is per class (``multiclass``) or class-agnostic, one of Gaussian soft-NMS (a
 detection's score is multiplied by ``exp(-IoU^2 / sigma)`` with every higher-ranked one; scores below
-``min_score`` are dropped), hard NMS (``torchvision.ops.batched_nms`` on segments as ``[start, 0, end, 1]``
+``min_score`` are dropped; each length counts 1e-6 more in the IoU's union, as OpenTAD's kernel), hard NMS
+(``torchvision.ops.batched_nms`` on segments as ``[start, 0, end, 1]``
 boxes, which drops detections with IoU above ``iou_threshold``) or none; at most ``max_seg_num`` detections
 are kept, best first. Class-agnostic NMS can refine each kept segment by score-weighted voting of the segments
 overlapping it by ``voting_thresh`` or more.
@@ -69,15 +73,21 @@ def segment_iou(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 def soft_nms(
-    segments: Tensor, scores: Tensor, sigma: float = 0.7, min_score: float = 0.0, max_num: int | None = None
+    segments: Tensor,
+    scores: Tensor,
+    sigma: float = 0.7,
+    min_score: float = 0.0,
+    max_num: int | None = None,
+    length_eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
     """Gaussian soft-NMS of one class: indices of the kept segments, in selection order, and their scores.
 
     Repeatedly takes the highest remaining score, then multiplies every other remaining score by
-    ``exp(-IoU^2 / sigma)`` with the taken segment; scores falling below ``min_score`` leave the pool.
+    ``exp(-IoU^2 / sigma)`` with the taken segment; scores falling below ``min_score`` leave the pool. Each
+    segment's length counts ``length_eps`` more in the union (OpenTAD's ``x2 - x1 + 1e-6``).
     """
     start, end = segments.float().unbind(dim=1)
-    length = end - start
+    length = end - start + length_eps
     # the pool holds -inf for taken or dropped segments, so one argmax per step finds the next one
     pool = torch.where(scores >= min_score, scores.float(), -torch.inf)
     limit = len(pool) if max_num is None else min(max_num, len(pool))
@@ -149,6 +159,10 @@ class TADPostProcessor:
         windows = []
         for segs, prob, mask in zip(segments, probs, valid):
             flat = prob[mask].flatten()  # point-major: index = point * C + class
+            if num_classes == 1:  # OpenTAD's one-class branch: every point, neither threshold nor top-k
+                top, order = flat.sort(descending=True)
+                windows.append(Detections(segs[mask][order], top, torch.zeros_like(order)))
+                continue
             candidates = (flat > self.pre_nms_thresh).nonzero().squeeze(1)
             top, order = flat[candidates].topk(min(self.pre_nms_topk, candidates.numel()))
             candidates = candidates[order]
@@ -190,11 +204,13 @@ class TADPostProcessor:
         window_offsets: Sequence[float],
         seconds_per_step: float | Sequence[float],
         duration: float,
+        whole_video: bool | None = None,
     ) -> Detections:
         """A video's detections in seconds from its windows' candidates (``decode``), one NMS over the video.
 
         ``window_offsets[i]`` is the time in seconds of step 0 of window ``i``; ``seconds_per_step`` the
-        duration of a head step (one value or one per window).
+        duration of a head step (one value or one per window). ``whole_video`` (None: one window) says the video
+        was seen whole: its segments are clipped to ``[0, duration]`` after the NMS instead of before.
         """
         if isinstance(seconds_per_step, (int, float)):
             seconds_per_step = [float(seconds_per_step)] * len(windows)
@@ -203,11 +219,15 @@ class TADPostProcessor:
                 f"{len(windows)} windows but {len(window_offsets)} offsets and {len(seconds_per_step)} step "
                 "durations; give one offset (and step duration) per window"
             )
+        whole = len(windows) == 1 if whole_video is None else whole_video
         parts = [
-            Detections((d.segments * step + offset).clamp(0.0, duration), d.scores, d.labels)
+            Detections(d.segments * step + offset, d.scores, d.labels)
             for d, offset, step in zip(windows, window_offsets, seconds_per_step)
         ]
-        return self.nms(Detections.cat(parts))
+        if not whole:
+            parts = [Detections(d.segments.clamp(0.0, duration), d.scores, d.labels) for d in parts]
+        kept = self.nms(Detections.cat(parts))
+        return Detections(kept.segments.clamp(0.0, duration), kept.scores, kept.labels) if whole else kept
 
     def fuse_video_classes(self, proposals: Detections, class_scores: Tensor) -> Detections:
         """Class-agnostic proposals x the ``external_cls_topk`` best classes of a video-level classifier.

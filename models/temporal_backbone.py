@@ -31,7 +31,7 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 
 from models.checkpoint import LoadReport, load_pretrained
-from models.lora import add_lora
+from models.lora import LoraInit, add_lora
 from models.vit import VideoMAEViT
 
 FineTune = Literal["frozen", "full", "lora", "adapter"]
@@ -80,7 +80,8 @@ class ChunkedVideoBackbone(nn.Module):
 
     ``head_length``: the length the features are linearly interpolated to (AdaTAD: the window's frame count),
     or None to keep one feature per tubelet. ``lora_rank`` defaults to embed dim / 4 and ``lora_alpha`` to the
-    rank. ``adapter_blocks``: the blocks that get an adapter (None: all, as AdaTAD on THUMOS).
+    rank; ``lora_init`` draws A as the block-drop code (``official``) or as peft (``models.lora``).
+    ``adapter_blocks``: the blocks that get an adapter (None: all, as AdaTAD on THUMOS).
     ``chunk_batch`` runs each block on that many chunks at a time (adapters, which mix chunks, still see the
     whole window), bounding the transient memory of attention and MLP. ``activation_checkpointing``
     recomputes each block and adapter in the backward pass instead of storing its activations.
@@ -96,6 +97,7 @@ class ChunkedVideoBackbone(nn.Module):
         finetune: FineTune = "adapter",
         lora_rank: int | None = None,
         lora_alpha: float | None = None,
+        lora_init: LoraInit = "official",
         adapter_ratio: float = 0.25,
         adapter_kernel: int = 3,
         adapter_blocks: list[int] | None = None,
@@ -122,7 +124,7 @@ class ChunkedVideoBackbone(nn.Module):
         if vit.fc_norm is not None:
             vit.fc_norm.requires_grad_(False)  # clip-level pooling, not on this path
         if finetune == "lora":
-            add_lora(vit, rank=lora_rank or vit.embed_dim // 4, alpha=lora_alpha)
+            add_lora(vit, rank=lora_rank or vit.embed_dim // 4, alpha=lora_alpha, init=lora_init)
             vit.patch_embed.requires_grad_(True)
             for module in [*vit.blocks.modules(), vit.norm]:
                 if isinstance(module, nn.LayerNorm):

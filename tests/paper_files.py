@@ -259,8 +259,9 @@ def thumos(root: Path, json_name: str, classes_name: str, video_dir: str, subset
 
 
 def ava_frames(root: Path, frames_dir: str, frame_rate: int) -> Path:
-    """AVA v2.2 as PySlowFast reads it: the annotation CSVs, excluded timestamps, the 60-class label map, and
-    frames of the 15-minute clips as ``<frames>/<video>/<video>_%06d.jpg`` from second 900."""
+    """AVA v2.2 as PySlowFast reads it: the annotation CSVs (a row of an action outside the 60 too), excluded
+    timestamps, the 80-class and the 60-class label maps, and frames of the 15-minute clips as
+    ``<frames>/<video>/<video>_%06d.jpg`` from second 900."""
     from PIL import Image
 
     def write(root: Path) -> None:
@@ -268,19 +269,29 @@ def ava_frames(root: Path, frames_dir: str, frame_rate: int) -> Path:
         ann.mkdir(parents=True)
         items = "".join(f'item {{\n  name: "action {i}"\n  id: {i}\n}}\n' for i in AVA_IDS)
         (ann / "ava_action_list_v2.2_for_activitynet_2019.pbtxt").write_text(items)
+        every = "".join(f'item {{\n  name: "action {i}"\n  id: {i}\n}}\n' for i in range(1, 81))
+        (ann / "ava_action_list_v2.2.pbtxt").write_text(every)
         rng = np.random.default_rng(0)
         for split, video in (("train", "trainvid001"), ("val", "valvid0001")):
             with (ann / f"ava_{split}_v2.2.csv").open("w", newline="") as f:
                 rows = csv.writer(f)
                 for second in (902, 903):
                     for person, (x1, y1, x2, y2) in enumerate([(0.1, 0.2, 0.5, 0.9), (0.5, 0.1, 0.9, 0.8)]):
-                        for action in (AVA_IDS[person], AVA_IDS[10 + person]):
+                        for action in (AVA_IDS[person], AVA_IDS[10 + person], 2):  # 2: trained, not evaluated
                             rows.writerow([video, f"{second:04d}", x1, y1, x2, y2, action, person])
             (ann / f"ava_{split}_excluded_timestamps_v2.2.csv").write_text(f"{video},0904\n")
             for number in range(1, 5 * round(frame_rate) + 1):  # seconds 900-905
                 path = root / frames_dir / video / f"{video}_{number:06d}.jpg"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(path)
+        # AVA v2.1 under its own names (the same stand-in rows)
+        for v22, v21 in (
+            ("ava_action_list_v2.2.pbtxt", "ava_action_list_v2.1.pbtxt"),
+            ("ava_action_list_v2.2_for_activitynet_2019.pbtxt", "ava_action_list_v2.1_for_activitynet_2018.pbtxt"),
+            ("ava_train_v2.2.csv", "ava_train_v2.1.csv"), ("ava_val_v2.2.csv", "ava_val_v2.1.csv"),
+            ("ava_train_excluded_timestamps_v2.2.csv", "ava_train_excluded_timestamps_v2.1.csv"),
+        ):  # fmt: skip
+            (ann / v21).write_bytes((ann / v22).read_bytes())
 
     return _once(root, write)
 

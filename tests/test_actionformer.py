@@ -245,7 +245,8 @@ def test_decode_filters_ranks_and_decodes():
 
 
 def textbook_soft_nms(segments, scores, sigma, min_score):
-    """Bodla et al.'s Gaussian soft-NMS loop over Python lists."""
+    """Bodla et al.'s Gaussian soft-NMS loop over Python lists, each length 1e-6 longer in the union as OpenTAD's
+    kernel computes it (opentad/models/utils/post_processing/nms/nms_cpu.cpp: areas = x2 - x1 + 1e-6)."""
     pool = [(i, s) for i, s in enumerate(scores.tolist()) if s >= min_score]
     segs = segments.tolist()
     kept = []
@@ -256,7 +257,7 @@ def textbook_soft_nms(segments, scores, sigma, min_score):
         decayed = []
         for j, s in pool:
             inter = max(0.0, min(segs[i][1], segs[j][1]) - max(segs[i][0], segs[j][0]))
-            union = (segs[i][1] - segs[i][0]) + (segs[j][1] - segs[j][0]) - inter
+            union = (segs[i][1] - segs[i][0] + 1e-6) + (segs[j][1] - segs[j][0] + 1e-6) - inter
             s *= math.exp(-((inter / union) ** 2) / sigma)
             if s >= min_score:
                 decayed.append((j, s))
@@ -330,6 +331,30 @@ def test_merge_windows_soft_nms():
         post.merge_windows(two_windows(), [0.0], 0.5, duration=30.0)
 
 
+def test_a_video_seen_whole_is_clipped_after_nms_and_windows_before():
+    """OpenTAD: a resized video (ActivityNet) is NMSed on its head's unclipped segments and converted to seconds
+    and clipped after (single_stage.py, post_processing/utils.py convert_to_seconds); sliding windows are
+    converted and clipped per window, then NMSed together (test_engine.py)."""
+    post = TADPostProcessor(nms_method="nms", iou_threshold=0.7, multiclass=False)
+    window = Detections(torch.tensor([[-5.0, 10.0], [0.0, 10.0]]), torch.tensor([0.9, 0.8]), torch.zeros(2).long())
+    whole = post.merge_windows([window], [0.0], 1.0, duration=20.0)  # one window: the video seen whole
+    assert whole.segments.tolist() == [[0.0, 10.0], [0.0, 10.0]]  # IoU 10/15 < 0.7 before clipping: both kept
+    cut = post.merge_windows([window], [0.0], 1.0, duration=20.0, whole_video=False)
+    assert cut.segments.tolist() == [[0.0, 10.0]] and cut.scores.tolist() == [pytest.approx(0.9)]
+
+
+def test_one_class_decode_keeps_every_point():
+    """OpenTAD's one-class branch applies no pre-NMS threshold or top-k: every valid point, best first."""
+    outputs = manual_outputs()
+    outputs = ActionFormerOutputs(
+        [lg[..., :1] for lg in outputs.cls_logits], outputs.reg_offsets, outputs.masks, outputs.points, outputs.strides
+    )
+    (dets,) = TADPostProcessor(pre_nms_thresh=0.5, pre_nms_topk=2).decode(outputs)
+    # valid points: 3 of level 1 (0.9, 0.2, 0.0) and 2 of level 2 (0.05, 0.0005)
+    assert torch.allclose(dets.scores, torch.tensor([0.9, 0.2, 0.05, 0.0005, 0.0]), atol=1e-5)
+    assert dets.labels.tolist() == [0] * 5
+
+
 def test_class_agnostic_voting_and_video_class_fusion():
     """ActivityNet: class-agnostic soft-NMS with voting, then proposals x the top-2 video classes."""
     post = TADPostProcessor(multiclass=False, voting_thresh=0.5, max_seg_num=100, min_score=0.001)
@@ -343,3 +368,21 @@ def test_class_agnostic_voting_and_video_class_fusion():
     assert fused.labels.tolist() == [1, 1, 3, 3]
     assert torch.allclose(fused.scores, torch.cat([video.scores * 0.7, video.scores * 0.2]))
     assert torch.equal(fused.segments, video.segments.repeat(2, 1))
+
+
+def test_padded_input_masked_or_passed_on_as_opentad():
+    """mask_padded_input zeroes the features of padded steps before the projection (the outputs then do not
+    depend on them); false passes them on, as OpenTAD's ActionFormer (no mask reaches its backbone), so the valid
+    steps next to the padding change with them."""
+    x = torch.randn(1, C_IN, T, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(1, T, dtype=torch.bool)
+    mask[:, T // 2 :] = False
+    other = x.clone()
+    other[..., T // 2 :] = torch.randn(C_IN, T - T // 2)
+    for masked in (True, False):
+        head = tiny_head(mask_padded_input=masked).eval()
+        with torch.no_grad():
+            a, b = head(x, mask), head(other, mask)
+        valid = a.masks[0][0]
+        changed = (a.cls_logits[0][0][valid] - b.cls_logits[0][0][valid]).abs().max()
+        assert (changed == 0) if masked else (changed > 1e-4)

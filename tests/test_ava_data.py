@@ -22,6 +22,7 @@ from datamodules.keyframes import (
     flip_boxes,
     keyframe_clip_indices,
     resized_size,
+    transform_keyframe_clip,
 )
 
 LABEL_MAP = (
@@ -375,3 +376,55 @@ def test_synthetic_actor_size_sets_the_boxes_and_regenerates(tmp_path):
     assert sides[(0.25, 0.5)] == (20, 32)
     with pytest.raises(ValueError, match="actor_size must be two fractions"):
         synthetic.generate_spatiotemporal(tmp_path / "bad", actor_size=(0.0, 0.5))
+
+
+def test_training_classes_from_their_own_map_and_evaluation_on_the_other(synthetic_root, tmp_path):
+    """The official split: 80 classes trained (ava_action_list_v2.2.pbtxt), the 60 of the ActivityNet map
+    evaluated. Here: the synthetic set's 4 trained, 2 of them evaluated; the task's metric scores those 2."""
+    from types import SimpleNamespace
+
+    from tests.test_detection_task import tiny_task
+
+    annotations = synthetic_root / "annotations"
+    evaluated = write(
+        tmp_path / "evaluated.pbtxt",
+        'item {\n  name: "move_left"\n  id: 1\n}\nitem {\n  name: "rotate"\n  id: 3\n}\n',
+    )
+    dm = synthetic_module(
+        synthetic_root, label_map=str(evaluated), train_label_map=str(annotations / "label_map.pbtxt")
+    )
+    assert dm.num_classes == 4 and dm.action_ids == [1, 2, 3, 4]
+    assert dm.evaluated_label_map == {1: "move_left", 3: "rotate"}
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["labels"][0].shape[1] == 4  # targets over the trained classes
+    task = tiny_task(num_classes=4, max_detections_per_keyframe=7)
+    task._trainer = SimpleNamespace(datamodule=dm)
+    task.setup("validate")
+    metric = task.metrics["val"]
+    assert metric.label_map == {1: "move_left", 3: "rotate"} and metric.max_detections_per_keyframe == 7
+    assert tiny_task(num_classes=4).max_detections_per_keyframe is None  # the official helper keeps every row
+
+    untrained = write(tmp_path / "more.pbtxt", 'item {\n  name: "jump"\n  id: 9\n}\n')
+    dm = synthetic_module(
+        synthetic_root, label_map=str(untrained), train_label_map=str(annotations / "label_map.pbtxt")
+    )
+    with pytest.raises(AnnotationError, match=r"action ids \[9\] are evaluated but not trained"):
+        dm.evaluated_label_map
+
+
+@pytest.mark.parametrize("size", [(270, 480), (135, 200)])
+def test_resize_without_antialiasing_samples_as_opencv_inter_linear(size):
+    """The official loader resizes with cv2.resize(INTER_LINEAR): the default AVA transform equals it (1 grey level
+    of rounding), while an antialiased resize of a fine pattern does not."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    frames = torch.from_numpy(rng.integers(0, 256, (2, *size, 3), dtype=np.uint8))
+    clip, _, (h, w) = transform_keyframe_clip(frames, [np.zeros((0, 4))], 96, flip=False, antialias=False)
+    for t in range(2):
+        reference = cv2.resize(frames[t].numpy(), (w, h), interpolation=cv2.INTER_LINEAR)
+        ours = clip[:, t].permute(1, 2, 0).numpy().astype(int)
+        assert np.abs(ours - reference).max() <= 1
+    filtered, _, _ = transform_keyframe_clip(frames, [np.zeros((0, 4))], 96, flip=False, antialias=True)
+    assert np.abs(filtered.numpy().astype(int) - clip.numpy().astype(int)).mean() > 5

@@ -155,7 +155,10 @@ def test_killed_in_a_recovery_the_same_command_resumes_at_the_round_and_epoch(tm
     recovery's second epoch: the same command continues from the first epoch's end and ends as the uninterrupted
     command does."""
     data, checkpoint = trained
-    settings = ["--compress.metric=feature_mse", "--compress.max_blocks=2", "--compress.epochs=2"]
+    settings = [
+        "--compress.metric=feature_mse", "--compress.max_blocks=2", "--compress.epochs=2",
+        "--compress.eval_first_epoch=1", "--compress.eval_every=1",  # every epoch's validation in the log
+    ]  # fmt: skip
     out = tmp_path / "killed"
     kill = [
         "--trainer.callbacks+=tests.helpers.KillAt",
@@ -398,3 +401,30 @@ def wandb_values(record_file: bytes) -> dict[str, object]:
         start, length = match.end(), match.group(2)[0]
         values[match.group(1).decode()] = json.loads(record_file[start : start + length])
     return values
+
+
+def test_keep_best_first_round_schedule_and_validation_epochs(tmp_path, trained):
+    """Round 1 trains first_round_epochs, later rounds epochs; a recovery validates at eval_first_epoch and every
+    eval_every epochs after it and at its last; keep: best ends the round with its best validated epoch."""
+    import csv
+
+    data, checkpoint = trained
+    out = tmp_path / "best"
+    args = compress_args(
+        out, data, checkpoint, "--compress.blocks=[2, 0]", "--compress.max_blocks=2", "--compress.epochs=3",
+        "--compress.first_round_epochs=2", "--compress.eval_first_epoch=1", "--compress.eval_every=2",
+        "--compress.keep=best",
+    )  # fmt: skip
+    records = compress(args)
+    assert [r["recovery_epochs"] for r in records[1:]] == [2, 3]
+    (log,) = (out / "round_2").rglob("metrics.csv")
+    rows = list(csv.DictReader(log.open()))
+    validated = {int(r["epoch"]): float(r["val/average_mAP"]) for r in rows if r.get("val/average_mAP")}
+    assert sorted(validated) == [0, 2]  # epochs 1 and 3 (1-based): the first, then every second, the last
+    assert records[2]["kept_epoch"] - 1 in validated
+    assert records[2]["kept_score"] == pytest.approx(max(validated.values()), abs=1e-6)
+    (best,) = (out / "round_2").rglob("best.ckpt")
+    kept = torch.load(out / "round_2" / "model.pt", weights_only=True)["state_dict"]
+    chosen = torch.load(best, weights_only=True)["state_dict"]
+    head = [k for k in chosen if k.startswith("detector.head.") and chosen[k].is_floating_point()]
+    assert head and all(torch.equal(kept[k], chosen[k]) for k in head)  # the head has no LoRA to merge

@@ -69,11 +69,15 @@ def test_fit_logs_losses_metric_and_cost(fitted):
     _, cli, last = fitted
     metrics = cli.trainer.callback_metrics
     assert {"val/frame_mAP@0.5", "val/frame_mAP@0.5:0.95", "val/gmacs", "train/loss"} <= set(metrics)
-    # 3 box stages x (class, l1, giou) + 2 decoder layers, each logged, summing to the loss
+    # 3 box stages x (class, l1, giou) + 2 decoder layers, each logged; the loss is their mean, as the official
+    # loop divides their sum by their number (projects/evad/train_net.py)
     terms = [f"train/stage{s}_{n}" for s in range(3) for n in ("class", "l1", "giou")]
     terms += ["train/action0", "train/action1"]
     assert set(terms) <= set(metrics)
-    assert sum(float(metrics[t]) for t in terms) == pytest.approx(float(metrics["train/loss"]), rel=1e-5)
+    mean = sum(float(metrics[t]) for t in terms) / len(terms)
+    assert mean == pytest.approx(float(metrics["train/loss"]), rel=1e-5)
+    assert {"val/person_AP@0.5", "val/person_AP@0.5:0.95"} <= set(metrics)
+    assert 0.0 <= float(metrics["val/person_AP@0.5"]) <= 1.0
     assert last.exists()
     # 48x64 clips padded to 64x64, 8 frames: a 4x4x4 grid; keep 0.7 after blocks 1 and 2: 64 -> 45 -> 32
     assert last_block_tokens(cli) == math.ceil(0.7 * math.ceil(0.7 * 64)) == 32
@@ -121,20 +125,30 @@ def test_scores_are_written_under_their_action_ids():
     assert torch.equal(out, expected)
 
 
-def tiny_task(**kwargs) -> SpatioTemporalDetection:
+def tiny_task(num_classes: int = 3, **kwargs) -> SpatioTemporalDetection:
     backbone = VideoMAEViT(size=None, embed_dim=32, depth=4, num_heads=2, img_size=64, num_frames=8)
     localiser = QueryLocaliser(
         num_proposals=4, hidden_dim=16, num_stages=1, num_heads=2, dim_dynamic=4, dim_feedforward=16
     )
     pyramid = SimpleFeaturePyramid(32, 16)
-    decoder = ContextRefinementDecoder(3, 32, 16, 1, 2, head_hidden_dim=16, pretrain_grid=(4, 4, 4))
+    decoder = ContextRefinementDecoder(num_classes, 32, 16, 1, 2, head_hidden_dim=16, pretrain_grid=(4, 4, 4))
     evad = EVAD(
-        backbone, localiser, decoder, pyramid, prune_layers=[1], tap_layers=[0, 1, 2, 3], num_classes=3
+        backbone,
+        localiser,
+        decoder,
+        pyramid,
+        prune_layers=[1],
+        tap_layers=[0, 1, 2, 3],
+        num_classes=num_classes,
     )
-    return SpatioTemporalDetection(evad, num_classes=3, **kwargs)
+    return SpatioTemporalDetection(evad, num_classes=num_classes, **kwargs)
 
 
-def test_param_groups_heads_at_8x_and_no_decay_list():
+def test_param_groups_as_the_official_optimizer():
+    """EVAD's slowfast/models/optimizer.py scales the lr of names under ``det_head.`` (its box stages,
+    encoder_to_decoder, mask_token and the decoder with its action heads) by SOLVER.LR_SCALE 8; its FPN
+    (fpn_lateral*/fpn_output*), init_proposal_boxes/features and the encoder's final norm are top-level or
+    backbone modules at 1x. No decay on 1-D tensors, biases, mask_token, pos_embed."""
     task = tiny_task(optimizer=OptimizerSettings(lr=1e-3, weight_decay=0.05))
     where = {}
     for group in task.optimizer_groups():
@@ -150,11 +164,17 @@ def test_param_groups_heads_at_8x_and_no_decay_list():
         "detector.backbone.blocks.0.attn.v_bias": (1e-3, 0.0),
         "detector.backbone.blocks.3.norm1.weight": (1e-3, 0.0),
         "detector.backbone.blocks.3.mlp.fc1.bias": (1e-3, 0.0),
-        "detector.localiser.proposal_features": (8e-3, 0.05),  # an embedding table, decayed as in detectron2
-        "detector.pyramid.lateral_convs.0.weight": (8e-3, 0.05),
+        "detector.localiser.proposal_features": (1e-3, 0.05),  # an embedding table, decayed as in detectron2
+        "detector.localiser.proposal_boxes": (1e-3, 0.05),
+        "detector.pyramid.lateral_convs.0.weight": (1e-3, 0.05),
+        "detector.pyramid.output_convs.0.bias": (1e-3, 0.0),
+        "detector.localiser.stages.0.box_deltas.weight": (8e-3, 0.05),
+        "detector.localiser.stages.0.box_deltas.bias": (8e-3, 0.0),
+        "detector.decoder.encoder_to_decoder.weight": (8e-3, 0.05),
         "detector.decoder.mask_token": (8e-3, 0.0),
-        "detector.decoder.norm.weight": (8e-3, 0.0),
+        "detector.decoder.norm.weight": (1e-3, 0.0),  # the encoder's final norm
         "detector.decoder.blocks.0.attn.qkv.weight": (8e-3, 0.05),
+        "detector.decoder.heads.0.3.weight": (8e-3, 0.05),
     }
     for name, (lr, wd) in expected.items():
         assert name in params, f"{name} not in {sorted(params)[:40]}"

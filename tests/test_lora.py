@@ -117,3 +117,27 @@ def test_rounds_add_merge_add():
 def test_no_matching_layer_is_an_error():
     with pytest.raises(ValueError, match="not found"):
         add_lora(nn.Sequential(nn.Linear(4, 4)), rank=2)
+
+
+def test_official_initialisation_statistics():
+    """The block-drop code's LoRALayer: A ~ N(0, 1/sqrt(rank)) (randn(in, rank) / sqrt(rank)), B = 0, scaling 1;
+    peft's default A is Kaiming-uniform, bound 1/sqrt(in_features) (std 1/sqrt(3 in))."""
+    torch.manual_seed(0)
+    rank, dim = 96, 384
+    vit = VideoMAEViT(embed_dim=dim, depth=2, num_heads=6, img_size=32, num_frames=4)
+    add_lora(vit, rank=rank)
+    a = torch.cat([m.lora_A["default"].weight.flatten() for _, m in vit.named_modules() if isinstance(m, LoraLayer)])
+    assert a.mean().abs() < 3 * rank**-0.5 / a.numel() ** 0.5
+    assert a.std().item() == pytest.approx(rank**-0.5, rel=0.01)
+    kurtosis = ((a - a.mean()) ** 4).mean() / a.var() ** 2
+    assert kurtosis.item() == pytest.approx(3.0, abs=0.1)  # a normal, not a uniform (1.8)
+    for _, m in vit.named_modules():
+        if isinstance(m, LoraLayer):
+            assert m.lora_B["default"].weight.abs().max() == 0 and m.scaling["default"] == 1.0
+    default = VideoMAEViT(embed_dim=dim, depth=2, num_heads=6, img_size=32, num_frames=4)
+    add_lora(default, rank=rank, init="peft")
+    layers = [m for _, m in default.named_modules() if isinstance(m, LoraLayer)]
+    a = torch.cat([m.lora_A["default"].weight.flatten() for m in layers])
+    assert a.abs().max() <= dim**-0.5 and a.std().item() == pytest.approx((3 * dim) ** -0.5, rel=0.02)
+    with pytest.raises(ValueError, match="LoRA init must be"):
+        add_lora(tiny_vit("videomae"), rank=4, init="kaiming")

@@ -34,8 +34,10 @@ VARIANT_BASES = {
     "evad_variants": "evad_ava_vitb.yaml",
     "tad_variants": "tad_thumos_videomae_s.yaml",
 }
+#: Variants whose base is not their folder's.
+VARIANT_BASE_FILES = {"evad_variants/ava_vitl_v21.yaml": "evad_ava_vitl.yaml"}
 VARIANTS = sorted(
-    (base, f"{folder}/{p.name}")
+    (VARIANT_BASE_FILES.get(f"{folder}/{p.name}", base), f"{folder}/{p.name}")
     for folder, base in VARIANT_BASES.items()
     for p in (RECIPES / folder).glob("*.yaml")
 )
@@ -44,17 +46,18 @@ BLOCKDROP = {p.name: p.name.replace("blockdrop_", "tad_") for p in RECIPES.glob(
 OVERLAYS = sorted(f"blockdrop/{p.name}" for p in (RECIPES / "blockdrop").glob("*.yaml"))
 #: overlays that change how blocks are chosen; the others change the recovery, and drop a fixed block (the
 #: scoring pass they share is the base recipe's, run by its own test)
-CHOOSING = {"blockdrop/metric_feature_mse.yaml", "blockdrop/metric_train_loss.yaml", "blockdrop/random.yaml",
+CHOOSING = {"blockdrop/metric_feature_mse.yaml", "blockdrop/metric_train_loss.yaml",
             "blockdrop/one_shot.yaml"}  # fmt: skip
 #: overlays that only reweigh the alignment losses or freeze the head of the recovery that ``full_finetune`` /
-#: ``no_finetune`` / ``relu`` and the base recipe run: their settings are checked by tests/test_cli.py, and
-#: compressing with each would not fit the suite's time
+#: ``no_finetune`` / ``relu`` and the base recipe run, or drop a fixed set at once as ``one_shot`` does: their
+#: settings are checked by tests/test_cli.py and tests/test_protocols.py, and compressing with each would not fit
+#: the suite's time
 REWEIGHTING = {"blockdrop/feature_only.yaml", "blockdrop/prediction_only.yaml", "blockdrop/no_alignment.yaml",
-               "blockdrop/head_frozen.yaml"}  # fmt: skip
+               "blockdrop/head_frozen.yaml", "blockdrop/random_2_5_9.yaml", "blockdrop/random_0_4_7.yaml"}  # fmt: skip
 #: a classifier and a detector, also restored with --ckpt_path by validate and predict
 RESTORED = ["haltingvt_minik.yaml", "tad_thumos_videomae_s.yaml"]
 #: ViT-L: built and loaded, no step (a step of 300M parameters does not fit the test suite's time)
-BUILT_ONLY = {"evad_ava_vitl.yaml", "tad_thumos_videomae_l.yaml"}
+BUILT_ONLY = {"evad_ava_vitl.yaml", "evad_variants/ava_vitl_v21.yaml", "tad_thumos_videomae_l.yaml"}
 #: where each task keeps the ViT the weight file loads into (its prefix in the task's state dict)
 BACKBONE = {
     "HaltingVTClassifier": "backbone.", "VideoClassifier": "backbone.", "SpatioTemporalDetection": "detector.backbone.",
@@ -292,5 +295,5 @@ def test_blockdrop_recipe_compresses_the_trained_detector(recipes, fits, workspa
     assert len(records[-1]["kept"]) == depth - 1 and (out / "compressed.ckpt").is_file()
     if recipes[-1] not in CHOOSING and len(recipes) == 3:
         assert records[1]["chosen"] == [5]
-    elif recipes[-1] != "blockdrop/random.yaml":  # every candidate scored once
+    else:  # every candidate scored once
         assert sorted(int(b) for b in records[1]["scores"]) == list(range(depth))

@@ -73,6 +73,55 @@ def test_class_agnostic_detector_without_class_scores_is_an_error(tmp_path, temp
         main(["fit", *tiny(tmp_path, temporal_set, "--data.init_args.class_agnostic=true")])
 
 
+def test_class_scores_missing_for_scored_videos_are_an_error_or_an_empty_video(tmp_path, temporal_set):
+    """A scored video without external class scores stops the evaluation naming the file and the videos (its
+    class-agnostic detections cannot be named); under missing_class_scores: empty it is scored without any."""
+    truth = json.loads((temporal_set / "annotations.json").read_text())["database"]
+    val = sorted(v for v, e in truth.items() if e["subset"] == "validation")
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({val[0]: {"jump": 0.6, "spin": 0.3, "slide": 0.1}}))
+    agnostic = ["--data.init_args.class_agnostic=true", f"--model.init_args.external_class_scores={partial}"]
+    with pytest.raises(ValueError, match=rf"partial.json has no scores for {len(val) - 1} of the {len(val)} val"):
+        main(["fit", *tiny(tmp_path / "a", temporal_set, *agnostic)])
+    cli = main(["fit", *tiny(tmp_path / "b", temporal_set, *agnostic, "--model.init_args.missing_class_scores=empty",
+                              "--run_id=e")])  # fmt: skip
+    results = json.loads((tmp_path / "b" / "e" / "predictions_val.json").read_text())["results"]
+    assert all(not results.get(v) for v in val[1:]) and "val/average_mAP" in cli.trainer.callback_metrics
+
+
+def test_backbone_weight_decay_is_one_group_as_opentads_custom_groups():
+    """OpenTAD's custom groups (lora / norm / patch_embed) decay every backbone tensor at 0.05, biases and norms
+    too; without backbone_weight_decay the usual rule (no decay on 1-D tensors) holds."""
+    from lightning_modules.tasks.temporal_detection import TemporalActionDetection
+    from models.actionformer import ActionFormerHead
+    from models.temporal_backbone import ChunkedVideoBackbone
+    from models.vit import VideoMAEViT
+
+    def task(**kwargs):
+        vit = VideoMAEViT(embed_dim=32, depth=1, num_heads=2, img_size=32, num_frames=8)
+        backbone = ChunkedVideoBackbone(vit, chunk_frames=8, head_length=32, finetune="lora", lora_rank=4)
+
+        def head(dim, classes):
+            return ActionFormerHead(dim, classes, embed_dim=16, head_channels=16, max_seq_len=32)
+
+        return TemporalActionDetection(backbone, head, num_classes=3, **kwargs)
+
+    def decays(t):
+        out = {}
+        for group in t.optimizer_groups():
+            for p in group["params"]:
+                out[id(p)] = (group["weight_decay"], group["lr"])
+        return {n: out[id(p)] for n, p in t.named_parameters() if p.requires_grad}
+
+    official = decays(task(backbone_weight_decay=0.05, backbone_lr=5e-5))
+    backbone = {n: v for n, v in official.items() if n.startswith("detector.backbone.")}
+    assert any("norm" in n for n in backbone) and any("lora_A" in n for n in backbone)
+    assert set(backbone.values()) == {(0.05, 5e-5)}
+    assert official["detector.head.cls_head.bias"][0] == 0.0  # the head keeps its no-decay group
+    usual = decays(task(backbone_lr=5e-5))
+    assert usual["detector.backbone.vit.blocks.0.norm1.weight"][0] == 0.0
+
+
 def test_external_class_scores_formats(tmp_path):
     names, ids = ["jump", "slide", "spin"], ["a", "b", "c"]
     (tmp_path / "list.json").write_text(json.dumps({"results": {"v_a": [0.1, 0.2, 0.7]}}))

@@ -39,10 +39,12 @@ from typing import Any
 import lightning as L
 import torch
 from jsonargparse import ActionConfigFile, Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_modules.callbacks import ValidationSchedule
 from lightning_modules.cli import as_list, place_checkpoints, place_loggers
 from lightning_modules.compression.checks import (
     record_source,
@@ -255,11 +257,20 @@ class Compressor:
         return {"chosen": chosen, "scores": {str(b): v for b, v in scores.items()}}
 
     def recover(
-        self, task: Compressible, teacher: Compressible | None, folder: Path, epochs: int
+        self,
+        task: Compressible,
+        teacher: Compressible | None,
+        folder: Path,
+        epochs: int,
+        schedule_epochs: float | None = None,
     ) -> dict[str, Any]:
-        """Fine-tune ``task`` (its recovery run directory in ``folder``; resumed if one is there)."""
+        """Fine-tune ``task`` (its recovery run directory in ``folder``; resumed if one is there) for ``epochs``
+        of a schedule over ``schedule_epochs`` (None: the settings'); with ``keep: best`` the task ends with the
+        weights of its best validated epoch."""
         s = self.settings
-        trainable = prepare_recovery(task, task.block_stack(), s.recovery, s.head_trainable, s.lora_rank)
+        trainable = prepare_recovery(
+            task, task.block_stack(), s.recovery, s.head_trainable, s.lora_rank, s.lora_init
+        )
         info = {"trainable_params": sum(p.numel() for p in trainable)}
         if (s.recovery == "none" and not s.head_trainable) or epochs == 0:
             return info
@@ -267,7 +278,7 @@ class Compressor:
             task.optimizer_settings = replace(task.optimizer_settings, lr=s.lr)
         if s.backbone_lr is not None and hasattr(task, "backbone_lr"):
             task.backbone_lr = s.backbone_lr
-        schedule = {"warmup_epochs": s.warmup_epochs, "epochs": s.schedule_epochs}
+        schedule = {"warmup_epochs": s.warmup_epochs, "epochs": schedule_epochs or s.schedule_epochs}
         task.schedule_settings = replace(
             task.schedule_settings, **{k: v for k, v in schedule.items() if v is not None}
         )
@@ -277,8 +288,18 @@ class Compressor:
         task.set_teacher(teacher if aligned else None, s.alignment)
         run = RunDirectory(folder, "recovery")
         _, dm, trainer_args = self.fresh(run=run)
-        trainer_args.update(default_root_dir=str(run.path), max_epochs=epochs)
-        callbacks = list(trainer_args.get("callbacks") or [])
+        trainer_args.update(default_root_dir=str(run.path), max_epochs=epochs, check_val_every_n_epoch=1)
+        callbacks = [
+            c for c in trainer_args.get("callbacks") or [] if not isinstance(c, ValidationSchedule)
+        ]
+        callbacks.append(ValidationSchedule(s.eval_first_epoch, s.eval_every))
+        best = None
+        if s.keep == "best":
+            best = ModelCheckpoint(
+                run.checkpoints / "best", filename="best", monitor=s.score_key, mode="max", save_top_k=1,
+                save_weights_only=True,
+            )  # fmt: skip
+            callbacks.append(best)
         # On SIGTERM the recovery keeps its last epoch's checkpoint: the re-run then equals the uninterrupted run.
         state = RunState(run.checkpoints, save_on_sigterm=False)
         trainer_args["callbacks"] = [*callbacks, LastCheckpoint(run.checkpoints), state]
@@ -292,6 +313,16 @@ class Compressor:
         finish_wandb()  # else the next fit's W&B logger would write into this round's run
         task.set_teacher(None)
         info["recovery_epochs"] = trainer.current_epoch
+        if best is not None:
+            if not best.best_model_path:
+                raise RuntimeError(
+                    f"{folder.name}: keep: best found no validated {s.score_key} in the recovery; validate at least "
+                    "once (eval_first_epoch <= epochs)"
+                )
+            saved = read_own_checkpoint(best.best_model_path)
+            task.load_state_dict(saved["state_dict"])
+            info["kept_epoch"] = int(saved["epoch"]) + 1
+            info["kept_score"] = float(best.best_model_score)
         return info
 
     def run(self) -> list[dict[str, Any]]:
@@ -406,7 +437,10 @@ class Compressor:
             if s.recovery != "none" or s.head_trainable:
                 teacher_source = None if s.teacher == "original" else source
                 teacher = self.load(self.fresh()[0], teacher_source)
-            info = self.recover(student, teacher, folder, s.epochs)
+            first = k == 1 and s.first_round_epochs is not None
+            epochs = s.first_round_epochs if first else s.epochs
+            schedule_epochs = s.first_round_schedule_epochs if k == 1 else None
+            info = self.recover(student, teacher, folder, epochs, schedule_epochs)
             merge_lora(student)
             write_json(info_file, info)  # first: the model file is what marks the round recovered
             save_atomic({"state_dict": student.state_dict(), "dropped": dropped}, model_file)

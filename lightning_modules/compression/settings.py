@@ -10,6 +10,7 @@ from lightning_modules.compression.scoring import HIGHER_IS_BETTER
 from lightning_modules.compression.task import Alignment
 from lightning_modules.runs import resolve_run_id
 from models.blockdrop import Recovery
+from models.lora import LoraInit
 
 
 @dataclass
@@ -27,8 +28,14 @@ class BlockDrop:
     the validation ``score_key`` more than ``score_tolerance`` below the uncompressed model's (that round is
     rejected and the previous one kept).
     Recovery: ``recovery`` (``lora``, ``full``, ``none``), ``head_trainable``, ``lora_rank`` (None: dim / 4),
+    ``lora_init`` (``official``: A ~ N(0, 1/sqrt(rank)) as the block-drop code; ``peft``: peft's default),
     ``epochs``, ``lr`` (head) and ``backbone_lr`` (LoRA, norms, patch embedding), ``warmup_epochs`` and
-    ``schedule_epochs`` (the cosine's length, which may exceed ``epochs``; each None: the recipe's), the
+    ``schedule_epochs`` (the cosine's length, which may exceed ``epochs``; each None: the recipe's), for the first
+    round ``first_round_epochs`` / ``first_round_schedule_epochs`` when set (the official ActivityNet script
+    trains round 1 for 8 epochs of a cosine over 10, later rounds 15 over 15); validation at epoch
+    ``eval_first_epoch`` and every ``eval_every`` epochs after it, and at the last (the official loop: every 5
+    from 10); ``keep`` the recovery's ``last`` epoch (the default: nothing is chosen on the evaluation set) or its
+    ``best`` validated epoch by ``score_key`` (what the official loop keeps, scoring the test set), the
     ``alignment`` losses against the ``teacher`` (``original``: the uncompressed model; ``previous``: the
     previous round's). ``latency_repeats`` > 0 also times a forward of one input (min over repeats).
     ``relu_stage`` (the supplement's sparse model): after the rounds, the kept model's MLPs get ReLU for GELU and
@@ -53,7 +60,13 @@ class BlockDrop:
     recovery: Recovery = "lora"
     head_trainable: bool = True
     lora_rank: int | None = None
+    lora_init: LoraInit = "official"
     epochs: int = 60
+    first_round_epochs: int | None = None
+    first_round_schedule_epochs: float | None = None
+    eval_first_epoch: int = 10
+    eval_every: int = 5
+    keep: Literal["last", "best"] = "last"
     lr: float | None = None
     backbone_lr: float | None = None
     warmup_epochs: float | None = None
@@ -73,8 +86,16 @@ class BlockDrop:
             raise ValueError(
                 f"compress.metric must be map, train_loss, feature_mse or random, got {self.metric!r}"
             )
-        if self.epochs < 0:
-            raise ValueError(f"compress.epochs must be >= 0, got {self.epochs}")
+        if self.epochs < 0 or (self.first_round_epochs is not None and self.first_round_epochs < 0):
+            raise ValueError(
+                f"compress.epochs and first_round_epochs must be >= 0, got {self.epochs}, {self.first_round_epochs}"
+            )
+        if self.eval_first_epoch < 1 or self.eval_every < 1:
+            raise ValueError(
+                f"compress.eval_first_epoch and eval_every must be >= 1, got {self.eval_first_epoch}, {self.eval_every}"
+            )
+        if self.keep not in ("last", "best"):
+            raise ValueError(f"compress.keep must be 'last' or 'best', got {self.keep!r}")
         if self.sparsity_batches < 1:
             raise ValueError(f"compress.sparsity_batches must be >= 1, got {self.sparsity_batches}")
         if self.latency_target is not None and self.latency_repeats < 1:

@@ -221,7 +221,8 @@ class TemporalDetectionTimeline(L.Callback):
             if not parts:
                 continue
             # The candidates are in seconds already: offset 0 and one second per step.
-            merged = pl_module.postprocess.merge_windows(parts, [0.0] * len(parts), 1.0, durations[video])
+            whole = getattr(dm, "mode", None) == "resize"
+            merged = pl_module.postprocess.merge_windows(parts, [0.0] * len(parts), 1.0, durations[video], whole)
             if video in class_scores:
                 merged = pl_module.postprocess.fuse_video_classes(merged, class_scores[video])
             detections[video] = (merged.segments.numpy(), merged.scores.numpy(), merged.labels.numpy())

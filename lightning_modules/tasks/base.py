@@ -6,7 +6,7 @@ What only some tasks do lives with its capability: block drop in ``lightning_mod
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
 from functools import partial
 from typing import Any, Literal
@@ -22,13 +22,19 @@ from models.checkpoint import LoadReport
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "time_embed", "mask_token", "q_bias", "v_bias")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def named_param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """The trainable parameters of ``named`` in two groups: with ``weight_decay``, and without it (1-D tensors and
+    ``NO_DECAY_NAMES``)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in named:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 or any(n in name for n in NO_DECAY_NAMES) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    return named_param_groups(model.named_parameters(), weight_decay)
 
 
 def warmup_cosine(

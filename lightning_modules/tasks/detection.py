@@ -6,7 +6,8 @@ layer), each term logged under ``train/``. Evaluation: per keyframe, the detecto
 at the end of the epoch:
 
 - AVA (a data module with ``action_ids``): ``AVAFrameMAP``, the official protocol (PASCAL VOC AP at IoU 0.5 over
-  the label map's classes, at most 50 detections per keyframe), logged as ``<stage>/frame_mAP@0.5`` and
+  the evaluated classes of the data module, e.g. the 60 of the ActivityNet label map while 80 are trained; every
+  (box, action) row kept unless ``max_detections_per_keyframe``), logged as ``<stage>/frame_mAP@0.5`` and
   ``<stage>/frame_mAP@0.5:0.95``; per-class APs at test.
 - UCF101-24 / JHMDB (batches with ``frame``, ``classes``, ``tube_ids``): ``FrameVideoMAP``, ``frame_mAP@0.5``
   and, at test, video-mAP from linked tubes.
@@ -31,15 +32,25 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.metrics.ava import AVAFrameMAP
+from lightning_modules.metrics.person_ap import PersonAP
 from lightning_modules.metrics.video_map import FrameVideoMAP
-from lightning_modules.tasks.base import OptimizerSettings, ScheduleSettings, VideoTask, param_groups
+from lightning_modules.tasks.base import OptimizerSettings, ScheduleSettings, VideoTask, named_param_groups
 from models.checkpoint import LoadReport
 from models.evad import EVAD, ActionDetections
 from models.flops import count_macs
 
 STAGES = ("val", "test", "predict")
-#: The detector's parts trained at ``head_lr_mult`` x the backbone's learning rate (the official "heads").
-HEAD_PARTS = ("localiser", "pyramid", "decoder")
+#: Parameters of the detector trained at ``head_lr_mult`` x the learning rate: those the official code keeps under
+#: ``det_head`` (its optimizer scales exactly that prefix): the localiser's box stages and the whole context
+#: refinement decoder (projection, mask token, layers, action heads). The feature pyramid and the proposal boxes
+#: and features sit outside it and train at 1x, as the encoder's final norm, which the decoder holds here.
+HEAD_PARAMETERS = ("localiser.stages.", "decoder.")
+ENCODER_NORM = "decoder.norm."
+
+
+def is_head_parameter(name: str) -> bool:
+    """Whether the detector's parameter ``name`` trains at the heads' learning rate."""
+    return name.startswith(HEAD_PARAMETERS) and not name.startswith(ENCODER_NORM)
 
 
 def _normalised(boxes: Tensor, size: Tensor) -> Tensor:
@@ -62,9 +73,13 @@ class SpatioTemporalDetection(VideoTask):
 
     Optimisation (the official recipe, the defaults of ``optimizer`` and ``schedule``): AdamW, weight decay 1e-4
     except on 1-D tensors, positions and the mask token; ``optimizer.lr`` 2.5e-5 (batch 16) for the backbone,
-    ``head_lr_mult`` (8) x that for the localiser, pyramid and context refinement decoder; linear warmup over 2
-    epochs from 0.1 x lr, then x0.1 at epoch 5 and x0.01 at epoch 8 (``schedule.kind: step``,
-    ``milestones: [5, 8]``), updated every optimiser step.
+    ``head_lr_mult`` (8) x that for the box stages and the context refinement decoder (``HEAD_PARAMETERS``; the
+    pyramid, proposals and the encoder's final norm at 1x); linear warmup over 2 epochs from 0.1 x lr, then x0.1
+    at epoch 5 and x0.01 at epoch 8 (``schedule.kind: step``, ``milestones: [5, 8]``), updated every optimiser
+    step. ``max_detections_per_keyframe``: AVA's per-keyframe cap of (box, action) rows; null keeps every row, as
+    the official PySlowFast helper EVAD scores with (50 is the ActivityNet tool's rule, ``evaluate-ava``'s
+    default). Validation and test also log the localiser's person-detection AP (``<stage>/person_AP@0.5``,
+    COCO's evaluator as the official person meter; not with ``use_proposals``).
     """
 
     def __init__(
@@ -75,6 +90,7 @@ class SpatioTemporalDetection(VideoTask):
         trust_pickle: bool = False,
         multilabel: bool = True,
         use_proposals: bool = False,
+        max_detections_per_keyframe: int | None = None,
         head_lr_mult: float = 8.0,
         optimizer: OptimizerSettings = OptimizerSettings(lr=2.5e-5, weight_decay=1e-4),
         schedule: ScheduleSettings = ScheduleSettings(
@@ -90,13 +106,19 @@ class SpatioTemporalDetection(VideoTask):
             )
         if head_lr_mult <= 0:
             raise ValueError(f"head_lr_mult must be > 0, got {head_lr_mult}")
+        if max_detections_per_keyframe is not None and max_detections_per_keyframe < 1:
+            raise ValueError(
+                f"max_detections_per_keyframe must be >= 1 or null, got {max_detections_per_keyframe}"
+            )
         self.save_hyperparameters(ignore=["detector"])
         self.detector = detector
         self.num_classes = num_classes
         self.use_proposals = use_proposals
         self.head_lr_mult = head_lr_mult
+        self.max_detections_per_keyframe = max_detections_per_keyframe
         self.load_pretrained(pretrained, trust_pickle)
         self.metrics = nn.ModuleDict()  # built at setup, when the data module says which protocol applies
+        self.person_metrics = nn.ModuleDict()
         self._protocol: Literal["ava", "frames"] | None = None
         self._action_ids: list[int] = []
 
@@ -115,16 +137,21 @@ class SpatioTemporalDetection(VideoTask):
         if hasattr(dm, "action_ids"):
             self._protocol = "ava"
             self._action_ids = list(dm.action_ids)
-            label_map = dict(zip(self._action_ids, dm.class_names))
+            evaluated = dict(getattr(dm, "evaluated_label_map", dict(zip(self._action_ids, dm.class_names))))
             width = max(self._action_ids)  # the metric's score columns are action id - 1
+            cap = self.max_detections_per_keyframe
             self.metrics = nn.ModuleDict(
-                {s: AVAFrameMAP(width, label_map, per_class=s == "test") for s in STAGES}
+                {s: AVAFrameMAP(width, evaluated, cap, per_class=s == "test") for s in STAGES}
             )
         else:
             self._protocol = "frames"
             self.metrics = nn.ModuleDict(
                 {s: FrameVideoMAP(self.num_classes, video_map=s == "test") for s in STAGES}
             )
+        # the localiser's own boxes are scored as person detections (not the given proposals')
+        self.person_metrics = nn.ModuleDict(
+            {} if self.use_proposals else {s: PersonAP() for s in ("val", "test")}
+        )
 
     # ------------------------------------------------------------------------------------------- training
 
@@ -178,8 +205,18 @@ class SpatioTemporalDetection(VideoTask):
                 p.requires_grad_(True)
             self.detector.train(training)
 
-    def detections(self, batch: dict[str, Any]) -> list[ActionDetections]:
+    def detections(self, batch: dict[str, Any], stage: str | None = None) -> list[ActionDetections]:
+        """The detector's detections of the batch; at ``val`` / ``test`` the localiser's proposals also go to
+        the stage's person AP."""
         outputs = self(batch["video"], batch["image_size"], self.given_boxes(batch))
+        if stage in self.person_metrics:
+            boxes, scores = self.detector.person_proposals(outputs)
+            sizes = batch["image_size"]
+            times = batch["timestamp"] if self._protocol == "ava" else batch["frame"]
+            self.person_metrics[stage].update(
+                [_normalised(b, size) for b, size in zip(boxes, sizes)], scores,
+                [_normalised(b, size) for b, size in zip(batch["boxes"], sizes)], batch["video_index"], times,
+            )  # fmt: skip
         return self.detector.predict(outputs)
 
     def _update(self, batch: dict[str, Any], stage: str, detections: list[ActionDetections]) -> None:
@@ -209,7 +246,7 @@ class SpatioTemporalDetection(VideoTask):
             return []
         if batch_idx == 0 and stage != "predict":
             self.log(f"{stage}/gmacs", self.clip_gmacs(batch), batch_size=1, sync_dist=True)
-        detections = self.detections(batch)
+        detections = self.detections(batch, stage)
         self._update(batch, stage, detections)
         return detections
 
@@ -235,6 +272,9 @@ class SpatioTemporalDetection(VideoTask):
     def _evaluate(self, stage: str) -> None:
         metric = self.metrics[stage]
         scores = metric.compute()
+        if stage in self.person_metrics:
+            scores.update(self.person_metrics[stage].compute())
+            self.person_metrics[stage].reset()
         for name, value in scores.items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "frame_mAP@0.5", rank_zero_only=False)
         if stage == "test":
@@ -254,6 +294,8 @@ class SpatioTemporalDetection(VideoTask):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             self.metrics["val"].reset()
+            if "val" in self.person_metrics:
+                self.person_metrics["val"].reset()
             return
         self._evaluate("val")
 
@@ -267,27 +309,24 @@ class SpatioTemporalDetection(VideoTask):
     # ------------------------------------------------------------------------------------------- optimiser
 
     def optimizer_groups(self) -> list[dict]:
-        """Backbone at ``lr``, the heads (localiser, pyramid, decoder) at ``head_lr_mult`` x ``lr``; no weight
-        decay on 1-D tensors (biases, norms, q/v biases), positions and the mask token."""
+        """The official groups: ``head_lr_mult`` x ``lr`` for ``HEAD_PARAMETERS`` (the box stages and the context
+        refinement decoder with its projection, mask token and action heads), ``lr`` for the rest (backbone,
+        feature pyramid, proposal boxes and features, the encoder's final norm); no weight decay on 1-D tensors
+        (biases, norms, q/v biases), positions and the mask token."""
         lr = self.optimizer_settings.lr
-        parts = [(self.detector.backbone, lr)]
-        parts += [(getattr(self.detector, name), lr * self.head_lr_mult) for name in HEAD_PARTS]
-        groups, seen = [], set()
-        for module, lr in parts:
-            for group in param_groups(module, self.optimizer_settings.weight_decay):
-                seen.update(id(p) for p in group["params"])
+        parts: dict[bool, list[tuple[str, nn.Parameter]]] = {True: [], False: []}
+        for name, p in self.detector.named_parameters():
+            if p.requires_grad:
+                parts[is_head_parameter(name)].append((name, p))
+        groups = []
+        for head, named in parts.items():
+            for group in named_param_groups(named, self.optimizer_settings.weight_decay):
                 if group["params"]:
-                    groups.append({**group, "lr": lr})
-        left = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in seen]
-        if left:
-            raise RuntimeError(
-                f"{__file__}: trainable parameters outside the backbone and heads would not be optimised: "
-                f"{left[:5]}; add their module to HEAD_PARTS or freeze them"
-            )
+                    groups.append({**group, "lr": lr * self.head_lr_mult if head else lr})
         return groups
 
     def metric_names(self, stage: str = "val") -> list[str]:
         return [f"{stage}/frame_mAP@0.5"]
 
 
-__all__ = ["HEAD_PARTS", "SpatioTemporalDetection"]
+__all__ = ["HEAD_PARAMETERS", "SpatioTemporalDetection", "is_head_parameter"]

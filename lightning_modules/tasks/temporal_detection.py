@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_modules.compression.task import Compressible
@@ -90,7 +91,9 @@ class TemporalActionDetection(Compressible, VideoTask):
         postprocess: TADPostProcessor | None = None,
         tious: tuple[float, ...] = THUMOS_TIOUS,
         external_class_scores: str | None = None,
+        missing_class_scores: Literal["error", "empty"] = "error",
         backbone_lr: float = 2e-4,
+        backbone_weight_decay: float | None = None,
         optimizer: OptimizerSettings = OptimizerSettings(lr=1e-4),
         schedule: ScheduleSettings = ScheduleSettings(warmup_epochs=5.0, warmup_start_factor=0.001, min_lr_ratio=0.0),
     ):
@@ -101,7 +104,11 @@ class TemporalActionDetection(Compressible, VideoTask):
         self.postprocess = postprocess or TADPostProcessor()
         self.num_classes = num_classes
         self.backbone_lr = backbone_lr
+        self.backbone_weight_decay = backbone_weight_decay
         self.external_class_scores = external_class_scores
+        if missing_class_scores not in ("error", "empty"):
+            raise ValueError(f"missing_class_scores must be 'error' or 'empty', got {missing_class_scores!r}")
+        self.missing_class_scores = missing_class_scores
         self.tious = tuple(tious)
         self._candidates: dict[str, list[dict[str, Any]]] = {"val": [], "test": []}
         self.metrics = nn.ModuleDict({s: TemporalDetectionMAP(self.tious) for s in ("val", "test")})
@@ -221,9 +228,11 @@ class TemporalActionDetection(Compressible, VideoTask):
 
     def video_detections(self, windows: list[dict[str, Any]], class_scores: Tensor | None) -> Detections:
         windows = sorted(windows, key=lambda c: c["window"])
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        whole = getattr(dm, "mode", None) == "resize" if dm is not None else None  # None: one window is whole
         merged = self.postprocess.merge_windows(
             [c["detections"] for c in windows], [c["offset"] for c in windows], [c["step"] for c in windows],
-            windows[0]["duration"],
+            windows[0]["duration"], whole,
         )  # fmt: skip
         if class_scores is not None:
             merged = self.postprocess.fuse_video_classes(merged, class_scores)
@@ -241,6 +250,20 @@ class TemporalActionDetection(Compressible, VideoTask):
         class_scores = {}
         if self.external_class_scores:
             class_scores = read_class_scores(self.external_class_scores, dm.video_ids, dm.class_names)
+            missing = [dm.video_ids[v] for v in sorted(truth) if v not in class_scores]
+            if missing and self.missing_class_scores == "error":
+                raise ValueError(
+                    f"external_class_scores {self.external_class_scores} has no scores for {len(missing)} of the "
+                    f"{len(truth)} {stage} videos (e.g. {missing[:3]}): their class-agnostic detections cannot "
+                    "be named. Give a file that covers them (scoring the training set needs scores of training "
+                    "videos), or set model.init_args.missing_class_scores to 'empty' to score them without "
+                    "detections"
+                )
+            if missing:
+                rank_zero_warn(
+                    f"{stage}: {len(missing)} videos without external class scores are scored without detections "
+                    f"(missing_class_scores: empty; e.g. {missing[:3]})"
+                )
         elif self.num_classes == 1 and len(dm.class_names) > 1:
             raise ValueError(
                 "a class-agnostic detector needs video-level class scores to name its detections: set "
@@ -255,8 +278,11 @@ class TemporalActionDetection(Compressible, VideoTask):
         for video in sorted(truth):
             if video % world != rank:  # each rank scores its share; the metric gathers them
                 continue
+            unnamed = self.external_class_scores and video not in class_scores
             dets = (
-                self.video_detections(by_video[video], class_scores.get(video)) if by_video[video] else empty
+                self.video_detections(by_video[video], class_scores.get(video))
+                if by_video[video] and not unnamed
+                else empty
             )
             metric.update([{"segments": dets.segments, "scores": dets.scores, "labels": dets.labels}],
                           [truth[video]], [video])  # fmt: skip
@@ -295,10 +321,17 @@ class TemporalActionDetection(Compressible, VideoTask):
     # -------------------------------------------------------------------------------------------- optimiser
 
     def optimizer_groups(self) -> list[dict]:
-        """Backbone (trainable part) at ``backbone_lr``, head at ``lr``; no decay on biases, norms, scales."""
+        """Backbone (trainable part) at ``backbone_lr``, head at ``lr``; no decay on biases, norms, scales, except
+        that ``backbone_weight_decay`` (when set) decays every trainable backbone tensor alike."""
         groups = []
         head_lr, decay = self.optimizer_settings.lr, self.optimizer_settings.weight_decay
+        backbone = [p for p in self.detector.backbone.parameters() if p.requires_grad]
+        if self.backbone_weight_decay is not None and backbone:
+            # OpenTAD's custom groups (lora / norm / patch_embed, or adapter): one decay for all, biases and norms too
+            groups.append({"params": backbone, "weight_decay": self.backbone_weight_decay, "lr": self.backbone_lr})
         for module, lr in ((self.detector.backbone, self.backbone_lr), (self.detector.head, head_lr)):
+            if module is self.detector.backbone and self.backbone_weight_decay is not None:
+                continue
             for group in param_groups(module, decay):
                 if group["params"]:
                     groups.append({**group, "lr": lr})
