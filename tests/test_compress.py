@@ -428,3 +428,24 @@ def test_keep_best_first_round_schedule_and_validation_epochs(tmp_path, trained)
     chosen = torch.load(best, weights_only=True)["state_dict"]
     head = [k for k in chosen if k.startswith("detector.head.") and chosen[k].is_floating_point()]
     assert head and all(torch.equal(kept[k], chosen[k]) for k in head)  # the head has no LoRA to merge
+
+
+def test_rounds_of_an_unknown_checkpoint_are_refused_and_the_demo_clears_its_own(tmp_path, trained, capsys):
+    """Rounds without the record of their checkpoint (a folder older than source.json) are refused, not taken as
+    rounds of the checkpoint given; the demo, which owns its folder, removes another detector's rounds."""
+    from lightning_modules.demos.blockdrop import clear_other_detector
+
+    data, checkpoint = trained
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "rounds.json").write_text("[]")
+    with pytest.raises(FileExistsError, match="without a record of the checkpoint they compress"):
+        compress(compress_args(out, data, checkpoint, "--compress.max_blocks=1"))
+    clear_other_detector(out, checkpoint)
+    assert not out.exists() and "another detector: removed" in capsys.readouterr().out
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "rounds.json").write_text("[]")
+    (mine / "source.json").write_text(json.dumps({"sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}))
+    clear_other_detector(mine, checkpoint)
+    assert (mine / "rounds.json").is_file()  # the same detector: kept, to resume

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,6 @@ from jsonargparse import Namespace
 
 from lightning_modules.compression.report import write_json
 from lightning_modules.compression.task import Alignment, Compressible
-
-log = logging.getLogger(__name__)
 
 
 def task_class_of(model: Namespace) -> type:
@@ -77,5 +74,9 @@ def record_source(out: Path, checkpoint: Path) -> None:
             )
         return
     if (out / "rounds.json").is_file():
-        log.warning("%s has rounds but no source record: taking them as rounds of %s", out, checkpoint)
+        raise FileExistsError(
+            f"{out} holds rounds without a record of the checkpoint they compress (source.json, written since this "
+            f"folder was made): they may not be rounds of {checkpoint}. Remove {out} to compress it there, or give "
+            "another --compress.out_dir"
+        )
     write_json(path, source)
