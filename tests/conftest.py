@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,16 @@ def master_port(monkeypatch) -> None:
     from tests.helpers import reserved_port
 
     monkeypatch.setenv("MASTER_PORT", str(reserved_port()))
+
+
+@pytest.fixture(autouse=True)
+def no_open_wandb_run():
+    """A W&B run a test leaves open would be reused by the next test's logger in this process (W&B's rule): its
+    pictures and metrics would land in the earlier run's folder. Finish it after each test."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -91,11 +91,11 @@ def test_fit_and_predict_write_one_timeline_per_video(tmp_path, temporal_set, mo
     for path in callback.written:
         assert matplotlib.image.imread(path).ndim == 3
 
-    # Predict from the checkpoint, logging the pictures to an offline W&B run (W&B's process-wide state reset and
-    # its mode set here: an earlier test of the same process may have left them otherwise).
+    # Predict from the checkpoint, logging the pictures to an offline W&B run of its own: a run an earlier test of
+    # this process left open would be reused by the logger (W&B's rule), and the pictures would go to its folder.
     import wandb
 
-    wandb.teardown()
+    wandb.finish()
     monkeypatch.setenv("WANDB_MODE", "offline")
     (ckpt,) = (tmp_path / "t").rglob("last.ckpt")
     main([
