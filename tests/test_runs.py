@@ -325,6 +325,37 @@ def test_wandb_offline_run_holds_the_whole_recipe_and_metrics(
     assert {"val/top1", "val/gmacs", "train/loss"} <= history
 
 
+def test_wandb_with_a_key_and_no_route_logs_offline_and_the_fit_goes_on(
+    tmp_path, synthetic_classification, monkeypatch, caplog
+):
+    """A compute node with the shared ~/.netrc key and no route to the W&B server: the run logs offline into its
+    directory (before: online, and the fit died at start with "CommError: Failed to get resume status")."""
+    from lightning_modules.loggers import wandb_reachable
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # nothing listens there once closed
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    caplog.set_level(logging.INFO)
+    start = time.perf_counter()
+    assert not wandb_reachable(timeout=2.0) and time.perf_counter() - start < 3.0
+    cli = main(["fit", *args(tmp_path, synthetic_classification, "--run_id=w2", "--trainer.max_epochs=1",
+                             "--trainer.logger+=lightning_modules.loggers.AutoWandbLogger",
+                             "--trainer.logger.init_args.connect_timeout=2")])  # fmt: skip
+    logger = cli.trainer.loggers[-1]
+    assert logger._offline and cli.trainer.current_epoch == 1
+    logger.experiment.finish()
+    assert list((tmp_path / "w2" / "wandb").glob("offline-run-*/run-w2.wandb"))
+    assert f"127.0.0.1:{port} cannot be reached within 2 s; logging offline" in caplog.text
+    with socket.socket() as listening:  # and a server that answers is used
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{listening.getsockname()[1]}")
+        assert wandb_reachable(timeout=2.0)
+
+
 def write_list_with_bad_videos(root: Path, data: Path, name: str, good: int, bad: int, missing: int = 0) -> None:
     lines = (data / "val.txt").read_text().splitlines()[:good]
     for i in range(bad):
