@@ -94,3 +94,6 @@ class AutoWandbLogger(WandbLogger):
             name=name, save_dir=save_dir, project=project, offline=offline, log_model=log_model,
             id=id or resolve_run_id(None), group=group, tags=tags, resume="allow", **kwargs,
         )  # fmt: skip
+        if self._wandb_init.get("anonymous") is None:
+            # Lightning always passes it; W&B then warns on every run that the setting has no effect
+            del self._wandb_init["anonymous"]

@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import struct
@@ -155,7 +156,10 @@ def test_run_directory_layout(tmp_path, synthetic_classification):
     assert cli.trainer.default_root_dir == str(run)
     assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert "last.ckpt" in names and any(n.startswith("epoch000") for n in names)
+    assert "last.ckpt" in names
+    # the best checkpoint says its epoch and score (it read "epoch000-top10.1250", top-1 run into the value)
+    best = [n for n in names if n != "last.ckpt"]
+    assert len(best) == 1 and re.fullmatch(r"epoch000-top1_[01]\.\d{4}\.ckpt", best[0]), best
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one"]  # nothing written beside the run directory
 
 
@@ -326,7 +330,7 @@ def test_wandb_offline_run_holds_the_whole_recipe_and_metrics(
 
 
 def test_wandb_with_a_key_and_no_route_logs_offline_and_the_fit_goes_on(
-    tmp_path, synthetic_classification, monkeypatch, caplog
+    tmp_path, synthetic_classification, monkeypatch, caplog, capsys
 ):
     """A compute node with the shared ~/.netrc key and no route to the W&B server: the run logs offline into its
     directory (before: online, and the fit died at start with "CommError: Failed to get resume status")."""
@@ -349,6 +353,7 @@ def test_wandb_with_a_key_and_no_route_logs_offline_and_the_fit_goes_on(
     logger.experiment.finish()
     assert list((tmp_path / "w2" / "wandb").glob("offline-run-*/run-w2.wandb"))
     assert f"127.0.0.1:{port} cannot be reached within 2 s; logging offline" in caplog.text
+    assert "anonymous setting has no effect" not in capsys.readouterr().err  # W&B's warning on every run, gone
     with socket.socket() as listening:  # and a server that answers is used
         listening.bind(("127.0.0.1", 0))
         listening.listen()
