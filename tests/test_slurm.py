@@ -50,7 +50,7 @@ def test_submit_dry_run_asks_for_one_task_per_gpu_of_the_recipe(dry_run):
     status, out, err = dry_run(MINIK, "--time", "12:00:00", "--partition", "gpu")
     assert status == 0, err
     assert out.strip() == (
-        "sbatch --job-name=evt-haltingvt_minik --nodes=1 --ntasks-per-node=8 --gres=gpu:8 --time=12:00:00 "
+        "sbatch --job-name=haltingvt_minik --nodes=1 --ntasks-per-node=8 --gres=gpu:8 --time=12:00:00 "
         "--partition=gpu recipes/slurm/train.sbatch recipes/haltingvt_minik.yaml"
     )
     assert "run directory: runs/haltingvt_minik/<job id>" in err
@@ -61,7 +61,7 @@ def test_submit_dry_run_multinode_and_cpu_tasks(dry_run):
     status, out, err = dry_run(MINIK, "--nodes", "2", "--", "--trainer.num_nodes=2", "--trainer.max_epochs", "5")
     assert status == 0, err
     assert out.strip() == (
-        "sbatch --job-name=evt-haltingvt_minik --nodes=2 --ntasks-per-node=8 --gres=gpu:8 "
+        "sbatch --job-name=haltingvt_minik --nodes=2 --ntasks-per-node=8 --gres=gpu:8 "
         "recipes/slurm/train_multinode.sbatch recipes/haltingvt_minik.yaml "
         "--trainer.num_nodes=2 --trainer.max_epochs 5"
     )
@@ -71,10 +71,33 @@ def test_submit_dry_run_multinode_and_cpu_tasks(dry_run):
     )
     assert status == 0, err
     assert out.strip() == (
-        "sbatch --job-name=evt-synthetic_dense_vit --nodes=1 --ntasks-per-node=2 --gres=none --cpus-per-task=1 "
+        "sbatch --job-name=synthetic_dense_vit --nodes=1 --ntasks-per-node=2 --gres=none --cpus-per-task=1 "
         "recipes/slurm/train.sbatch recipes/quickstart/synthetic_dense_vit.yaml --trainer.devices=2 "
         "--trainer.accelerator=cpu"
     )
+
+
+def test_submit_passes_other_sbatch_options_on_and_names_the_job_after_the_stacked_recipes(dry_run):
+    """sbatch options the helper does not manage go through as given (before: "unrecognized arguments"); a GPU
+    type in --gres replaces the helper's when it asks for the recipe's GPUs; stacked recipes name the job."""
+    variant = "recipes/haltingvt_variants/minik_g03_b05.yaml"
+    status, out, err = dry_run(
+        MINIK, "--account", "foo", "--qos=high", "--constraint", "a100|a800", "--mem", "0", "--mail-type=END",
+        "--exclusive", "--gres=gpu:a100:8", "--", "--config", variant,
+    )  # fmt: skip
+    assert status == 0, err
+    assert out.strip() == (
+        "sbatch --job-name=haltingvt_minik+minik_g03_b05 --nodes=1 --ntasks-per-node=8 --account=foo --qos=high "
+        "'--constraint=a100|a800' --mem=0 --mail-type=END --exclusive --gres=gpu:a100:8 recipes/slurm/train.sbatch "
+        f"recipes/haltingvt_minik.yaml --config {variant}"
+    )
+    for argv, message in (
+        (["--gres=gpu:a100:4"], r"--gres=gpu:a100:4 does not ask for the recipe's 8 GPUs"),
+        (["--ntasks=8"], r"--ntasks is set by the helper"),
+        (["stray"], r"'stray' is not an sbatch option"),
+    ):
+        status, out, err = dry_run(MINIK, *argv)
+        assert status == 2 and out == "" and re.search(message, err), err
 
 
 @pytest.mark.parametrize(

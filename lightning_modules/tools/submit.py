@@ -1,7 +1,8 @@
 """Submit a recipe to SLURM with the allocation its trainer settings need.
 
     python -m lightning_modules submit RECIPE.yaml [--nodes N] [--gpus-per-node G] [--cpus-per-task C]
-        [--time HH:MM:SS] [--partition P] [--job-name NAME] [--dry-run] [-- CLI overrides...]
+        [--time HH:MM:SS] [--partition P] [--job-name NAME] [--dry-run] [any other sbatch option ...]
+        [-- CLI overrides...]
 
 Reads ``trainer.devices``, ``trainer.num_nodes`` and ``trainer.accelerator`` from the recipe (and from any
 ``--config`` files and ``--trainer.*`` overrides after ``--``) and prints, or submits, the matching ``sbatch`` of
@@ -10,6 +11,11 @@ Reads ``trainer.devices``, ``trainer.num_nodes`` and ``trainer.accelerator`` fro
 trains on GPUs. Flags that disagree with the recipe are an error, not a silent change of the global batch: to
 train a recipe at another scale, override it explicitly (``-- --trainer.devices=4
 --trainer.accumulate_grad_batches=2``). ``--gpus-per-node 0`` runs an ``accelerator: auto`` recipe on CPU tasks.
+
+Any other ``--option [value]`` before ``--`` goes to sbatch as given (``--account``, ``--qos``, ``--constraint``,
+``--mem``, ``--mail-type``, ...); a ``--gres`` of a GPU type (``gpu:a100:8``) replaces the helper's and must ask for
+the recipe's GPUs. The job is named after the stacked recipes (``haltingvt_minik+minik_g03_b05``: the recipe and
+each ``--config`` after ``--``) unless ``--job-name`` says otherwise.
 
 The run directory is ``<trainer.default_root_dir>/<job id>`` and the job's output ``runs/slurm/<name>-<job id>.out``.
 """
@@ -133,6 +139,41 @@ def _repo_relative(path: Path) -> str:
         return str(path)
 
 
+def stacked_name(recipe: Path, overrides: list[str]) -> str:
+    """``recipe`` and each ``--config`` file among the CLI overrides, by file name: ``base+overlay``."""
+    names = [recipe.stem]
+    for i, arg in enumerate(overrides):
+        if arg == "--config" and i + 1 < len(overrides):
+            names.append(Path(overrides[i + 1]).stem)
+        elif arg.startswith("--config="):
+            names.append(Path(arg.split("=", 1)[1]).stem)
+    return "+".join(names)
+
+
+def sbatch_options(extra: list[str]) -> list[tuple[str, str | None]]:
+    """Other sbatch options as ``(--name, value or None)``: ``--opt value``, ``--opt=value`` or a bare ``--flag``."""
+    options: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or arg == "--":
+            raise SubmitError(
+                f"{arg!r} is not an sbatch option: give options as --name value or --name=value, and CLI overrides "
+                "after --"
+            )
+        if "=" in arg:
+            name, value = arg.split("=", 1)
+            options.append((name, value))
+            i += 1
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("-"):
+            options.append((arg, extra[i + 1]))
+            i += 2
+        else:
+            options.append((arg, None))
+            i += 1
+    return options
+
+
 def sbatch_command(
     recipe: Path,
     overrides: list[str],
@@ -142,15 +183,30 @@ def sbatch_command(
     time: str | None = None,
     partition: str | None = None,
     job_name: str | None = None,
+    extra: list[str] | None = None,
 ) -> list[str]:
-    """The ``sbatch`` command, to run from the repository root."""
+    """The ``sbatch`` command, to run from the repository root; ``extra``: other sbatch options, passed on."""
     alloc = plan(recipe, overrides, nodes, gpus_per_node)
+    options = sbatch_options(extra or [])
+    managed = {"--nodes", "--ntasks-per-node", "--ntasks", "--job-name"}
+    clash = [name for name, _ in options if name in managed]
+    if clash:
+        raise SubmitError(f"{clash[0]} is set by the helper from the recipe; use its own flag or a CLI override")
+    gres = [value for name, value in options if name == "--gres"]
+    if gres:
+        count = (gres[-1] or "").rsplit(":", 1)[-1]
+        if not count.isdigit() or int(count) != alloc.gpus_per_node:
+            raise SubmitError(
+                f"--gres={gres[-1]} does not ask for the recipe's {alloc.gpus_per_node} GPUs per node "
+                f"(trainer.devices); give --gres=gpu:<type>:{alloc.gpus_per_node}"
+            )
+    own_gres = f"--gres=gpu:{alloc.gpus_per_node}" if alloc.gpus_per_node else "--gres=none"
     cmd = [
         "sbatch",
-        f"--job-name={job_name or 'evt-' + recipe.stem}",
+        f"--job-name={job_name or stacked_name(recipe, overrides)}",
         f"--nodes={alloc.nodes}",
         f"--ntasks-per-node={alloc.tasks_per_node}",
-        f"--gres=gpu:{alloc.gpus_per_node}" if alloc.gpus_per_node else "--gres=none",
+        *([] if gres else [own_gres]),
     ]
     if cpus_per_task is not None:
         cmd.append(f"--cpus-per-task={cpus_per_task}")
@@ -158,6 +214,7 @@ def sbatch_command(
         cmd.append(f"--time={time}")
     if partition is not None:
         cmd.append(f"--partition={partition}")
+    cmd += [name if value is None else f"{name}={value}" for name, value in options]
     return [*cmd, alloc.script, _repo_relative(recipe), *overrides, *alloc.extra_overrides]
 
 
@@ -186,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lightning_modules submit",
         description="Submit a recipe to SLURM with the allocation its trainer settings need "
-        "(CLI overrides after --).",
+        "(CLI overrides after --; any other sbatch option, e.g. --account A --qos Q, is passed on).",
     )
     parser.add_argument("recipe", type=Path)
     parser.add_argument("--nodes", type=int, help="nodes (must equal trainer.num_nodes)")
@@ -196,14 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-task", type=int, help="CPU cores per task (the scripts ask for 10)")
     parser.add_argument("--time", help="time limit, HH:MM:SS or D-HH:MM:SS (the scripts ask for 48:00:00)")
     parser.add_argument("--partition", help="SLURM partition")
-    parser.add_argument("--job-name", help="job name (default evt-<recipe name>)")
+    parser.add_argument("--job-name", help="job name (default: the stacked recipes, base+overlay)")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch command, do not submit")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     try:
         alloc = plan(args.recipe, overrides, args.nodes, args.gpus_per_node)
         cmd = sbatch_command(
             args.recipe, overrides, args.nodes, args.gpus_per_node, args.cpus_per_task, args.time, args.partition,
-            args.job_name,
+            args.job_name, extra,
         )  # fmt: skip
     except SubmitError as e:
         print(f"error: {e}", file=sys.stderr)
