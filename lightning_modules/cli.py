@@ -37,6 +37,7 @@ from lightning_modules.runs import (
     RunState,
     resolve_run_id,
 )
+from lightning_modules.weights import missing_weights_message
 
 
 def class_of(class_path: str) -> type:
@@ -103,6 +104,27 @@ class VideoCLI(LightningCLI):
         # command line (re-parsing would apply a list append twice and reorder it against later --config files).
         if overrides and subcommand and self.config[subcommand].model != before:
             self.config = self.parser.parse_args([subcommand, *overrides], namespace=self.config)
+
+    def instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        self._check_pretrained(cfg)
+        super().instantiate_classes()
+
+    def _check_pretrained(self, cfg: Namespace) -> None:
+        """A missing pretrained file stops the command in one line naming it and where to get it (it surfaced as a
+        double traceback ending in "Does not validate against any of the Union subtypes"). With a checkpoint to
+        load (``--ckpt_path``, or a resumed run) the weights come from it and the file is not read."""
+        model = cfg.get("model")
+        init = model.get("init_args") if isinstance(model, Namespace) else None
+        path = init.get("pretrained") if isinstance(init, Namespace) else None
+        if not path:
+            return
+        if cfg.get("ckpt_path"):
+            init.pretrained = None  # the checkpoint holds every weight the task has
+            return
+        if not Path(str(path)).exists():
+            configs = cfg.get("config") or []
+            raise SystemExit(missing_weights_message(str(path), str(configs[0]) if configs else None))
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand

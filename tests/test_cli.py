@@ -202,3 +202,28 @@ def test_command_line_applies_once_without_a_checkpoint(tmp_path, synthetic_clas
     cli = main(["validate", *args, "--model.init_args.backbone.init_args.drop_blocks+=2"])
     assert cli.config.validate.model.init_args.backbone.init_args.drop_blocks == [2]
     assert cli.model.backbone.block_ids == [0, 1, 3]  # the quickstart ViT's 4 blocks, block 2 removed
+
+
+def test_missing_pretrained_weights_are_one_line_with_the_key_and_the_source(tmp_path, monkeypatch, capsys):
+    """A paper recipe without its weight file stops before anything is built, in one line naming the file, the
+    recipe key and where the weights come from (it ended in a double traceback and "Does not validate against
+    any of the Union subtypes")."""
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ here
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(REPO / "recipes" / "haltingvt_minik.yaml")])
+    message = str(stop.value.code)
+    assert "\n" not in message and message.startswith("error: pretrained weights checkpoints/deit_small")
+    assert "model.init_args.pretrained of" in message and "haltingvt_minik.yaml" in message
+    assert "dl.fbaipublicfiles.com/deit/deit_small_patch16_224" in message
+
+
+def test_a_checkpoint_to_load_needs_no_pretrained_file(tmp_path, synthetic_classification):
+    """validate / predict / resume with --ckpt_path take every weight from the checkpoint: the recipe's pretrained
+    file is not read, so a cluster node without it can evaluate a trained model."""
+    cli = main(["fit", *quick_args(tmp_path, synthetic_classification, "--trainer.max_epochs=1")])
+    (last,) = tmp_path.rglob("last.ckpt")
+    gone = str(tmp_path / "not_here.pth")
+    validated = main(["validate", *quick_args(tmp_path, synthetic_classification), f"--ckpt_path={last}",
+                      f"--model.init_args.pretrained={gone}"])  # fmt: skip
+    trained = cli.model.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in validated.model.state_dict().items())
