@@ -70,7 +70,7 @@ def temporal_set(tmp_path_factory) -> Path:
     )
 
 
-def test_fit_and_predict_write_one_timeline_per_video(tmp_path, temporal_set, monkeypatch):
+def test_fit_and_predict_write_one_timeline_per_video(tmp_path, temporal_set):
     args = [
         *tiny_tad(tmp_path, temporal_set), "--model.init_args.head.init_args.embed_dim=16",
         "--model.init_args.head.init_args.head_channels=16", "--run_id=t",  # the recipe draws into <run>/timelines
@@ -91,17 +91,15 @@ def test_fit_and_predict_write_one_timeline_per_video(tmp_path, temporal_set, mo
     for path in callback.written:
         assert matplotlib.image.imread(path).ndim == 3
 
-    # Predict from the checkpoint, logging the pictures to an offline W&B run of its own: a run an earlier test of
-    # this process left open would be reused by the logger (W&B's rule), and the pictures would go to its folder.
-    import wandb
-
-    wandb.finish()
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    # Predict from the checkpoint, logging the pictures to an offline W&B run (no run is left open by an earlier
+    # test: tests/conftest.py finishes them).
     (ckpt,) = (tmp_path / "t").rglob("last.ckpt")
     main([
         "predict", *args, f"--ckpt_path={ckpt}", "--trainer.logger=lightning_modules.loggers.AutoWandbLogger",
     ])  # fmt: skip
     assert sorted(p.name for p in timelines.glob("*_predict.png")) == [f"{v}_predict.png" for v in val_videos]
+    import wandb
+
     wandb.finish()  # W&B's service writes the media files; flush it before looking (under load it lags)
     logged = list(tmp_path.rglob("wandb/**/media/images/predict/timelines*.png"))
     assert len(logged) == len(val_videos)

@@ -55,17 +55,28 @@ def refuse_several_processes(trainer: Namespace) -> None:
         )
 
 
-def record_source(out: Path, checkpoint: Path) -> None:
-    """``out/source.json`` names the checkpoint a compression started from (path and SHA-256): a re-run into the
-    same folder with another checkpoint is refused, not answered with the other's rounds."""
+def checkpoint_digest(checkpoint: Path) -> str:
+    """SHA-256 of a checkpoint file, read in chunks."""
     digest = hashlib.sha256()
     with checkpoint.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 24), b""):
             digest.update(chunk)
-    source: dict[str, Any] = {"checkpoint": str(checkpoint), "sha256": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def recorded_source(out: Path) -> dict[str, Any] | None:
+    """The checkpoint record of the compression in ``out`` (``source.json``), None when there is none."""
     path = out / "source.json"
-    if path.is_file():
-        recorded = json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def record_source(out: Path, checkpoint: Path) -> None:
+    """``out/source.json`` names the checkpoint a compression started from (path and SHA-256): a re-run into the
+    same folder with another checkpoint is refused, not answered with the other's rounds."""
+    source: dict[str, Any] = {"checkpoint": str(checkpoint), "sha256": checkpoint_digest(checkpoint)}
+    path = out / "source.json"
+    recorded = recorded_source(out)
+    if recorded is not None:
         if recorded.get("sha256") != source["sha256"]:
             raise FileExistsError(
                 f"{out} holds the compression of {recorded.get('checkpoint')} (SHA-256 "

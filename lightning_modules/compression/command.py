@@ -95,6 +95,9 @@ def build_parser() -> LightningArgumentParser:
     )
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="recipe(s) in YAML; later ones win")
     parser.add_argument("--seed_everything", type=int | bool | None, default=0)
+    parser.add_argument(
+        "--seeds", type=list[int] | None, default=None, help="run once per seed, then mean / std"
+    )
     parser.add_lightning_class_args(L.Trainer, "trainer")
     parser.add_lightning_class_args(L.LightningModule, "model", subclass_mode=True)
     parser.add_lightning_class_args(L.LightningDataModule, "data", subclass_mode=True)
@@ -507,9 +510,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | dict[int, 
 
 def _compress(argv: Sequence[str] | None) -> list[dict[str, Any]] | dict[int, list[dict[str, Any]]]:
     parser = build_parser()
-    parser.add_argument(
-        "--seeds", type=list[int] | None, default=None, help="run once per seed, then mean / std"
-    )
     cfg = parser.parse_args(argv)
     cfg.compress.out_dir = resolve_out_dir(cfg.compress.out_dir)
     if cfg.seed_everything is not False and cfg.seed_everything is not None:

@@ -18,16 +18,16 @@ Prints the per-round report table and the verdict against the target (2 blocks d
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
+from lightning_modules.compression.checks import checkpoint_digest, recorded_source
+from lightning_modules.compression.command import build_parser
 from lightning_modules.compression.command import main as compress
+from lightning_modules.compression.settings import resolve_out_dir
 from lightning_modules.demos import tad as demo_tad
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "quickstart"
@@ -51,14 +51,11 @@ def detector_checkpoint(tad_summary: Path) -> tuple[Path, bool]:
 def clear_other_detector(out: Path, checkpoint: Path) -> None:
     """The demo owns its compression folder: rounds of another detector (an earlier ``make demo-tad``'s, or of a
     folder older than the checkpoint record) are removed, so the demo compresses the detector it names."""
-    source = out / "source.json"
     if not (out / "rounds.json").is_file():
         return
-    if source.is_file():
-        recorded = json.loads(source.read_text())
-        digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-        if recorded.get("sha256") == digest:
-            return  # the same detector: resume or reuse its rounds
+    recorded = recorded_source(out)
+    if recorded is not None and recorded.get("sha256") == checkpoint_digest(checkpoint):
+        return  # the same detector: resume or reuse its rounds
     print(f"{out} holds the compression of another detector: removed, to compress {checkpoint}")
     shutil.rmtree(out)
 
@@ -104,16 +101,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         checkpoint, reused = Path(args.checkpoint), True
     else:
         checkpoint, reused = detector_checkpoint(Path(args.tad_summary))
-    out_dir = yaml.safe_load(RECIPE.read_text())["compress"]["out_dir"]
-    for arg in overrides:  # the last --compress.out_dir given wins, as on the command line
-        if arg.startswith("--compress.out_dir="):
-            out_dir = arg.split("=", 1)[1]
-    clear_other_detector(Path(out_dir), checkpoint)
-    start = time.perf_counter()
-    records = compress([
+    command = [
         "--config", str(DETECTOR_RECIPE), "--config", str(RECIPE), f"--compress.checkpoint={checkpoint}",
         *overrides,
-    ])  # fmt: skip
+    ]  # fmt: skip
+    out_dir = resolve_out_dir(build_parser().parse_args(command).compress.out_dir)  # as compress reads it
+    clear_other_detector(Path(out_dir), checkpoint)
+    start = time.perf_counter()
+    records = compress(command)
     minutes = (time.perf_counter() - start) / 60
     v = verdict(records, minutes)
     out = Path(args.out)

@@ -323,19 +323,15 @@ class TemporalActionDetection(Compressible, VideoTask):
     def optimizer_groups(self) -> list[dict]:
         """Backbone (trainable part) at ``backbone_lr``, head at ``lr``; no decay on biases, norms, scales, except
         that ``backbone_weight_decay`` (when set) decays every trainable backbone tensor alike."""
-        groups = []
-        head_lr, decay = self.optimizer_settings.lr, self.optimizer_settings.weight_decay
-        backbone = [p for p in self.detector.backbone.parameters() if p.requires_grad]
-        if self.backbone_weight_decay is not None and backbone:
+        decay = self.optimizer_settings.weight_decay
+        if self.backbone_weight_decay is None:
+            groups = [{**g, "lr": self.backbone_lr} for g in param_groups(self.detector.backbone, decay)]
+        else:
             # OpenTAD's custom groups (lora / norm / patch_embed, or adapter): one decay for all, biases and norms too
-            groups.append({"params": backbone, "weight_decay": self.backbone_weight_decay, "lr": self.backbone_lr})
-        for module, lr in ((self.detector.backbone, self.backbone_lr), (self.detector.head, head_lr)):
-            if module is self.detector.backbone and self.backbone_weight_decay is not None:
-                continue
-            for group in param_groups(module, decay):
-                if group["params"]:
-                    groups.append({**group, "lr": lr})
-        return groups
+            backbone = [p for p in self.detector.backbone.parameters() if p.requires_grad]
+            groups = [{"params": backbone, "weight_decay": self.backbone_weight_decay, "lr": self.backbone_lr}]
+        groups += [{**g, "lr": self.optimizer_settings.lr} for g in param_groups(self.detector.head, decay)]
+        return [g for g in groups if g["params"]]
 
     def metric_names(self, stage: str = "val") -> list[str]:
         return [f"{stage}/{map_key(t)}" for t in self.tious] + [f"{stage}/average_mAP"]
