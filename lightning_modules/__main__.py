@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 import sys
+import textwrap
 from collections.abc import Sequence
 
-from lightning_modules.cli import main
+from lightning_modules import catalogue
+
+PROG = "python -m lightning_modules"
+
+#: The Lightning CLI's commands, each with its description (Lightning's own stop at a docstring's first line).
+LIGHTNING_COMMANDS = {
+    "fit": "train a task from a recipe (--config recipes/NAME.yaml, several stack); the run directory keeps the "
+    "config, logs and checkpoints, and the same --run_id resumes it",
+    "validate": "one pass over the validation set with a checkpoint (--ckpt_path), metrics as in fit",
+    "test": "one pass over the test set with a checkpoint (--ckpt_path)",
+    "predict": "run a checkpoint on the predict set and write the task's predictions and pictures",
+}
 
 #: Commands beside the Lightning CLI's: name -> (module with ``main(argv)``, one-line description).
 TOOLS = {
@@ -42,20 +55,57 @@ TOOLS = {
 }
 
 
-def tools_help() -> str:
-    """One paragraph (the help formatter reflows lines) naming the commands beside fit/validate/test/predict."""
-    tools = "; ".join(f"{name}: {text}" for name, (_, text) in TOOLS.items())
-    return f"Other commands (python -m lightning_modules COMMAND --help): {tools}."
+def overview() -> str:
+    """The top-level help: every command, task and data module with its whole description, wrapped to the
+    terminal. Built without importing torch or Lightning."""
+    width = max(60, min(shutil.get_terminal_size().columns, 120))
+
+    def section(title: str, rows: dict[str, str]) -> list[str]:
+        """Names in a column with their texts beside them; long names (class paths) on a line of their own."""
+        pad = max(len(name) for name in rows) + 4
+        lines = [title]
+        for name, text in rows.items():
+            if pad > 24:
+                lines += [f"  {name}", *textwrap.wrap(text, width, initial_indent=" " * 6, subsequent_indent=" " * 6)]
+                continue
+            lines += textwrap.wrap(
+                text, width, initial_indent=f"  {name:<{pad - 2}}", subsequent_indent=" " * pad,
+                break_on_hyphens=False,
+            )  # fmt: skip
+        return [*lines, ""]
+
+    tasks = {path: catalogue.summary(path) for path in catalogue.TASKS}
+    data = {path: catalogue.summary(path) for path in catalogue.DATA_MODULES}
+    return "\n".join([
+        f"usage: {PROG} COMMAND [options]",
+        "",
+        *textwrap.wrap(
+            "EVAD, HaltingVT and progressive block drop on one video-ViT core, run from YAML recipes: "
+            f"{PROG} fit --config recipes/haltingvt_minik.yaml. '{PROG} COMMAND --help' lists a command's "
+            "options; 'fit --config RECIPE --print_config' shows every knob of a recipe.",
+            width,
+        ),
+        "",
+        *section("Training and evaluation (the Lightning CLI):", LIGHTNING_COMMANDS),
+        *section("Other commands:", {name: text for name, (_, text) in TOOLS.items()}),
+        *section("Tasks (a recipe's model.class_path):", tasks),
+        *section("Data modules (a recipe's data.class_path):", data),
+    ])
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """The process's exit status: a tool's own (an int), 0 for a tool that returns its results (``compress``:
     the round records, for callers in Python), and 0 after a Lightning command (which raises on failure)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TOOLS:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] in TOOLS:
         status = importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
         return status if isinstance(status, int) else 0
-    main(argv, epilog=tools_help())
+    from lightning_modules.cli import main  # torch and Lightning: seconds, not needed for the help above
+
+    main(argv, prog=PROG, descriptions=LIGHTNING_COMMANDS)
     return 0
 
 

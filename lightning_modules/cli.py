@@ -15,6 +15,7 @@ import importlib
 import io
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -90,7 +91,15 @@ class VideoCLI(LightningCLI):
         self._raw_args = (
             list(sys.argv[1:] if args is None else args) if not isinstance(args, dict | Namespace) else []
         )
-        super().parse_arguments(parser, args)
+        if any(arg in ("-h", "--help") for arg in self._raw_args):
+            from lightning_modules import catalogue
+
+            catalogue.import_all()  # the help lists them as the known subclasses of model and data
+        with warnings.catch_warnings():
+            # Lightning warns whenever args are given while sys.argv has any: here they are the command line
+            # itself (python -m lightning_modules passes its argv on) or a program's deliberate call.
+            warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended", UserWarning)
+            super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the model's arguments with the checkpoint's hyperparameters (so the architecture
@@ -222,7 +231,17 @@ def _model_overrides(args: list[str]) -> list[str]:
     return out
 
 
-def main(args: list[str] | None = None, run: bool = True, epilog: str | None = None) -> VideoCLI:
+def main(
+    args: list[str] | None = None,
+    run: bool = True,
+    prog: str | None = None,
+    descriptions: dict[str, str] | None = None,
+) -> VideoCLI:
+    """Run the Lightning CLI on ``args`` (default: the command line). ``prog`` and ``descriptions`` (subcommand ->
+    text) shape its help."""
+    parser_kwargs: dict[str, Any] = {"prog": prog} if prog else {}
+    for name, text in (descriptions or {}).items():
+        parser_kwargs[name] = {"description": text}
     launching = RUN_ID_ENV not in os.environ  # the process that starts DDP ranks, not one of them
     try:
         return VideoCLI(
@@ -235,7 +254,7 @@ def main(args: list[str] | None = None, run: bool = True, epilog: str | None = N
             auto_configure_optimizers=False,  # each task owns its optimiser and schedule, as typed arguments
             args=args,
             run=run,
-            parser_kwargs={"epilog": epilog} if epilog else None,
+            parser_kwargs=parser_kwargs or None,
         )
     except SIGTERMException:
         # Lightning ends a SIGTERM-stopped fit with status 0; the checkpoint is saved, report the interruption.

@@ -17,7 +17,7 @@ PACKAGES = ("models", "datamodules", "lightning_modules", "benchmarks")
 FORBIDDEN = {"models": {"lightning_modules", "datamodules"}, "datamodules": {"lightning_modules", "models"}}
 #: ``lightning_modules/`` holds its rooms and, at its top, only what serves every room.
 ROOMS = {"tasks", "metrics", "compression", "pictures", "tools", "demos"}
-TOP = {"__init__.py", "__main__.py", "cli.py", "runs.py", "loggers.py", "callbacks.py", "weights.py"}
+TOP = {"__init__.py", "__main__.py", "cli.py", "runs.py", "loggers.py", "callbacks.py", "weights.py", "catalogue.py"}
 
 
 def modules(package: str) -> list[Path]:
