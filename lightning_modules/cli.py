@@ -21,12 +21,13 @@ from typing import Any, Literal, Optional
 
 import lightning as L
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_modules.callbacks import ProgressReport, RunModelSummary
 from lightning_modules.runs import (
     RUN_ID_ENV,
     SIGTERM_EXIT,
@@ -152,6 +153,7 @@ class VideoCLI(LightningCLI):
         self._place_checkpoints(cfg)
         if self.subcommand is None:
             return
+        self.trainer_defaults["callbacks"] = default_callbacks(cfg.trainer, fit=self.subcommand == "fit")
         if self.subcommand != "fit":
             # A validate/test/predict run sharing a fit's run id keeps the fit's config.yaml.
             self.save_config_kwargs["config_filename"] = f"config_{self.subcommand}.yaml"
@@ -172,10 +174,7 @@ class VideoCLI(LightningCLI):
                 cfg.ckpt_path = str(previous)
                 rank_zero_info(f"resuming run {self.run.run_id} from {previous}")
         if cfg.trainer.enable_checkpointing is not False:
-            self.trainer_defaults["callbacks"] = [
-                LastCheckpoint(self.run.checkpoints),
-                RunState(self.run.checkpoints),
-            ]
+            self.trainer_defaults["callbacks"] += [LastCheckpoint(self.run.checkpoints), RunState(self.run.checkpoints)]
 
     def _place_loggers(self, cfg: Namespace) -> None:
         place_loggers(cfg.trainer, self.run)
@@ -188,6 +187,18 @@ class VideoCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+def default_callbacks(trainer: Namespace, fit: bool) -> list[L.Callback]:
+    """What a trainer config gets unless it names its own: ``ProgressReport`` (plain lines in a batch log; Lightning
+    would draw its tqdm bar into the file) and, in fit, ``RunModelSummary`` (no "Total FLOPs: 0")."""
+    named = [class_of(cb.class_path) for cb in as_list(trainer.callbacks)]
+    out: list[L.Callback] = []
+    if trainer.enable_progress_bar is not False and not any(issubclass(c, ProgressBar) for c in named):
+        out.append(ProgressReport())
+    if fit and trainer.enable_model_summary is not False and not any(issubclass(c, ModelSummary) for c in named):
+        out.append(RunModelSummary())
+    return out
 
 
 def place_loggers(trainer: Namespace, run: RunDirectory, wandb_id: str | None = None) -> None:
