@@ -4,14 +4,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-tad demo-evad demo-blockdrop test bench data clean-runs
+.PHONY: venv demo demo-tad demo-evad demo-blockdrop test bench data clean-runs constraints
 
-# `sweeps` (W&B's sweep engine, which the tests use to check recipes/sweeps/) goes in with --no-deps: it
-# declares numpy<2 but runs on numpy 2; its real imports are in the dev extra.
-$(STAMP): pyproject.toml
+# pyproject.toml declares the ranges the code supports; constraints.txt pins every package to the versions the
+# suite ran with (`make constraints` rewrites it from .venv). `sweeps` (W&B's sweep engine, which the tests use to
+# check recipes/sweeps/) goes in with --no-deps: it declares numpy<2 but runs on numpy 2; its real imports are in
+# the dev extra.
+CONSTRAINTS ?= constraints.txt
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
-	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps sweeps==0.3.0
+	$(PIP) -e '.[dev]'
+	$(PIP) --no-deps sweeps
 	touch $@
 
 venv: $(STAMP)
@@ -43,3 +48,10 @@ data: $(STAMP)
 
 clean-runs:
 	rm -rf runs lightning_logs
+
+# The CUDA runtime packages follow the torch build (CUDA 12 or 13), so they are left out.
+constraints: $(STAMP)
+	{ echo "# The versions the test suite ran with (make installs them; pyproject.toml has the supported ranges)."; \
+	  echo "# Written by 'make constraints' from .venv; the CUDA runtime packages follow the torch build."; \
+	  $(BIN)/pip freeze --exclude-editable --disable-pip-version-check | grep -v -E '^(nvidia-|cuda-|triton==)'; } \
+	  > constraints.txt

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import sys
 import textwrap
 from collections.abc import Sequence
 
 from lightning_modules import catalogue
+from lightning_modules.tools.submit import SRUN_TRIAL_ENV, srun_trial  # the standard library only
 
 PROG = "python -m lightning_modules"
 
@@ -100,6 +102,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(overview(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    if argv[0] == "fit" and SRUN_TRIAL_ENV in os.environ:
+        return srun_trial(argv)  # a sweep trial in the batch shell of recipes/slurm/sweep_agent.sbatch
     if argv[0] in TOOLS:
         status = importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
         return status if isinstance(status, int) else 0

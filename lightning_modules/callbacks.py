@@ -15,11 +15,11 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelSummary, RichProgressBar
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from datamodules.base import BadVideoError
+from lightning_modules.lightning_private import SubprocessScriptLauncher
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class BadVideoReport(L.Callback):
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             return  # every rank stops by itself (and saves), or Lightning ends the ranks it started
         launcher = trainer.strategy.launcher
-        started = launcher.procs if isinstance(launcher, _SubprocessScriptLauncher) else []
+        started = launcher.procs if isinstance(launcher, SubprocessScriptLauncher) else []
         running = [p for p in started if p.poll() is None]
         if running:
             log.error(

@@ -40,13 +40,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lightning_modules.lightning_private import collect_rng_states, set_rng_states
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ class RunState(L.Callback):
         self.save_on_sigterm = save_on_sigterm
 
     def state_dict(self) -> dict[str, Any]:
-        states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        states = collect_rng_states(include_cuda=torch.cuda.is_available())
         # Tensors and plain values only, so the checkpoint still loads with torch.load(weights_only=True).
         kind, keys, pos, has_gauss, gauss = states["numpy"]
         states["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
@@ -355,7 +356,7 @@ class RunState(L.Callback):
         )
         p = states["python"]
         states["python"] = (p["version"], tuple(p["state"]), p["gauss"])
-        _set_rng_states(states)
+        set_rng_states(states)
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]

@@ -20,7 +20,7 @@ SOURCES: dict[str, tuple[str, str]] = {
         ),
     ),
     "videomae_vit_l_k700.pth": (
-        "VideoMAE ViT-L fine-tuned on Kinetics-700 (EVAD ViT-L)",
+        "VideoMAE ViT-L Kinetics-700 (EVAD ViT-L)",
         "the K700 'pre-train' link of the ViT-L row in MCG-NJU/EVAD's README (Google Drive)",
     ),
     "vit-small-p16_videomae-k400-pre_16x4x1_kinetics-400.pth": (

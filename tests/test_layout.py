@@ -13,11 +13,13 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "datamodules", "lightning_modules", "benchmarks")
+LIGHTNING = {"lightning", "pytorch_lightning", "lightning_fabric"}
 #: What a package may not import, by top-level package.
 FORBIDDEN = {"models": {"lightning_modules", "datamodules"}, "datamodules": {"lightning_modules", "models"}}
 #: ``lightning_modules/`` holds its rooms and, at its top, only what serves every room.
 ROOMS = {"tasks", "metrics", "compression", "pictures", "tools", "demos"}
-TOP = {"__init__.py", "__main__.py", "cli.py", "runs.py", "loggers.py", "callbacks.py", "weights.py", "catalogue.py"}
+TOP = {"__init__.py", "__main__.py", "cli.py", "runs.py", "loggers.py", "callbacks.py", "weights.py", "catalogue.py",
+       "lightning_private.py"}
 
 
 def modules(package: str) -> list[Path]:
@@ -72,6 +74,32 @@ def private_imports(paths: list[Path]) -> list[str]:
     return found
 
 
+def lightning_private_imports(paths: list[Path]) -> list[str]:
+    """Imports of a ``_name`` from Lightning (``lightning``, ``pytorch_lightning``)."""
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in LIGHTNING:
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                found += [f"{path.relative_to(REPO)}:{node.lineno} imports {node.module}.{n}" for n in private]
+    return found
+
+
+def test_private_lightning_apis_are_imported_in_one_place_only():
+    """lightning_modules/lightning_private.py lists each with its reason (why lightning is capped below 2.7)."""
+    from lightning_modules import lightning_private
+
+    everywhere = lightning_private_imports([p for package in PACKAGES for p in modules(package)])
+    home = "lightning_modules/lightning_private.py"
+    assert [f for f in everywhere if not f.startswith(f"{home}:")] == []
+    imported = {f.rsplit(".", 1)[-1] for f in everywhere}
+    assert imported == {"_collect_rng_states", "_set_rng_states", "_SubprocessScriptLauncher"}
+    listed = " ".join(what for what, _, _ in lightning_private.USES)
+    assert all(name in listed for name in imported)
+    for _, where, why in lightning_private.USES:
+        assert (REPO / where.split(" ")[0]).is_file() and why
+
+
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_lower_rooms_import_nothing_from_the_rooms_above(package):
     assert layering_breaches(package) == []
@@ -91,6 +119,10 @@ def test_the_checks_can_fail(tmp_path, monkeypatch):
     assert private_imports([bad]) == [
         "bad.py:1 imports lightning_modules.metrics.tad._private",
         "bad.py:3 uses vit._JointViT",
+    ]
+    bad.write_text("from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher, DDPLauncher\n")
+    assert lightning_private_imports([bad]) == [
+        "bad.py:1 imports lightning.pytorch.strategies.launchers._SubprocessScriptLauncher"
     ]
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "m.py").write_text("from lightning_modules.tasks.base import VideoTask\n")

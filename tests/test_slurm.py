@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,32 @@ def test_submit_passes_other_sbatch_options_on_and_names_the_job_after_the_stack
         (["stray"], r"'stray' is not an sbatch option"),
     ):
         status, out, err = dry_run(MINIK, *argv)
+        assert status == 2 and out == "" and re.search(message, err), err
+
+
+def test_submit_of_a_sweep_asks_for_the_allocation_of_its_recipe(dry_run):
+    """A sweep of an 8-GPU recipe gets 8 tasks and 8 GPUs per array task (the agent script asked for 1 of each,
+    and the trial failed: "You set devices=8 ... --ntasks-per-node=1 does not match")."""
+    status, out, err = dry_run(str(REPO / "recipes/sweeps/haltingvt_minik.yaml"), "--sweep-id", "me/evt/abc123",
+                               "--array=0-7%4", "--account", "foo")  # fmt: skip
+    assert status == 0, err
+    assert out.strip() == (
+        "sbatch --job-name=sweep-haltingvt_minik --nodes=1 --ntasks-per-node=8 --gres=gpu:8 --array=0-7%4 "
+        "--account=foo recipes/slurm/sweep_agent.sbatch me/evt/abc123"
+    )
+    status, out, err = dry_run(str(REPO / "recipes/sweeps/quickstart_lr.yaml"), "--sweep-id", "me/evt/abc123",
+                               "--gpus-per-node", "0", "--", "--trainer.devices=2")  # fmt: skip
+    assert status == 0, err
+    assert out.strip().endswith(
+        "--ntasks-per-node=2 --gres=none recipes/slurm/sweep_agent.sbatch me/evt/abc123 --trainer.devices=2 "
+        "--trainer.accelerator=cpu"
+    )
+    for argv, message in (
+        (["recipes/sweeps/haltingvt_minik.yaml"], r"is a W&B sweep file: pass --sweep-id"),
+        ([MINIK, "--sweep-id", "me/evt/abc123"], r"--sweep-id needs a sweep file"),
+        (["recipes/sweeps/blockdrop_thumos_lora_lr.yaml", "--sweep-id", "x/y/z"], r"do not run `fit`"),
+    ):
+        status, out, err = dry_run(*argv)
         assert status == 2 and out == "" and re.search(message, err), err
 
 
@@ -323,3 +350,47 @@ def test_sweep_array_runs_one_agent_trial_per_task(jobs, tmp_path):
     assert sorted((r["ArrayTaskId"], r["JobState"]) for r in records) == [(str(i), "COMPLETED") for i in range(3)]
     recorded = sorted(p.read_text().strip() for p in calls.iterdir())
     assert recorded == [f"task={i} args=agent --count 1 me/evt/abc123" for i in range(3)]
+
+
+def test_sweep_trial_runs_on_every_task_of_its_allocation(jobs, tmp_path, synthetic_classification):
+    """The submit helper's sweep job for a 2-rank CPU trial: the agent runs once, in the batch shell, and its
+    trial (what `wandb agent` starts: the sweep's command with a proposal's arguments) trains on both tasks of
+    the allocation, as rank 0 and rank 1 of 2, under the array task's run id."""
+    runs, ranks, out = tmp_path / "runs", tmp_path / "ranks", tmp_path / "sweep.out"
+    sweep = REPO / "recipes" / "sweeps" / "quickstart_lr.yaml"
+    recipe, fixed = submit.sweep_trial(sweep)
+    assert recipe == QUICKSTART
+    proposal = [  # stands in for W&B's ${args}: a proposal, and this test's small run
+        "--model.init_args.optimizer.lr=0.001", *quick_overrides(runs, synthetic_classification, batch_size=2),
+        "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0", "--trainer.callbacks+=tests.helpers.SlurmRankLog",
+        f"--trainer.callbacks.out_dir={ranks}",
+    ]  # fmt: skip
+    trial = [sys.executable, "-m", "lightning_modules", "fit", *fixed, "--config", str(recipe), *proposal]
+    agent = tmp_path / "agent.sh"
+    # Stands in for `wandb agent --count 1 SWEEP`: starts one trial as the agent does, in its own process.
+    agent.write_text(f"#!/bin/sh\necho \"agent $*\"\nexec {shlex.join(trial)}\n")
+    agent.chmod(0o755)
+    cmd = submit.sbatch_command(
+        sweep, ["--trainer.devices=2", "--trainer.strategy=ddp"], gpus_per_node=0, cpus_per_task=1,
+        job_name=f"{JOB_PREFIX}sweep-ddp", extra=["--array=0"], sweep_id="me/evt/abc123",
+    )  # fmt: skip
+    assert cmd[3:5] == ["--ntasks-per-node=2", "--gres=none"], cmd
+    jobs.env["WANDB_AGENT_CMD"] = str(agent)
+    try:
+        job = jobs.sbatch(f"--output={out}", *cmd[1:])
+    finally:
+        del jobs.env["WANDB_AGENT_CMD"]
+    record = wait_for(lambda: (r := jobs.records(job)) and r[0]["JobState"] in TERMINAL and r[0], 300,
+                      f"sweep job {job} finishing", lambda: f"{jobs.records(job)}\n{tail(out)}")  # fmt: skip
+    log = tail(out, 200_000)
+    assert record["JobState"] == "COMPLETED", log[-4000:]
+    assert log.count("agent --count 1 me/evt/abc123") == 1  # one agent per allocation
+    assert "trial across 2 task(s): srun --kill-on-bad-exit=1" in log
+    run_id = f"{record['ArrayJobId']}_0"
+    for procid in (0, 1):
+        lines = rank_lines(ranks, procid)
+        assert lines and lines[0].startswith(f"start job=") and f"rank={procid} world=2 step=0" in lines[0], log
+        assert lines[-1] == "end step=2"
+    assert (runs / run_id / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in runs.iterdir()) == [run_id]

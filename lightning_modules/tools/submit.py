@@ -18,11 +18,18 @@ the recipe's GPUs. The job is named after the stacked recipes (``haltingvt_minik
 each ``--config`` after ``--``) unless ``--job-name`` says otherwise.
 
 The run directory is ``<trainer.default_root_dir>/<job id>`` and the job's output ``runs/slurm/<name>-<job id>.out``.
+
+A W&B sweep file instead of a recipe (``submit recipes/sweeps/haltingvt_minik.yaml --sweep-id ENTITY/PROJECT/ID
+--array=0-7%4``) submits ``recipes/slurm/sweep_agent.sbatch`` with the allocation of the recipe its trials train
+(the ``--config`` files of its command): one agent per array task, in the batch shell, whose trial (``python -m
+lightning_modules fit ...``) re-launches itself with ``srun`` across the allocation's tasks (``SRUN_TRIAL_ENV``).
+Overrides after ``--`` are appended to every trial.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -33,6 +40,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 SINGLE_NODE_SCRIPT = "recipes/slurm/train.sbatch"
 MULTI_NODE_SCRIPT = "recipes/slurm/train_multinode.sbatch"
+SWEEP_SCRIPT = "recipes/slurm/sweep_agent.sbatch"
+#: Set by the sweep script to the overrides each trial gets (the allocation's nodes and tasks per node, then the
+#: submit helper's); a ``fit`` started with it re-launches itself under ``srun`` across the allocation's tasks.
+SRUN_TRIAL_ENV = "EVT_SRUN_TRIAL"
 OUTPUT_DIR = "runs/slurm"
 GPU_ACCELERATORS = ("gpu", "cuda")
 
@@ -139,6 +150,49 @@ def _repo_relative(path: Path) -> str:
         return str(path)
 
 
+def sweep_trial(sweep: Path) -> tuple[Path, list[str]]:
+    """The recipe a W&B sweep file's trials train (its command's first ``--config``) and the command's other fixed
+    arguments, ``${...}`` macros left out."""
+    import yaml
+
+    spec = yaml.safe_load(sweep.read_text())
+    command = [str(c) for c in spec.get("command") or []]
+    if "fit" not in command:
+        raise SubmitError(
+            f"{sweep}: its trials do not run `fit` ({' '.join(command) or 'no command'}); a one-process sweep (e.g. "
+            f"compress) needs no allocation from a recipe: sbatch {SWEEP_SCRIPT} ENTITY/PROJECT/SWEEP_ID"
+        )
+    fixed = [c for c in command[command.index("fit") + 1 :] if not c.startswith("${")]
+    for i, arg in enumerate(fixed):
+        if arg == "--config" and i + 1 < len(fixed):
+            return REPO / fixed[i + 1], fixed[:i] + fixed[i + 2 :]
+        if arg.startswith("--config="):
+            return REPO / arg.split("=", 1)[1], fixed[:i] + fixed[i + 1 :]
+    raise SubmitError(f"{sweep}: its command names no --config recipe")
+
+
+def is_sweep(path: Path) -> bool:
+    """Whether ``path`` is a W&B sweep file (``method`` and ``command``) rather than a recipe."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(spec, dict) and "method" in spec and "command" in spec
+
+
+def srun_trial(argv: list[str]) -> int:
+    """Run ``python -m lightning_modules <argv>`` across the allocation's tasks, one rank each, with the overrides
+    of ``SRUN_TRIAL_ENV`` appended (so the allocation's devices and nodes win): how a W&B agent's trial, started
+    once in the batch shell of ``sweep_agent.sbatch``, trains on every GPU and node of the job."""
+    env = dict(os.environ)
+    extra = shlex.split(env.pop(SRUN_TRIAL_ENV))
+    cmd = ["srun", "--kill-on-bad-exit=1", sys.executable, "-m", "lightning_modules", *argv, *extra]
+    print(f"trial across {env.get('SLURM_NTASKS', '?')} task(s): {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
 def stacked_name(recipe: Path, overrides: list[str]) -> str:
     """``recipe`` and each ``--config`` file among the CLI overrides, by file name: ``base+overlay``."""
     names = [recipe.stem]
@@ -184,9 +238,16 @@ def sbatch_command(
     partition: str | None = None,
     job_name: str | None = None,
     extra: list[str] | None = None,
+    sweep_id: str | None = None,
 ) -> list[str]:
-    """The ``sbatch`` command, to run from the repository root; ``extra``: other sbatch options, passed on."""
-    alloc = plan(recipe, overrides, nodes, gpus_per_node)
+    """The ``sbatch`` command, to run from the repository root; ``extra``: other sbatch options, passed on. With
+    ``sweep_id``, ``recipe`` is a W&B sweep file: the agent script with its trials' allocation."""
+    sweep = recipe if sweep_id else None
+    if sweep is not None:
+        recipe, fixed = sweep_trial(sweep)
+        alloc = plan(recipe, [*fixed, *overrides], nodes, gpus_per_node)
+    else:
+        alloc = plan(recipe, overrides, nodes, gpus_per_node)
     options = sbatch_options(extra or [])
     managed = {"--nodes", "--ntasks-per-node", "--ntasks", "--job-name"}
     clash = [name for name, _ in options if name in managed]
@@ -201,9 +262,10 @@ def sbatch_command(
                 f"(trainer.devices); give --gres=gpu:<type>:{alloc.gpus_per_node}"
             )
     own_gres = f"--gres=gpu:{alloc.gpus_per_node}" if alloc.gpus_per_node else "--gres=none"
+    name = job_name or (f"sweep-{sweep.stem}" if sweep is not None else stacked_name(recipe, overrides))
     cmd = [
         "sbatch",
-        f"--job-name={job_name or stacked_name(recipe, overrides)}",
+        f"--job-name={name}",
         f"--nodes={alloc.nodes}",
         f"--ntasks-per-node={alloc.tasks_per_node}",
         *([] if gres else [own_gres]),
@@ -214,7 +276,9 @@ def sbatch_command(
         cmd.append(f"--time={time}")
     if partition is not None:
         cmd.append(f"--partition={partition}")
-    cmd += [name if value is None else f"{name}={value}" for name, value in options]
+    cmd += [option if value is None else f"{option}={value}" for option, value in options]
+    if sweep is not None:
+        return [*cmd, SWEEP_SCRIPT, sweep_id, *overrides, *alloc.extra_overrides]
     return [*cmd, alloc.script, _repo_relative(recipe), *overrides, *alloc.extra_overrides]
 
 
@@ -245,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Submit a recipe to SLURM with the allocation its trainer settings need "
         "(CLI overrides after --; any other sbatch option, e.g. --account A --qos Q, is passed on).",
     )
-    parser.add_argument("recipe", type=Path)
+    parser.add_argument("recipe", type=Path, help="a recipe, or a W&B sweep file (with --sweep-id)")
+    parser.add_argument(
+        "--sweep-id", help="ENTITY/PROJECT/SWEEP_ID of the sweep (from `wandb sweep FILE`) when RECIPE is its file"
+    )
     parser.add_argument("--nodes", type=int, help="nodes (must equal trainer.num_nodes)")
     parser.add_argument(
         "--gpus-per-node", type=int, help="GPUs per node (must equal trainer.devices; 0: CPU tasks)"
@@ -257,15 +324,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch command, do not submit")
     args, extra = parser.parse_known_args(argv)
     try:
-        alloc = plan(args.recipe, overrides, args.nodes, args.gpus_per_node)
+        if is_sweep(args.recipe) != bool(args.sweep_id):
+            raise SubmitError(
+                f"{args.recipe} is a W&B sweep file: pass --sweep-id ENTITY/PROJECT/SWEEP_ID (from `wandb sweep "
+                f"{args.recipe}`)" if args.sweep_id is None else f"--sweep-id needs a sweep file, not {args.recipe}"
+            )
+        recipe, planned = args.recipe, overrides
+        if args.sweep_id:
+            recipe, fixed = sweep_trial(args.recipe)
+            planned = [*fixed, *overrides]
+        alloc = plan(recipe, planned, args.nodes, args.gpus_per_node)
         cmd = sbatch_command(
             args.recipe, overrides, args.nodes, args.gpus_per_node, args.cpus_per_task, args.time, args.partition,
-            args.job_name, extra,
+            args.job_name, extra, args.sweep_id,
         )  # fmt: skip
     except SubmitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(describe(args.recipe, overrides, alloc), file=sys.stderr)
+    print(describe(recipe, planned, alloc), file=sys.stderr)
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
