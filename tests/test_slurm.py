@@ -390,7 +390,7 @@ def test_sweep_trial_runs_on_every_task_of_its_allocation(jobs, tmp_path, synthe
     run_id = f"{record['ArrayJobId']}_0"
     for procid in (0, 1):
         lines = rank_lines(ranks, procid)
-        assert lines and lines[0].startswith(f"start job=") and f"rank={procid} world=2 step=0" in lines[0], log
+        assert lines and lines[0].startswith("start job=") and f"rank={procid} world=2 step=0" in lines[0], log
         assert lines[-1] == "end step=2"
     assert (runs / run_id / "checkpoints" / "last.ckpt").is_file()
     assert sorted(p.name for p in runs.iterdir()) == [run_id]
