@@ -101,6 +101,19 @@ def test_submit_passes_other_sbatch_options_on_and_names_the_job_after_the_stack
         assert status == 2 and out == "" and re.search(message, err), err
 
 
+def test_submit_parses_the_recipe_once(dry_run, monkeypatch):
+    """The allocation, the sbatch line and the description come from one parse (each costs the CLI's parser)."""
+    from lightning_modules import cli
+
+    calls = []
+    real = cli.resolved_config
+    monkeypatch.setattr(cli, "resolved_config", lambda args: calls.append(args) or real(args))
+    submit._parsed.cache_clear()
+    status, out, err = dry_run(MINIK, "--", "--trainer.max_epochs=3")
+    assert status == 0 and "--ntasks-per-node=8" in out, err
+    assert calls == [["fit", "--config", MINIK, "--trainer.max_epochs=3"]]
+
+
 def test_submit_of_a_sweep_asks_for_the_allocation_of_its_recipe(dry_run):
     """A sweep of an 8-GPU recipe gets 8 tasks and 8 GPUs per array task (the agent script asked for 1 of each,
     and the trial failed: "You set devices=8 ... --ntasks-per-node=1 does not match")."""

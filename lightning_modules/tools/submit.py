@@ -29,6 +29,8 @@ Overrides after ``--`` are appended to every trial.
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import os
 import shlex
 import subprocess
@@ -63,13 +65,18 @@ class Allocation:
 
 def effective_settings(recipe: Path, overrides: list[str]) -> dict[str, Any]:
     """The recipe's ``trainer`` and ``data.init_args`` sections as ``fit`` would run them, stacked ``--config``
-    files and overrides applied (the CLI's own parser, through ``--print_config``)."""
-    from lightning_modules.cli import resolved_config
-
+    files and overrides applied (the CLI's own parser, through ``--print_config``; parsed once per command line)."""
     if not recipe.is_file():
         raise SubmitError(f"recipe {recipe} does not exist")
+    return copy.deepcopy(_parsed(str(recipe), tuple(overrides)))
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(recipe: str, overrides: tuple[str, ...]) -> dict[str, Any]:
+    from lightning_modules.cli import resolved_config
+
     try:
-        config = resolved_config(["fit", "--config", str(recipe), *overrides])
+        config = resolved_config(["fit", "--config", recipe, *overrides])
     except SystemExit:
         raise SubmitError(f"the CLI refused {recipe} with these overrides (its message is above)") from None
     return {"trainer": config.get("trainer") or {}, "data": (config.get("data") or {}).get("init_args") or {}}
