@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.measure import REAL_VIDEO, interleaved
+from benchmarks.measure import REAL_VIDEO, interleaved, stability
 
 
 def bench_backbone(size: str, frames: int, image: int, batch: int, repeats: int) -> dict:
@@ -43,6 +43,7 @@ def bench_backbone(size: str, frames: int, image: int, batch: int, repeats: int)
         "ratio": t["transformers"] / t["ours"],
         "target": 1.0,
         "max_abs_diff": diff,
+        **stability(t),
     }
 
 
@@ -87,6 +88,7 @@ def bench_data(clips: int, batch: int, workers: int) -> dict:
         "reference_clips_per_s": clips / t["raw"],
         "ratio": t["raw"] / t["loader"],
         "target": 0.8,
+        **stability(t),
     }
 
 

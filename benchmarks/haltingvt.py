@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.measure import interleaved
+from benchmarks.measure import interleaved, stability
 
 
 def calibrate_halting(model, video: torch.Tensor, target_gmacs: float, steps: int = 12) -> float:
@@ -102,6 +102,7 @@ def bench_haltingvt(
         "early_exit_ratio": (t_exit["removal"] / t_exit["early_exit"]) / (exit_gmacs / early_gmacs),
         "early_exit_gmacs": early_gmacs,
         "class_token_exit_layers": exited.exit_depth.tolist(),
+        **stability(t, t_exit),
     }
 
 
@@ -170,4 +171,5 @@ def bench_haltingvt_train(
         "masked_gmacs": masked_macs,
         "speedup_vs_dense": t["dense"] / t["compact"],
         "calibrated_gmacs": gmacs,
+        **stability(t),
     }

@@ -24,7 +24,9 @@
   beside the paper's Table 2a, inference throughput at keep rate 0.7 vs 1.0 (same weights, batch 2) and the
   activation memory of a training step at 0.7 vs 1.0 (each in a fresh process).
 
-Ratios, not absolute times, are the result: both sides of a ratio run interleaved on the same machine.
+Ratios, not absolute times, are the result: both sides of a ratio run interleaved on the same machine. Each timed
+comparison watches the machine (other processes' load, the spread of the repeats, ratios the MACs do not allow),
+measures again when it was unsteady and, if it stays so, prints ``[UNRELIABLE: why]`` instead of a verdict.
 One benchmark alone: ``python -m benchmarks.run --only tad_macs`` (its result is merged into ``--out``).
 """
 
@@ -106,6 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
         target = "-" if r["target"] is None else f"{r['target']:.2f}x"
         ok = r.get("ok", r["target"] is None or r["ratio"] >= r["target"])
         flag = "" if r["target"] is None else " [ok]" if ok else " [MISSED]"
+        if not r.get("reliable", True):
+            # The machine was too busy for the comparison to mean anything: not a result, whatever it shows.
+            flag = f" [UNRELIABLE: {'; '.join(r['unreliable_because'])}]"
+            ratio = f"({ratio})"
         print(
             f"{name:<12} {ours:>9.2f} {ref:>9.2f} {r.get('unit', 'clips/s'):<8} {ratio:>7} {target:>7}  "
             f"{r['what']}{flag}"
