@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-tad demo-evad demo-blockdrop test bench data clean-runs constraints
+.PHONY: venv demo demo-tad demo-evad demo-blockdrop test bench gpu-check data clean-runs constraints
 
 # pyproject.toml declares the ranges the code supports; constraints.txt pins every package to the versions the
 # suite ran with (`make constraints` rewrites it from .venv). `sweeps` (W&B's sweep engine, which the tests use to
@@ -42,6 +42,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --out runs/bench.json
+
+# On a CUDA machine: the device paths and the GPU benchmarks, one JSON and a table (benchmarks/gpu_check.py).
+gpu-check: $(STAMP)
+	WANDB_MODE=disabled $(BIN)/python -m benchmarks.gpu_check --out runs/gpu_check.json
 
 data: $(STAMP)
 	$(BIN)/python -m datamodules.synthetic --out data/synthetic --kind all

@@ -26,13 +26,17 @@ PAPER_FRAMES = 192
 
 
 def thumos_detector(
-    finetune: str = "frozen", activation_checkpointing: bool = False, head_length: int | None = None
+    finetune: str = "frozen",
+    activation_checkpointing: bool = False,
+    head_length: int | None = None,
+    vit_overrides: dict | None = None,
 ):
     """The detector of ``recipes/tad_thumos_videomae_s.yaml`` with random weights, sizes read from the recipe.
 
     ``finetune="frozen"`` is the deployed model (merged LoRA costs what no LoRA costs); ``"lora"`` is the
     recipe's training set-up (LoRA rank 96 on qkv/proj, norms and patch embedding trainable). ``head_length``
-    replaces the recipe's 768 head steps (backbone output and head ``max_seq_len``).
+    replaces the recipe's 768 head steps (backbone output and head ``max_seq_len``); ``vit_overrides`` the ViT's
+    arguments (a narrow one for tiny checks).
     """
     import yaml
 
@@ -44,7 +48,7 @@ def thumos_detector(
     model = yaml.safe_load(THUMOS_RECIPE.read_text())["model"]["init_args"]
     backbone_args = dict(model["backbone"]["init_args"])
     head_args = dict(model["head"]["init_args"])
-    vit = VideoMAEViT(**backbone_args.pop("vit")["init_args"])
+    vit = VideoMAEViT(**{**backbone_args.pop("vit")["init_args"], **(vit_overrides or {})})
     backbone_args.update(finetune=finetune, activation_checkpointing=activation_checkpointing)
     if head_length is not None:
         backbone_args["head_length"] = head_args["max_seq_len"] = head_length
