@@ -3,6 +3,9 @@
 - backbone: forward throughput of ``VideoMAEViT`` vs transformers' ``VideoMAEModel`` (same config and weights);
 - data: clips/s delivered by the training data loader (2 workers, full training transforms) vs raw decord
   decoding of the same clips in one process;
+- pipeline: clips/s of one loader worker through each source's whole training pipeline (Kinetics-style mp4,
+  AVA keyframe clips from mp4 and from JPEG frames, a 768-frame THUMOS window) against raw decoding of the same
+  frames, and the workers per GPU each paper recipe needs (``benchmarks/pipeline.py`` states the GPU assumed);
 - halting_g05 / halting_g03: inference speedup of HaltingVT (batch 8, 8x224x224, DeiT-S) with halted tokens
   removed over the dense inflated DeiT-S, as a fraction of the FLOPs ratio of the same inputs (1.0 = every saved
   FLOP turned into saved time). Random weights halt arbitrarily, so ``halt_center`` is first bisected to a
@@ -39,11 +42,13 @@ from pathlib import Path
 from benchmarks.backbone import bench_backbone, bench_data
 from benchmarks.evad import bench_evad_flops, bench_evad_memory, bench_evad_throughput
 from benchmarks.haltingvt import bench_haltingvt, bench_haltingvt_train
+from benchmarks.pipeline import bench_pipeline
 from benchmarks.tad import PAPER_FRAMES, bench_blockdrop, bench_tad_latency, bench_tad_macs, bench_tad_memory
 
 BENCHMARKS = (
     "backbone",
     "data",
+    "pipeline",
     "halting_g05",
     "halting_g03",
     "halting_train",
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     benchmarks = {
         "backbone": lambda: bench_backbone("small", 16, 224, 2, args.repeats),
         "data": lambda: bench_data(args.clips, 8, 2),
+        "pipeline": lambda: bench_pipeline(),
         "halting_g05": lambda: bench_haltingvt(8, 8, 224, 0.5, args.halting_gmacs[0], args.repeats),
         "halting_g03": lambda: bench_haltingvt(8, 8, 224, 0.3, args.halting_gmacs[1], args.repeats),
         "halting_train": lambda: bench_haltingvt_train(

@@ -38,6 +38,7 @@ def test_decode_by_index_and_time(make_video):
         12,
         12,
     ]  # short range: one sequential read
+    assert frame_ids(video.get_frames([2, 6, 10, 14, 18])) == [2, 6, 10, 14, 18]  # every 4th: decord skips between
     assert frame_ids(video.get_frames_at([0.0, 1.25, 2.9])) == [0, 12, 29]
 
 

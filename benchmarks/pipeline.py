@@ -1,0 +1,217 @@
+"""The input pipeline in cores per GPU: what one loader worker delivers per source against raw decoding of the same
+frames, and how many workers each paper recipe's GPU needs.
+
+Sources (written once by the synthetic generators at the sizes of the real data, real H.264 files):
+
+- ``kinetics_mp4``: Kinetics-style 10 s clips at 30 fps, short side 320; training clips of 16 frames every 4
+  (VideoMAE's), short side 256-320, crop 224, flip, RandAugment 2/9; ``kinetics_8x32_static``: the same videos
+  as HaltingVT's Mini-Kinetics recipe reads them (8 frames every 32, no flip, and each clip's static twin);
+- ``ava_mp4`` / ``ava_frames``: AVA-style 640x360 30 fps movies, keyframe clips of 16 frames every 4 at short side
+  288 and flip (EVAD's training), from the mp4 and from the frames extracted as JPEG files (the official layout);
+- ``thumos_window``: THUMOS-style 120 s videos at 30 fps, 180 pixels high; one 768-frame training window (every
+  4th frame, AdaTAD) at 160x160.
+
+``pipeline``: the data module's training loader with no worker processes (so: one worker's work) for a number of
+batches: decode, sample, transform, collate. ``raw``: the same number of clips decoded by the plain decoder call
+(decord's ``get_batch`` of the clip's frame indices, a fresh reader per clip as in the loader; PIL for JPEG
+files), nothing else. ``ratio`` = pipeline clips/s over raw clips/s (target >= 0.9).
+
+Workers per GPU = the GPU's training clips/s / one worker's clips/s. The GPU figure is an assumption stated with
+it: an A100 at 40% model-FLOPs utilisation of its dense peak (312 TFLOPS bf16; 156 TF32 for HaltingVT's fp32
+recipe), a training step costing three forwards, each forward's multiply-accumulates as this project counts them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.measure import interleaved, stability
+
+#: The GPU behind the workers-per-GPU column: A100 dense peak (TFLOPS) and the utilisation assumed.
+A100_BF16_TFLOPS, A100_TF32_TFLOPS, UTILISATION = 312.0, 156.0, 0.4
+
+#: GMACs per training clip/window forward of each recipe (this project's counts) and its precision's peak.
+RECIPES = {
+    # HaltingVT G05 on Mini-Kinetics at its 24.2 GMACs budget, plus the static clip of the motion loss; fp32
+    "haltingvt_minik (8x32, fp32)": ("kinetics_8x32_static", 2 * 24.2, A100_TF32_TFLOPS),
+    # EVAD ViT-B at keep rate 0.7 (benchmarks.evad: 137.8 GMACs)
+    "evad_ava_vitb (16x4, bf16)": ("ava_frames", 137.8, A100_BF16_TFLOPS),
+    # the THUMOS VideoMAE-S detector on a 768-frame window: 4 x the 192-frame 294.7 GMACs (head included once)
+    "tad_thumos_videomae_s (768 frames, bf16)": ("thumos_window", 4 * 280.2 + 14.5, A100_BF16_TFLOPS),
+}
+
+
+def gpu_clips_per_s(gmacs: float, peak_tflops: float) -> float:
+    """Training clips/s of one GPU at ``UTILISATION`` of ``peak_tflops``: 3 forwards, 2 FLOPs per MAC."""
+    return UTILISATION * peak_tflops * 1e12 / (3 * 2 * gmacs * 1e9)
+
+
+def _write_frames(video: Path, folder: Path) -> int:
+    """Every frame of ``video`` as ``folder/<id>/<id>_<n:06d>.jpg`` from 1 (PySlowFast's AVA layout)."""
+    import decord
+    from PIL import Image
+
+    reader = decord.VideoReader(str(video))
+    out = folder / video.stem
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(len(reader)):
+        Image.fromarray(reader[i].asnumpy()).save(out / f"{video.stem}_{i + 1:06d}.jpg", quality=90)
+    return len(reader)
+
+
+def _raw_video(path: str, indices: np.ndarray) -> None:
+    import decord
+
+    decord.VideoReader(path, num_threads=1).get_batch(indices.tolist()).asnumpy()
+
+
+def _raw_frames(paths: list[Path]) -> None:
+    from PIL import Image
+
+    for p in paths:
+        with Image.open(p) as image:
+            np.asarray(image.convert("RGB"))
+
+
+def sources(root: Path) -> dict[str, Any]:
+    """The data modules of each source, their media written under ``root``, and the raw decode of each clip."""
+    from datamodules.ava import AVADataModule
+    from datamodules.classification import VideoClassificationDataModule
+    from datamodules.keyframes import keyframe_clip_indices
+    from datamodules.synthetic import ClassificationSet, SpatiotemporalSet, TemporalSet
+    from datamodules.temporal import TemporalDetectionDataModule
+
+    rng = np.random.default_rng(0)
+    kinetics = VideoClassificationDataModule(
+        str(root / "kinetics"), num_frames=16, frame_stride=4, crop_size=224, train_short_side=(256, 320),
+        batch_size=4, num_workers=0,
+        synthetic=ClassificationSet(videos_per_class=1, val_fraction=0.0, size=320, num_frames=300, fps=30),
+    )  # fmt: skip
+    ava_set = SpatiotemporalSet(num_videos=2, val_fraction=0.5, size=(360, 640), seconds=20, fps=30)
+    ava_common = {"num_frames": 16, "frame_stride": 4, "train_short_side": 288, "batch_size": 4, "num_workers": 0}
+    ava = AVADataModule(str(root / "ava"), synthetic=ava_set, **ava_common)
+    thumos = TemporalDetectionDataModule(
+        str(root / "thumos"), window_size=768, frame_stride=4, crop_size=160, train_short_side=182, batch_size=1,
+        num_workers=0, synthetic=TemporalSet(num_videos=2, val_fraction=0.5, size=180, seconds=120.0, fps=30),
+    )  # fmt: skip
+    for dm in (kinetics, ava, thumos):
+        dm.prepare_data()
+        dm.setup("fit")
+    # HaltingVT's Mini-Kinetics clips on the same videos: 8 frames every 32, no flip, and the static twin of
+    # each clip that its motion loss trains on (a second transform per sample).
+    halting = VideoClassificationDataModule(
+        str(root / "kinetics"), num_frames=8, frame_stride=32, crop_size=224, train_short_side=(256, 320),
+        flip=False, static_clips=True, batch_size=4, num_workers=0,
+    )  # fmt: skip
+    halting.setup("fit")
+    # The same AVA set read from extracted frames.
+    videos = sorted((root / "ava").rglob("*.mp4"))
+    for video in videos:
+        _write_frames(video, root / "ava_frames")
+    files = {
+        "train_csv": "annotations/train.csv", "val_csv": "annotations/val.csv",
+        "label_map": "annotations/label_map.pbtxt", "timestamp_offset": 0.0, "empty_classes": "warn",
+        "train_excluded_timestamps": "annotations/train_excluded_timestamps.csv",
+        "val_excluded_timestamps": "annotations/val_excluded_timestamps.csv",
+    }  # fmt: skip
+    ava_frames = AVADataModule(str(root / "ava"), frames_dir=str(root / "ava_frames"), **files, **ava_common)
+    ava_frames.setup("fit")
+
+    def kinetics_raw() -> None:
+        path = str(rng.choice(sorted((root / "kinetics").rglob("*.mp4"))))
+        start = int(rng.integers(0, 300 - 61))
+        _raw_video(path, np.arange(start, start + 61, 4))
+
+    def halting_raw() -> None:
+        path = str(rng.choice(sorted((root / "kinetics").rglob("*.mp4"))))
+        start = int(rng.integers(0, 300 - 225))
+        _raw_video(path, np.arange(start, start + 225, 32))
+
+    train = ava.dataset("train")
+    keyframes, ava_sources = train.keyframes, train.sources
+
+    def ava_clip() -> tuple[Any, np.ndarray]:
+        k = keyframes[int(rng.integers(len(keyframes)))]
+        source = ava_sources[k.video_index]
+        seconds = k.timestamp - train.timestamp_offset
+        return source, keyframe_clip_indices(seconds, source.num_frames, source.fps, 30.0, 16, 4)
+
+    def ava_raw() -> None:
+        source, idx = ava_clip()
+        _raw_video(source.path, idx)
+
+    def ava_frames_raw() -> None:
+        source, idx = ava_clip()
+        folder = root / "ava_frames" / source.video_id
+        _raw_frames([folder / f"{source.video_id}_{i + 1:06d}.jpg" for i in idx])
+
+    thumos_videos = sorted((root / "thumos").rglob("*.mp4"))
+
+    def thumos_raw() -> None:
+        path = str(thumos_videos[int(rng.integers(len(thumos_videos)))])
+        start = int(rng.integers(0, 3600 - 3072))
+        _raw_video(path, np.arange(start, start + 3072, 4))
+
+    return {
+        "kinetics_mp4": (kinetics, kinetics_raw),
+        "kinetics_8x32_static": (halting, halting_raw),
+        "ava_mp4": (ava, ava_raw),
+        "ava_frames": (ava_frames, ava_frames_raw),
+        "thumos_window": (thumos, thumos_raw),
+    }
+
+
+def bench_pipeline(batches: int = 4, repeats: int = 3) -> dict:
+    """Clips/s of one worker through each source's whole training pipeline against raw decoding, and the
+    workers per GPU each paper recipe needs."""
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.monotonic()
+        built = sources(Path(tmp))
+        setup_seconds = time.monotonic() - start
+        for name, (dm, raw) in built.items():
+            loader = dm.train_dataloader()
+            clips = batches * loader.batch_size
+
+            def run_pipeline(loader=loader) -> None:
+                for i, _ in enumerate(loader):
+                    if i + 1 == batches:
+                        break
+
+            def run_raw(raw=raw, clips=clips) -> None:
+                for _ in range(clips):
+                    raw()
+
+            t = interleaved({"pipeline": run_pipeline, "raw": run_raw}, repeats, stat=min)
+            rows[name] = {
+                "pipeline_clips_per_s": clips / t["pipeline"], "raw_clips_per_s": clips / t["raw"],
+                "ratio": t["raw"] / t["pipeline"], **stability(t),
+            }  # fmt: skip
+    workers = {}
+    for recipe, (source, gmacs, peak) in RECIPES.items():
+        gpu = gpu_clips_per_s(gmacs, peak)
+        per_worker = rows[source]["pipeline_clips_per_s"]
+        workers[recipe] = {"source": source, "gpu_clips_per_s": gpu, "workers_per_gpu": gpu / per_worker}
+    worst = min(rows, key=lambda k: rows[k]["ratio"])
+    table = "; ".join(
+        f"{k} {r['pipeline_clips_per_s']:.2f} vs raw {r['raw_clips_per_s']:.2f} clips/s" for k, r in rows.items()
+    )
+    needs = "; ".join(f"{k}: {w['workers_per_gpu']:.0f} workers/GPU" for k, w in workers.items())
+    return {
+        "what": f"one loader worker vs raw decode: {table}; {needs} (A100 at {UTILISATION:.0%} MFU)",
+        "ours": rows[worst]["pipeline_clips_per_s"],
+        "reference": rows[worst]["raw_clips_per_s"],
+        "unit": "clips/s",
+        "ratio": rows[worst]["ratio"],
+        "target": 0.9,
+        "sources": rows,
+        "workers": workers,
+        "setup_seconds": setup_seconds,
+        "reliable": all(r["reliable"] for r in rows.values()),
+        "unreliable_because": [f"{k}: {why}" for k, r in rows.items() for why in r["unreliable_because"]],
+    }
