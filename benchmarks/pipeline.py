@@ -11,6 +11,9 @@ Sources (written once by the synthetic generators at the sizes of the real data,
 - ``thumos_window``: THUMOS-style 120 s videos at 30 fps, 180 pixels high; one 768-frame training window (every
   4th frame, AdaTAD) at 160x160.
 
+The sources with photometric augmentations (RandAugment, colour jitter) are also measured with
+``augment_on: device``, the recipes' setting, where the worker leaves them to the training device.
+
 ``pipeline``: the data module's training loader with no worker processes (so: one worker's work) for a number of
 batches: decode, sample, transform, collate. ``raw``: the same number of clips decoded by the plain decoder call
 (decord's ``get_batch`` of the clip's frame indices, a fresh reader per clip as in the loader; PIL for JPEG
@@ -38,11 +41,13 @@ A100_BF16_TFLOPS, A100_TF32_TFLOPS, UTILISATION = 312.0, 156.0, 0.4
 #: GMACs per training clip/window forward of each recipe (this project's counts) and its precision's peak.
 RECIPES = {
     # HaltingVT G05 on Mini-Kinetics at its 24.2 GMACs budget, plus the static clip of the motion loss; fp32
-    "haltingvt_minik (8x32, fp32)": ("kinetics_8x32_static", 2 * 24.2, A100_TF32_TFLOPS),
+    "haltingvt_minik (8x32, fp32)": ("kinetics_8x32_static (augment_on: device)", 2 * 24.2, A100_TF32_TFLOPS),
     # EVAD ViT-B at keep rate 0.7 (benchmarks.evad: 137.8 GMACs)
     "evad_ava_vitb (16x4, bf16)": ("ava_frames", 137.8, A100_BF16_TFLOPS),
     # the THUMOS VideoMAE-S detector on a 768-frame window: 4 x the 192-frame 294.7 GMACs (head included once)
-    "tad_thumos_videomae_s (768 frames, bf16)": ("thumos_window", 4 * 280.2 + 14.5, A100_BF16_TFLOPS),
+    "tad_thumos_videomae_s (768 frames, bf16)": (
+        "thumos_window (augment_on: device)", 4 * 280.2 + 14.5, A100_BF16_TFLOPS
+    ),
 }
 
 
@@ -109,6 +114,21 @@ def sources(root: Path) -> dict[str, Any]:
         flip=False, static_clips=True, batch_size=4, num_workers=0,
     )  # fmt: skip
     halting.setup("fit")
+    # The same pipelines with the photometric ops left to the training device (augment_on: device).
+    kinetics_device = VideoClassificationDataModule(
+        str(root / "kinetics"), num_frames=16, frame_stride=4, crop_size=224, train_short_side=(256, 320),
+        batch_size=4, num_workers=0, augment_on="device",
+    )  # fmt: skip
+    halting_device = VideoClassificationDataModule(
+        str(root / "kinetics"), num_frames=8, frame_stride=32, crop_size=224, train_short_side=(256, 320),
+        flip=False, static_clips=True, batch_size=4, num_workers=0, augment_on="device",
+    )  # fmt: skip
+    thumos_device = TemporalDetectionDataModule(
+        str(root / "thumos"), window_size=768, frame_stride=4, crop_size=160, train_short_side=182, batch_size=1,
+        num_workers=0, augment_on="device",
+    )  # fmt: skip
+    for dm in (kinetics_device, halting_device, thumos_device):
+        dm.setup("fit")
     # The same AVA set read from extracted frames.
     videos = sorted((root / "ava").rglob("*.mp4"))
     for video in videos:
@@ -160,9 +180,12 @@ def sources(root: Path) -> dict[str, Any]:
     return {
         "kinetics_mp4": (kinetics, kinetics_raw),
         "kinetics_8x32_static": (halting, halting_raw),
+        "kinetics_mp4 (augment_on: device)": (kinetics_device, kinetics_raw),
+        "kinetics_8x32_static (augment_on: device)": (halting_device, halting_raw),
         "ava_mp4": (ava, ava_raw),
         "ava_frames": (ava_frames, ava_frames_raw),
         "thumos_window": (thumos, thumos_raw),
+        "thumos_window (augment_on: device)": (thumos_device, thumos_raw),
     }
 
 

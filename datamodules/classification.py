@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -92,11 +92,15 @@ class ClipClassificationDataset(Dataset):
             frames = video.get_frames(
                 random_clip(video.num_frames, self.num_frames, self.frame_stride, rng)
             )
-            sample["video"] = self.transform(frames)
+            sample["video"], seed = self.transform_with_seed(frames)
+            if seed is not None:
+                sample["photometric_seed"] = seed  # applied on the device (augment_on: device)
             if self.static_clips:
                 # One of the clip's frames repeated over time, augmented on its own: same label, no motion.
                 still = frames[int(rng.integers(len(frames)))]
-                sample["static"] = self.transform(still.expand(len(frames), *still.shape))
+                sample["static"], seed = self.transform_with_seed(still.expand(len(frames), *still.shape))
+                if seed is not None:
+                    sample["static_photometric_seed"] = seed
         else:
             idx = uniform_clips(video.num_frames, self.num_frames, self.frame_stride, self.num_clips)
             frames = video.get_frames(idx.reshape(-1)).unflatten(0, idx.shape)  # (clips, T, H, W, 3)
@@ -108,6 +112,11 @@ class ClipClassificationDataset(Dataset):
         with seeded(seed):
             return load_guarded(lambda: self.load(index), self.bad_video, index)
 
+    def transform_with_seed(self, frames: Tensor) -> tuple[Tensor, int | None]:
+        """The training transform's clip and the seed of photometric ops it left for the device, if any."""
+        with_seed = getattr(self.transform, "with_seed", None)
+        return with_seed(frames) if with_seed is not None else (self.transform(frames), None)
+
 
 class VideoClassificationDataModule(VideoDataModule):
     """Kinetics-style classification lists (Kinetics, Mini-Kinetics, synthetic) or an ActivityNet JSON.
@@ -117,7 +126,10 @@ class VideoClassificationDataModule(VideoDataModule):
     targets are multi-label (set ``multilabel: true``), and classes come from the JSON unless ``classes_file``
     exists. Videos the JSON lists but ``video_dir`` lacks are an error under ``bad_video: error``; under
     ``skip`` they are dropped, counted and logged once. ``predict_videos`` (paths, relative to ``root`` or
-    absolute) are unlabelled videos for ``predict``, instead of ``predict_list``.
+    absolute) are unlabelled videos for ``predict``, instead of ``predict_list``. ``augment_on``: where the
+    training clips' RandAugment runs, in the loader workers (``loader``) or on the batch once it is on the
+    training device (``device``: the same ops from per-clip seeds drawn in the worker; README, "Loader workers
+    per GPU").
     ``download_hint`` is added to the error raised when a list file is missing (what to download, where to put
     it). ``synthetic`` (``true``, or ``ClassificationSet`` settings such as ``{videos_per_class: 200}``) writes the
     embedded synthetic motion dataset to ``root`` on first use (rank 0 only), and again when its settings change.
@@ -152,6 +164,7 @@ class VideoClassificationDataModule(VideoDataModule):
         min_video_frames: int | None = None,
         synthetic: bool | ClassificationSet = False,
         static_clips: bool = False,
+        augment_on: Literal["loader", "device"] = "loader",
         download_hint: str | None = None,
         predict_videos: list[str] | None = None,
         video_dir: str = "videos",
@@ -177,6 +190,7 @@ class VideoClassificationDataModule(VideoDataModule):
         self.flip = flip
         self.randaugment_ops = randaugment_ops
         self.randaugment_magnitude = randaugment_magnitude
+        self.augment_on = augment_on
         self.test_num_clips = test_num_clips
         self.test_num_crops = test_num_crops
         self.min_video_frames = min_video_frames or num_frames
@@ -224,6 +238,17 @@ class VideoClassificationDataModule(VideoDataModule):
             self._num_classes = len(names)
         return self._num_classes
 
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Under ``augment_on: device``, the training clips' RandAugment, on the device, before normalisation."""
+        for key, seeds in (("video", "photometric_seed"), ("static", "static_photometric_seed")):
+            seeds = batch.pop(seeds, None)
+            if seeds is not None:
+                batch[key] = torch.stack([
+                    self._train_transform.photometric(clip.transpose(0, 1), seed).transpose(0, 1)
+                    for clip, seed in zip(batch[key], seeds.tolist(), strict=True)
+                ])  # fmt: skip
+        return super().on_after_batch_transfer(batch, dataloader_idx)
+
     def build_dataset(self, stage: str) -> ClipClassificationDataset:
         train = stage == "train"
         if train:
@@ -233,7 +258,9 @@ class VideoClassificationDataModule(VideoDataModule):
                 self.flip,
                 self.randaugment_ops,
                 self.randaugment_magnitude,
+                self.augment_on,
             )
+            self._train_transform = transform
         else:
             transform = EvalClipTransform(self.crop_size, self.eval_short_side, self.test_num_crops)
         try:

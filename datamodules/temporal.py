@@ -92,6 +92,11 @@ class TemporalDetectionDataModule(VideoDataModule):
     left out and counted under ``skip``.
     ``eval_max_videos`` evaluates the first N videos of the evaluation subset only (JSON order).
 
+    ``augment_on``: where the training windows' RandAugment and colour jitter run, in the loader workers
+    (``loader``) or on the batch once it is on the training device (``device``: the same ops from the same
+    per-window seeds; a worker then only decodes, crops and flips, about a fifth of its work on THUMOS windows,
+    so a GPU needs far fewer workers: README, "Loader workers per GPU").
+
     ``synthetic`` (``true``, or ``TemporalSet`` settings such as ``{num_videos: 240, seconds: 12}``) writes the
     synthetic temporal set (``datamodules.synthetic.generate_temporal``) to ``root`` on first use, and again
     when its settings change, but never into a non-empty folder the generator did not write. ``download_hint``
@@ -130,6 +135,7 @@ class TemporalDetectionDataModule(VideoDataModule):
         randaugment_ops: int = 2,
         randaugment_magnitude: int = 9,
         color_jitter: tuple[float, float, float, float] | None = (0.5, 0.5, 0.5, 0.1),
+        augment_on: Literal["loader", "device"] = "loader",
         synthetic: bool | TemporalSet = False,
         download_hint: str | None = None,
         eval_max_videos: int | None = None,
@@ -174,7 +180,7 @@ class TemporalDetectionDataModule(VideoDataModule):
         self.duration_tolerance = duration_tolerance
         self.train_transform = TemporalTrainTransform(
             crop_size, train_short_side, area_range, aspect_ratio_range, flip, randaugment_ops,
-            randaugment_magnitude, color_jitter,
+            randaugment_magnitude, color_jitter, augment_on,
         )  # fmt: skip
         self.crop_size = crop_size
         self.eval_short_side = eval_short_side
@@ -373,6 +379,18 @@ class TemporalDetectionDataModule(VideoDataModule):
     @property
     def collate_fn(self) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
         return collate_windows
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Under ``augment_on: device``, the training windows' photometric ops, on the device, before
+        normalisation."""
+        seeds = batch.pop("photometric_seed", None)
+        if seeds is not None:
+            video = batch["video"]  # (B, 3, T, H, W) uint8
+            batch["video"] = torch.stack([
+                self.train_transform.photometric(clip.transpose(0, 1), seed).transpose(0, 1)
+                for clip, seed in zip(video, seeds, strict=True)
+            ])  # fmt: skip
+        return super().on_after_batch_transfer(batch, dataloader_idx)
 
     def build_dataset(self, stage: str) -> TemporalWindowDataset:
         if not self.root.is_dir():

@@ -104,6 +104,12 @@ class TemporalTrainTransform:
     at magnitude ``randaugment_magnitude`` of 10, as mmaction's ImgAug "default") and colour jitter
     (brightness, contrast, saturation, hue). ``plan`` draws one window's parameters; the crop is mapped back
     to the decoded frame, so each frame is interpolated once.
+
+    ``photometric_on="device"`` leaves RandAugment and the jitter out of ``__call__``: the loader worker only
+    decodes, crops and flips, the sample carries the window's photometric seed, and ``photometric`` applies the
+    same ops from that seed once the batch is on the training device (the data module's
+    ``on_after_batch_transfer``); the ops' random draws come from the CPU generator either way, so the result is
+    the same window (tests/test_temporal_data.py).
     """
 
     def __init__(
@@ -116,7 +122,11 @@ class TemporalTrainTransform:
         randaugment_ops: int = 2,
         randaugment_magnitude: int = 9,
         color_jitter: tuple[float, float, float, float] | None = (0.5, 0.5, 0.5, 0.1),
+        photometric_on: Literal["loader", "device"] = "loader",
     ):
+        if photometric_on not in ("loader", "device"):
+            raise ValueError(f"photometric_on must be 'loader' or 'device', got {photometric_on!r}")
+        self.photometric_on = photometric_on
         self.crop_size = crop_size
         self.short_side = short_side
         self.area_range = list(area_range)
@@ -145,15 +155,22 @@ class TemporalTrainTransform:
         clip = TF.resized_crop(to_tchw(frames), top, left, h, w, [self.crop_size] * 2, antialias=True)
         if flip:
             clip = clip.flip(-1)
-        if self.randaugment is not None or self.color_jitter is not None:
-            # The same seed for every chunk of a window makes RandAugment and the jitter draw the same ops.
-            with torch.random.fork_rng(devices=[]):
-                torch.random.default_generator.manual_seed(seed)
-                if self.randaugment is not None:
-                    clip = self.randaugment(clip)
-                if self.color_jitter is not None:
-                    clip = self.color_jitter(clip)
+        if self.photometric_on == "loader":
+            clip = self.photometric(clip, seed)
         return clip.permute(1, 0, 2, 3).contiguous()
+
+    def photometric(self, clip: Tensor, seed: int) -> Tensor:
+        """RandAugment then the colour jitter on ``clip`` (T, 3, H, W) uint8, on any device, with the ops drawn
+        from ``seed`` (the same for every chunk of a window, and wherever it runs)."""
+        if self.randaugment is None and self.color_jitter is None:
+            return clip
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            if self.randaugment is not None:
+                clip = self.randaugment(clip)
+            if self.color_jitter is not None:
+                clip = self.color_jitter(clip)
+        return clip
 
 
 class TemporalEvalTransform:
@@ -245,8 +262,9 @@ class TemporalWindowDataset(Dataset):
             frames = (first_step + np.arange(steps)) * self.frame_stride
             window_start = first_step * seconds_per_step
         labels = np.zeros(int(keep.sum())) if self.class_agnostic else record.labels[keep]
-        return {
-            "video": self.decode(video, frames),
+        clip, plan = self.decode(video, frames)
+        sample = {
+            "video": clip,
             "segments": torch.as_tensor(segments, dtype=torch.float32).reshape(-1, 2),
             "labels": torch.as_tensor(labels, dtype=torch.long),
             "valid": torch.arange(self.window_size) < len(frames),
@@ -256,9 +274,13 @@ class TemporalWindowDataset(Dataset):
             "seconds_per_step": float(seconds_per_step),
             "duration": float(record.duration),
         }
+        if getattr(self.transform, "photometric_on", "loader") == "device":
+            sample["photometric_seed"] = plan[-1]  # applied on the device (TemporalTrainTransform.photometric)
+        return sample
 
-    def decode(self, video: Video, frames: np.ndarray) -> Tensor:
-        """The frames, transformed, padded with the last one to ``window_size``: (3, T, crop, crop)."""
+    def decode(self, video: Video, frames: np.ndarray) -> tuple[Tensor, Any]:
+        """The frames, transformed, padded with the last one to ``window_size``: (3, T, crop, crop), and the
+        transform's plan of the window."""
         plan = None
         chunks = []
         for i in range(0, len(frames), DECODE_CHUNK):
@@ -270,7 +292,7 @@ class TemporalWindowDataset(Dataset):
         pad = self.window_size - clip.shape[1]
         if pad > 0:
             clip = torch.cat([clip, clip[:, -1:].expand(-1, pad, -1, -1)], dim=1)
-        return clip
+        return clip, plan
 
 
 def collate_windows(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -286,6 +308,8 @@ def collate_windows(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
             batch[key] = torch.tensor([s[key] for s in good], dtype=torch.long)
         for key in ("window_start", "seconds_per_step", "duration"):
             batch[key] = torch.tensor([s[key] for s in good], dtype=torch.float64)
+        if "photometric_seed" in good[0]:
+            batch["photometric_seed"] = [s["photometric_seed"] for s in good]
     batch["skipped"] = [s["skipped"] for s in samples if "skipped" in s]
     batch["batch_size"] = len(good)
     return batch

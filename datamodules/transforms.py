@@ -7,6 +7,7 @@ and normalisation run on the device, batched, in ``VideoDataModule.on_after_batc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torchvision.transforms.v2 as T
@@ -40,11 +41,18 @@ def three_crops(clip: Tensor, size: int) -> list[Tensor]:
     return [clip[..., y : y + size, x : x + size] for y, x in offsets]
 
 
+def draw_seed() -> int:
+    """A seed for one clip's photometric ops, from the sample's own random stream."""
+    return int(torch.randint(0, 2**62, ()))
+
+
 class TrainClipTransform:
     """Random short-side resize, random square crop, optional flip and RandAugment; uint8 in, uint8 out.
 
     ``flip`` must stay off when labels depend on direction (left vs right); RandAugment draws one set of ops per
-    clip, so the frames of a clip stay consistent.
+    clip (from a seed drawn for the clip), so the frames of a clip stay consistent. ``photometric_on="device"``
+    leaves RandAugment to ``photometric`` on the training device: ``with_seed`` then returns the clip without it
+    and the seed that gives the same ops there (the draws come from the CPU generator wherever it runs).
     """
 
     def __init__(
@@ -54,10 +62,14 @@ class TrainClipTransform:
         flip: bool = True,
         randaugment_ops: int = 2,
         randaugment_magnitude: int = 9,
+        photometric_on: Literal["loader", "device"] = "loader",
     ):
         lo, hi = (short_side_range[0], short_side_range[-1])
         if lo < crop_size:
             raise ValueError(f"short side {lo} is smaller than the crop {crop_size}")
+        if photometric_on not in ("loader", "device"):
+            raise ValueError(f"photometric_on must be 'loader' or 'device', got {photometric_on!r}")
+        self.photometric_on = photometric_on
         self.crop_size = crop_size
         self.short_side_range = (lo, hi)
         self.flip = flip
@@ -68,7 +80,12 @@ class TrainClipTransform:
         )
 
     def __call__(self, frames: Tensor) -> Tensor:
-        """(T, H, W, 3) uint8 -> (3, T, crop, crop) uint8."""
+        """(T, H, W, 3) uint8 -> (3, T, crop, crop) uint8 (RandAugment included only on the loader)."""
+        return self.with_seed(frames)[0]
+
+    def with_seed(self, frames: Tensor) -> tuple[Tensor, int | None]:
+        """The transformed clip (3, T, crop, crop) and, under ``photometric_on="device"``, the seed of the
+        RandAugment ops still to apply (``photometric``); None when nothing is left to do."""
         clip = to_tchw(frames)
         lo, hi = self.short_side_range
         clip = resize_short_side(clip, int(torch.randint(lo, hi + 1, ()).item()))
@@ -78,9 +95,18 @@ class TrainClipTransform:
         clip = clip[..., y : y + self.crop_size, x : x + self.crop_size]
         if self.flip and torch.rand(()) < 0.5:
             clip = clip.flip(-1)
-        if self.randaugment is not None:
-            clip = self.randaugment(clip)
-        return clip.permute(1, 0, 2, 3).contiguous()
+        seed = draw_seed() if self.randaugment is not None else None
+        if seed is not None and self.photometric_on == "loader":
+            clip, seed = self.photometric(clip, seed), None
+        return clip.permute(1, 0, 2, 3).contiguous(), seed
+
+    def photometric(self, clip: Tensor, seed: int) -> Tensor:
+        """RandAugment on ``clip`` (T, 3, H, W) uint8, on any device, its ops drawn from ``seed``."""
+        if self.randaugment is None:
+            return clip
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            return self.randaugment(clip)
 
 
 class EvalClipTransform:

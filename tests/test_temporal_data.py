@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from datamodules import synthetic, temporal_windows
-from datamodules.base import AnnotationError, BadVideoError
+from datamodules.base import AnnotationError, BadVideoError, SampleKey
 from datamodules.sampling import sliding_window_starts
 from datamodules.temporal import TemporalDetectionDataModule
 from datamodules.temporal_windows import TemporalTrainTransform, collate_windows, random_truncation
@@ -341,6 +341,26 @@ def test_loader_batches_windows_through_collate(temporal_root):
     mixed = collate_windows([good, {"skipped": ("x.mp4", "corrupt", "cannot be opened", 7), "index": 7}])
     assert mixed["batch_size"] == 1 and mixed["skipped"] == [("x.mp4", "corrupt", "cannot be opened", 7)]
     assert collate_windows([{"skipped": ("x.mp4", "corrupt", "r", 7), "index": 7}])["batch_size"] == 0
+
+
+def test_photometric_ops_on_the_device_give_the_loaders_windows(temporal_root):
+    """augment_on: device -- the worker decodes, crops and flips, the batch carries each window's photometric
+    seed and the data module applies RandAugment and the jitter after the transfer: the same normalised batch as
+    the loader path, window for window (the same sample keys)."""
+    batches = {}
+    for where in ("loader", "device"):
+        dm = module(temporal_root, augment_on=where)
+        dm.setup("fit")
+        dataset = dm.dataset("train")
+        samples = [dataset[SampleKey(i, 0, 11)] for i in range(len(dataset))]
+        batch = collate_windows(samples)
+        assert ("photometric_seed" in batch) == (where == "device")
+        batches[where] = dm.on_after_batch_transfer(batch, 0)
+    assert "photometric_seed" not in batches["device"]
+    assert torch.equal(batches["loader"]["video"], batches["device"]["video"])
+    assert not torch.equal(batches["loader"]["video"][0], batches["loader"]["video"][1])
+    with pytest.raises(ValueError, match="photometric_on must be"):
+        TemporalTrainTransform(photometric_on="gpu")
 
 
 @pytest.mark.parametrize("mode", ["sliding_window", "resize"])

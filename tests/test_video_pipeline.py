@@ -244,3 +244,34 @@ def test_an_unreadable_video_is_named_as_such_not_as_corrupt(tmp_path, monkeypat
     (tmp_path / "folder.mp4").mkdir()
     with pytest.raises(VideoDecodeError, match="a folder, not a video file"):
         open_video(tmp_path / "folder.mp4")
+
+
+def test_randaugment_on_the_device_gives_the_loaders_clips(synthetic_classification):
+    """augment_on: device -- the worker resizes, crops and flips, each clip (and its static twin) carries its
+    RandAugment seed and the data module applies the ops after the transfer: the same normalised batch as the
+    loader path, clip for clip (the same sample keys)."""
+    from datamodules.base import SampleKey
+
+    batches = {}
+    for where in ("loader", "device"):
+        dm = VideoClassificationDataModule(
+            root=str(synthetic_classification), num_frames=8, frame_stride=2, crop_size=64,
+            train_short_side=(64, 72), flip=True, randaugment_ops=2, static_clips=True, batch_size=4,
+            num_workers=0, augment_on=where,
+        )  # fmt: skip
+        dataset = dm.dataset("train")
+        batch = collate_clips([dataset[SampleKey(i, 0, 3)] for i in range(6)])
+        assert ("photometric_seed" in batch) == ("static_photometric_seed" in batch) == (where == "device")
+        batches[where] = dm.on_after_batch_transfer(batch, 0)
+    for key in ("video", "static"):
+        assert torch.equal(batches["loader"][key], batches["device"][key])
+    # RandAugment did act: the clips differ from the same pipeline without it
+    plain = VideoClassificationDataModule(
+        root=str(synthetic_classification), num_frames=8, frame_stride=2, crop_size=64, train_short_side=(64, 72),
+        flip=True, randaugment_ops=0, static_clips=True, batch_size=4, num_workers=0,
+    )  # fmt: skip
+    unaugmented = plain.on_after_batch_transfer(
+        collate_clips([plain.dataset("train")[SampleKey(i, 0, 3)] for i in range(6)]), 0
+    )
+    assert unaugmented["video"].shape == batches["loader"]["video"].shape
+    assert not torch.equal(unaugmented["video"], batches["loader"]["video"])
