@@ -415,16 +415,18 @@ def test_training_classes_from_their_own_map_and_evaluation_on_the_other(synthet
 
 @pytest.mark.parametrize("size", [(270, 480), (135, 200)])
 def test_resize_without_antialiasing_samples_as_opencv_inter_linear(size):
-    """The official loader resizes with cv2.resize(INTER_LINEAR): the default AVA transform equals it (1 grey level
-    of rounding), while an antialiased resize of a fine pattern does not."""
+    """The official loader resizes with cv2.resize(INTER_LINEAR): the default AVA transform equals it exactly, with
+    and without the flip, while an antialiased resize of a fine pattern does not."""
     import cv2
 
     rng = np.random.default_rng(0)
     frames = torch.from_numpy(rng.integers(0, 256, (2, *size, 3), dtype=np.uint8))
     clip, _, (h, w) = transform_keyframe_clip(frames, [np.zeros((0, 4))], 96, flip=False, antialias=False)
+    flipped, _, _ = transform_keyframe_clip(frames, [np.zeros((0, 4))], 96, flip=True, antialias=False)
+    assert clip.shape == (3, 2, h, w) and clip.is_contiguous() and flipped.is_contiguous()
     for t in range(2):
         reference = cv2.resize(frames[t].numpy(), (w, h), interpolation=cv2.INTER_LINEAR)
-        ours = clip[:, t].permute(1, 2, 0).numpy().astype(int)
-        assert np.abs(ours - reference).max() <= 1
+        assert np.array_equal(clip[:, t].permute(1, 2, 0).numpy(), reference)
+        assert np.array_equal(flipped[:, t].permute(1, 2, 0).numpy(), reference[:, ::-1])
     filtered, _, _ = transform_keyframe_clip(frames, [np.zeros((0, 4))], 96, flip=False, antialias=True)
     assert np.abs(filtered.numpy().astype(int) - clip.numpy().astype(int)).mean() > 5
