@@ -20,7 +20,7 @@ LIGHTNING_COMMANDS = {
     "config, logs and checkpoints, and the same --run_id resumes it",
     "validate": "one pass over the validation set with a checkpoint (--ckpt_path), metrics as in fit",
     "test": "one pass over the test set with a checkpoint (--ckpt_path)",
-    "predict": "run a checkpoint on the predict set and write the task's predictions and pictures",
+    "predict": "run a checkpoint over the data module's predict set (--ckpt_path)",
 }
 
 #: Commands beside the Lightning CLI's: name -> (module with ``main(argv)``, one-line description).

@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parents[2]
 SINGLE_NODE_SCRIPT = "recipes/slurm/train.sbatch"
 MULTI_NODE_SCRIPT = "recipes/slurm/train_multinode.sbatch"
 SWEEP_SCRIPT = "recipes/slurm/sweep_agent.sbatch"
-#: Set by the sweep script to the overrides each trial gets (the allocation's nodes and tasks per node, then the
-#: submit helper's); a ``fit`` started with it re-launches itself under ``srun`` across the allocation's tasks.
+#: Set by the sweep script to the overrides each trial gets (the submit helper's, then the allocation's nodes and
+#: tasks per node, which win); a ``fit`` started with it re-launches itself under ``srun`` across the allocation.
 SRUN_TRIAL_ENV = "EVT_SRUN_TRIAL"
 OUTPUT_DIR = "runs/slurm"
 GPU_ACCELERATORS = ("gpu", "cuda")
