@@ -224,22 +224,30 @@ class FrameFolder:
         from PIL import Image
 
         idx = np.clip(np.asarray(indices, dtype=np.int64), 0, self.num_frames - 1)
-        decoded: dict[int, np.ndarray] = {}
-        for i in dict.fromkeys(idx.tolist()):
+        out: np.ndarray | None = None
+        first: dict[int, int] = {}  # frame -> its first row in ``out``: each file is decoded once
+        for row, i in enumerate(idx.tolist()):
+            if i in first:
+                out[row] = out[first[i]]
+                continue
+            first[i] = row
             path = self.path(i)
-            if not path.is_file():
-                raise VideoDecodeError(path, "missing", "frame file not found")
             try:
                 with Image.open(path) as image:
-                    decoded[i] = np.asarray(image.convert("RGB"))
+                    # an RGB JPEG's pixels as they are (convert would copy them once more)
+                    frame = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+            except FileNotFoundError:
+                raise VideoDecodeError(path, "missing", "frame file not found") from None
             except Exception as err:
                 raise VideoDecodeError(path, "corrupt", f"cannot be read as an image ({err})") from err
-        shapes = {a.shape for a in decoded.values()}
-        if len(shapes) > 1:
-            raise VideoDecodeError(
-                self.path(int(idx[0])), "decode_failed", f"frames differ in size: {shapes}"
-            )
-        return torch.from_numpy(np.stack([decoded[i] for i in idx.tolist()]))
+            if out is None:
+                out = np.empty((len(idx), *frame.shape), dtype=np.uint8)
+            if frame.shape != out.shape[1:]:
+                raise VideoDecodeError(
+                    path, "decode_failed", f"frames differ in size: {frame.shape} and {out.shape[1:]}"
+                )
+            out[row] = frame
+        return torch.from_numpy(out)
 
 
 def count_frames(root: str | Path, video_id: str, pattern: str, first_number: int = 1) -> int:
