@@ -17,7 +17,9 @@ PAPER_EVAD_GFLOPS = {1.0: 223.8, 0.9: 186.3, 0.8: 157.0, 0.7: 134.2, 0.6: 116.3}
 
 def bench_evad_flops() -> dict:
     """Multiply-accumulates of the whole EVAD detector (ViT-B, 16x224x224, 100 proposals) per keep rate beside the
-    paper's Table 2a; target: each within 5%. Counted without computing (``models.evad_flops.evad_gmacs``)."""
+    paper's Table 2a; target: each within 1% (the pruning blocks' key importance is a second q.k product beside
+    fused attention, about 3.3 GMACs at keep rate 0.7, which the paper's single attention map does not pay; a
+    one-pass form was not faster on the CPU). Counted without computing (``models.evad_flops.evad_gmacs``)."""
     from models.evad_flops import evad_gmacs
 
     ours = {rho: evad_gmacs(rho) for rho in PAPER_EVAD_GFLOPS}
@@ -28,13 +30,13 @@ def bench_evad_flops() -> dict:
         for rho, paper in PAPER_EVAD_GFLOPS.items()
     )
     return {
-        "what": f"EVAD ViT-B GMACs at 16x224x224 per keep rate: {rows}; each within 5%",
+        "what": f"EVAD ViT-B GMACs at 16x224x224 per keep rate: {rows}; each within 1%",
         "ours": ours[0.7]["total"],
         "reference": PAPER_EVAD_GFLOPS[0.7],
         "unit": "GMACs",
         "ratio": ours[0.7]["total"] / PAPER_EVAD_GFLOPS[0.7],
         "target": 1.0,
-        "ok": all(abs(e) <= 0.05 for e in errors.values()),
+        "ok": all(abs(e) <= 0.01 for e in errors.values()),
         "worst_error": worst,
         "gmacs": {str(rho): parts for rho, parts in ours.items()},
         "paper_gmacs": {str(rho): v for rho, v in PAPER_EVAD_GFLOPS.items()},
@@ -55,8 +57,8 @@ def bench_evad_throughput(size: str, batch: int, repeats: int) -> dict:
     """Inference clips/s of EVAD at keep rate 0.7 vs 1.0: the same weights (one model, its keep rate switched),
     ``batch`` clips of 16x224x224, CPU float32, interleaved, best of ``repeats`` (at least 5: a forward takes
     10-20 s and a shared CPU's speed can drift by a third between calls, so the fastest call of each is the least
-    disturbed; the medians are reported too). Target >= 1.55x (the paper's A100: 411 / 298 = 1.38x; the MACs
-    bound is about 1.67x)."""
+    disturbed; the medians are reported too). Target >= 1.62x, best-of and median (the paper's A100: 411 / 298 =
+    1.38x; the MACs ratio is 1.63x)."""
     model = evad_model(size, 0.7).eval()
     video = torch.randn(batch, 3, 16, 224, 224)
     sizes = torch.tensor([[224, 224]] * batch)
@@ -86,12 +88,13 @@ def bench_evad_throughput(size: str, batch: int, repeats: int) -> dict:
     return {
         "what": f"EVAD ViT-{size[0].upper()} inference, batch {batch}, 16x224x224, CPU: keep rate 0.7 vs 1.0, "
         f"same weights, best of {len(runs['0.7'])} (medians: {median['1.0'] / median['0.7']:.2f}x; paper A100 "
-        "1.38x, MACs bound ~1.67x)",
+        f"1.38x{'' if macs_ratio is None else f', MACs ratio {macs_ratio:.2f}x'})",
         "ours": batch / t["0.7"],
         "reference": batch / t["1.0"],
         "unit": "clips/s",
         "ratio": t["1.0"] / t["0.7"],
-        "target": 1.55,
+        "target": 1.62,
+        "ok": min(t["1.0"] / t["0.7"], median["1.0"] / median["0.7"]) >= 1.62,
         "seconds": t,
         "all_seconds": runs,
         "median_ratio": median["1.0"] / median["0.7"],
