@@ -277,10 +277,11 @@ def check_ddp_fits(device: torch.device, sizes: Sizes, data_root: Path, out_dir:
             f"--trainer.default_root_dir={out_dir / recipe}", "--model.init_args.pretrained=null",
         ]  # fmt: skip
         start = time.monotonic()
+        # Without the SLURM variables of an enclosing allocation, whose task count would not match one device.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         done = subprocess.run(
-            args, cwd=REPO, capture_output=True, text=True, check=False,
-            env={**os.environ, "WANDB_MODE": "disabled"},
-        )  # fmt: skip
+            args, cwd=REPO, capture_output=True, text=True, check=False, env={**env, "WANDB_MODE": "disabled"}
+        )
         rows[recipe] = {"ok": done.returncode == 0, "seconds": round(time.monotonic() - start, 1)}
         if done.returncode:
             rows[recipe]["error"] = done.stderr[-1500:]
@@ -417,6 +418,7 @@ def bench_tad_training(device: torch.device, tiny: bool, sizes: Sizes) -> dict:
                 loss = sum(c.float().square().mean() for c in out.cls_logits)
             loss.backward()
 
+        step()  # the libraries' one-time workspaces are not the step's memory
         memory = peak_memory(device, step)
         t = interleaved({"step": timed(device, step)}, sizes.repeats, stat=min)
         rows["checkpointing" if checkpointing else "plain"] = {

@@ -238,14 +238,25 @@ class VideoClassificationDataModule(VideoDataModule):
             self._num_classes = len(names)
         return self._num_classes
 
+    SEED_KEYS: ClassVar[dict[str, str]] = {"video": "photometric_seed", "static": "static_photometric_seed"}
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """The photometric seeds as plain ints before the transfer: read on the device, they would make the
+        host wait for it on every batch."""
+        for key in self.SEED_KEYS.values():
+            if isinstance(batch.get(key), torch.Tensor):
+                batch[key] = batch[key].tolist()
+        return super().on_before_batch_transfer(batch, dataloader_idx)
+
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Under ``augment_on: device``, the training clips' RandAugment, on the device, before normalisation."""
-        for key, seeds in (("video", "photometric_seed"), ("static", "static_photometric_seed")):
-            seeds = batch.pop(seeds, None)
+        for key, seed_key in self.SEED_KEYS.items():
+            seeds = batch.pop(seed_key, None)
             if seeds is not None:
+                seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds
                 batch[key] = torch.stack([
                     self._train_transform.photometric(clip.transpose(0, 1), seed).transpose(0, 1)
-                    for clip, seed in zip(batch[key], seeds.tolist(), strict=True)
+                    for clip, seed in zip(batch[key], seeds, strict=True)
                 ])  # fmt: skip
         return super().on_after_batch_transfer(batch, dataloader_idx)
 

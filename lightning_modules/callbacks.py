@@ -161,6 +161,29 @@ class ValidationSchedule(L.Callback):
         trainer.check_val_every_n_epoch = 1 if self.validates(epoch, trainer.max_epochs) else epoch + 1
 
 
+class _Pass:
+    """The clock of one pass over a loader (a training epoch, a validation): when it began, from which batch,
+    and the last line's time and batch."""
+
+    def __init__(self) -> None:
+        self.first: int | None = None
+        self.start = self.last_time = time.monotonic()
+        self.last_batch = 0
+
+    def begin(self, batch_idx: int) -> None:
+        if self.first is None:
+            self.first = self.last_batch = batch_idx
+            self.start = self.last_time = time.monotonic()
+
+    def lap(self, done: int) -> tuple[float, float]:
+        """(seconds per batch since the last line, batches per second over this pass so far)."""
+        now = time.monotonic()
+        per_batch = (now - self.last_time) / max(done - self.last_batch, 1)
+        rate = (done - (self.first or 0)) / max(now - self.start, 1e-9)
+        self.last_time, self.last_batch = now, done
+        return per_batch, rate
+
+
 class ProgressReport(RichProgressBar):
     """Rich's progress bar on a terminal; where stdout is not one (a SLURM job's log, ``> train.log``), plain lines
     that a log keeps, in the form mmengine's logger made familiar::
@@ -189,8 +212,8 @@ class ProgressReport(RichProgressBar):
         super().__init__(refresh_rate=refresh_rate, leave=leave, console_kwargs=console_kwargs)
         self.plain, self.every_n_steps, self.every_seconds = plain, every_n_steps, every_seconds
         self._writes = False
-        self._pass_start = self._last_time = 0.0
-        self._last_batch = 0
+        # Training and evaluation keep their own clocks: a validation inside an epoch must not reset the epoch's
+        self._train, self._eval = _Pass(), _Pass()
         self._lr: float | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -225,22 +248,11 @@ class ProgressReport(RichProgressBar):
             return str(int(value))  # counts (samples, skipped videos)
         return f"{value:.4e}" if value != 0 and abs(value) < 1e-3 else f"{value:.4f}"
 
-    def _start_pass(self) -> None:
-        self._pass_start = self._last_time = time.monotonic()
-        self._last_batch = 0
-
-    def _due(self, done: int, total: float) -> bool:
+    def _due(self, timing: _Pass, done: int, total: float) -> bool:
         return (
-            done % self.every_n_steps == 0 or done == total or time.monotonic() - self._last_time >= self.every_seconds
-        )
-
-    def _timing(self, done: int) -> tuple[float, float]:
-        """(seconds per batch since the last line, batches per second over the pass)."""
-        now = time.monotonic()
-        per_batch = (now - self._last_time) / max(done - self._last_batch, 1)
-        rate = done / max(now - self._pass_start, 1e-9)
-        self._last_time, self._last_batch = now, done
-        return per_batch, rate
+            done % self.every_n_steps == 0 or done == total
+            or time.monotonic() - timing.last_time >= self.every_seconds
+        )  # fmt: skip
 
     @staticmethod
     def _counter(done: int, total: float) -> str:
@@ -254,13 +266,13 @@ class ProgressReport(RichProgressBar):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        if self._writes:
-            self._start_pass()
+        self._train = _Pass()
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._train.begin(batch_idx)  # a run resumed mid-epoch starts after batch 0
         # the lr this batch trains with (an epoch-wise schedule steps before on_train_batch_end of the last batch)
         self._lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
 
@@ -269,14 +281,14 @@ class ProgressReport(RichProgressBar):
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         done, total = batch_idx + 1, self.total_train_batches
-        if not self._writes or not self._due(done, total):
+        if not self._writes or not self._due(self._train, done, total):
             return
-        per_batch, rate = self._timing(done)
+        per_batch, rate = self._train.lap(done)
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
-        left = (total - done) + ((epochs - trainer.current_epoch - 1) * total if epochs else 0)
+        left = (total - done) + (epochs - trainer.current_epoch - 1) * total if epochs else math.inf
         if trainer.max_steps > 0:
             left = min(left, (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches)
-        eta = left / rate if epochs or trainer.max_steps > 0 else math.inf
+        eta = left / rate if math.isfinite(left) else math.inf
         lr = self._lr
         fields = [
             f"Epoch(train) [{trainer.current_epoch + 1}/{epochs or '?'}]{self._counter(done, total)}",
@@ -290,15 +302,15 @@ class ProgressReport(RichProgressBar):
         self._write("  ".join(fields))
 
     def _eval_start(self, trainer: L.Trainer) -> None:
-        if self._writes and not trainer.sanity_checking:
-            self._start_pass()
+        self._eval = _Pass()
+        self._eval.begin(0)
 
     def _eval_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, kind: str, total: float,
                         batch_idx: int) -> None:  # fmt: skip
         done = batch_idx + 1
-        if not self._writes or trainer.sanity_checking or not self._due(done, total):
+        if not self._writes or trainer.sanity_checking or not self._due(self._eval, done, total):
             return
-        per_batch, rate = self._timing(done)
+        per_batch, rate = self._eval.lap(done)
         eta = (total - done) / rate if math.isfinite(total) else math.inf
         self._write(
             f"{kind}{self._counter(done, total)}  eta: {self._clock(eta)}  time: {per_batch:.3f}  it/s: {rate:.2f}  "
@@ -309,13 +321,14 @@ class ProgressReport(RichProgressBar):
         if not self._writes or trainer.sanity_checking:
             return
         metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
-        took = self._clock(time.monotonic() - self._pass_start)
+        took = self._clock(time.monotonic() - self._eval.start)
         values = [f"{k}: {self._value(v)}" for k, v in sorted(metrics.items())]
         self._write("  ".join([f"{kind.strip()} done in {took}", *values]))
 
     def _eval_kind(self, trainer: L.Trainer) -> str:
         if trainer.state.fn == "fit":
-            return f"Epoch(val) [{trainer.current_epoch + 1}/{trainer.max_epochs if trainer.max_epochs else '?'}]"
+            epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
+            return f"Epoch(val) [{trainer.current_epoch + 1}/{epochs}]"
         return "Validate "
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -160,3 +160,33 @@ def test_paper_recipes_report_progress_in_plain_lines(recipe):
     callbacks = yaml.safe_load((RECIPES / recipe).read_text())["trainer"].get("callbacks") or []
     bars = [c["class_path"] for c in callbacks if "Progress" in c["class_path"]]
     assert bars == ["lightning_modules.callbacks.ProgressReport"]
+
+
+def test_the_epochs_clock_survives_a_validation_inside_it_and_a_resume(tmp_path, capsys):
+    """A validation in the middle of an epoch (val_check_interval 0.5) times itself on its own clock; the epoch's
+    rate counts from the first batch this process trained (a resumed epoch starts after batch 0)."""
+    from lightning_modules.callbacks import _Pass
+
+    report = ProgressReport(plain=True, every_n_steps=1)
+    clocks = []
+
+    class Spy(L.Callback):
+        def on_validation_start(self, trainer, pl_module):
+            clocks.append(report._train)
+
+        def on_validation_end(self, trainer, pl_module):
+            clocks.append(report._train)
+
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=4, limit_val_batches=1, val_check_interval=0.5, num_sanity_val_steps=0,
+        callbacks=[report, Spy()], default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(LossLogged())
+    assert len(clocks) == 4 and clocks[0] is clocks[1] is clocks[2] is clocks[3]
+    assert clocks[0].first == 0 and clocks[0].last_batch == 4
+    resumed = _Pass()
+    resumed.begin(1000)
+    resumed.start -= 10.0  # ten seconds ago
+    _, rate = resumed.lap(1010)
+    assert rate == pytest.approx(1.0, rel=0.05)  # 10 batches in 10 s, not 1010

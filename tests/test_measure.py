@@ -15,10 +15,17 @@ import torch
 from benchmarks.measure import OtherLoad, interleaved, stability, unstable
 
 
-def work() -> None:
+def work(calls: int = 40) -> None:
     a = torch.randn(160, 160)
-    for _ in range(40):
+    for _ in range(calls):
         a = torch.tanh(a @ a)
+
+
+def long_work() -> None:
+    """A call long enough that an attempt lasts past MIN_LOAD_SECONDS."""
+    start = time.monotonic()
+    while time.monotonic() - start < 0.25:
+        work(10)
 
 
 def foreign_burners(n: int) -> list[int]:
@@ -45,7 +52,7 @@ def test_a_loaded_machine_is_seen_and_the_figure_marked_unreliable():
         time.sleep(0.5)
         with OtherLoad() as load:
             time.sleep(1.0)
-        timing = interleaved({"a": work, "b": work}, repeats=3, attempts=2)
+        timing = interleaved({"a": long_work, "b": long_work}, repeats=3, attempts=2)
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)

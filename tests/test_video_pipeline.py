@@ -262,6 +262,8 @@ def test_randaugment_on_the_device_gives_the_loaders_clips(synthetic_classificat
         dataset = dm.dataset("train")
         batch = collate_clips([dataset[SampleKey(i, 0, 3)] for i in range(6)])
         assert ("photometric_seed" in batch) == ("static_photometric_seed" in batch) == (where == "device")
+        batch = dm.on_before_batch_transfer(batch, 0)  # the seeds become ints before the transfer
+        assert all(isinstance(s, int) for s in batch.get("photometric_seed", []))
         batches[where] = dm.on_after_batch_transfer(batch, 0)
     for key in ("video", "static"):
         assert torch.equal(batches["loader"][key], batches["device"][key])

@@ -33,6 +33,7 @@ import copy
 import functools
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -197,7 +198,14 @@ def srun_trial(argv: list[str]) -> int:
     extra = shlex.split(env.pop(SRUN_TRIAL_ENV))
     cmd = ["srun", "--kill-on-bad-exit=1", sys.executable, "-m", "lightning_modules", *argv, *extra]
     print(f"trial across {env.get('SLURM_NTASKS', '?')} task(s): {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    return subprocess.run(cmd, env=env, check=False).returncode
+    trial = subprocess.Popen(cmd, env=env)
+    # A stopped trial (the agent's SIGTERM, scancel) reaches the ranks through srun, so they save and exit.
+    forward = {sig: signal.signal(sig, lambda s, _: trial.send_signal(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return trial.wait()
+    finally:
+        for sig, handler in forward.items():
+            signal.signal(sig, handler)
 
 
 def stacked_name(recipe: Path, overrides: list[str]) -> str:
