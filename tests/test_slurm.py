@@ -407,3 +407,13 @@ def test_sweep_trial_runs_on_every_task_of_its_allocation(jobs, tmp_path, synthe
         assert lines[-1] == "end step=2"
     assert (runs / run_id / "checkpoints" / "last.ckpt").is_file()
     assert sorted(p.name for p in runs.iterdir()) == [run_id]
+
+
+def test_submit_reads_a_recipe_again_once_it_is_edited(tmp_path):
+    recipe = tmp_path / "edited.yaml"
+    text = QUICKSTART.read_text()
+    recipe.write_text(text)
+    first = submit.effective_settings(recipe, [])["trainer"]["max_epochs"]
+    recipe.write_text(text.replace(f"max_epochs: {first}\n", f"max_epochs: {first + 7}\n", 1))
+    os.utime(recipe, ns=(recipe.stat().st_atime_ns, recipe.stat().st_mtime_ns + 10**9))
+    assert submit.effective_settings(recipe, [])["trainer"]["max_epochs"] == first + 7

@@ -69,11 +69,15 @@ def effective_settings(recipe: Path, overrides: list[str]) -> dict[str, Any]:
     files and overrides applied (the CLI's own parser, through ``--print_config``; parsed once per command line)."""
     if not recipe.is_file():
         raise SubmitError(f"recipe {recipe} does not exist")
-    return copy.deepcopy(_parsed(str(recipe), tuple(overrides)))
+    configs = [recipe, *(Path(a.split("=", 1)[1]) for a in overrides if a.startswith("--config="))]
+    configs += [Path(overrides[i + 1]) for i, a in enumerate(overrides[:-1]) if a == "--config"]
+    # the files' versions and the directory relative paths start from are part of what was parsed
+    stamp = (os.getcwd(), *(c.stat().st_mtime_ns if c.is_file() else None for c in configs))
+    return copy.deepcopy(_parsed(str(recipe), tuple(overrides), stamp))
 
 
 @functools.lru_cache(maxsize=8)
-def _parsed(recipe: str, overrides: tuple[str, ...]) -> dict[str, Any]:
+def _parsed(recipe: str, overrides: tuple[str, ...], stamp: tuple) -> dict[str, Any]:
     from lightning_modules.cli import resolved_config
 
     try:
