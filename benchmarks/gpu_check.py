@@ -362,22 +362,13 @@ def bench_haltingvt(device: torch.device, tiny: bool, sizes: Sizes) -> dict:
     }  # fmt: skip
 
 
-def bench_blockdrop(
-    device: torch.device, tiny: bool, sizes: Sizes, dropped: tuple[int, ...] = (3, 2, 1)
-) -> dict:
-    """Latency of the detector with 1-3 blocks dropped against the whole one (the paper's first THUMOS drops on
-    the full model: blocks 7, 10, 6), beside the MACs ratios."""
-    import copy
-
-    from models.blockdrop import drop_blocks
+def bench_blockdrop(device: torch.device, tiny: bool, sizes: Sizes) -> dict:
+    """Latency of the detector with 1-3 blocks dropped against the whole one (the paper's first THUMOS drops;
+    blocks 3, 2, 1 of the tiny one), beside the MACs ratios."""
+    from benchmarks.tad import PAPER_DROPPED, progressively_dropped
     from models.flops import count_macs
 
-    dropped = dropped if tiny else (7, 10, 6)
-    models = [tad(tiny).eval()]
-    for k in range(1, len(dropped) + 1):
-        model = copy.deepcopy(models[0])
-        drop_blocks(model.backbone.vit, dropped[:k])
-        models.append(model)
+    models = progressively_dropped(tad(tiny).eval(), (3, 2, 1) if tiny else PAPER_DROPPED)
     video, valid = tad_input(sizes, tiny, sizes.tad_frames, torch.device("cpu"))
     with torch.inference_mode():
         gmacs = [count_macs(m, video, valid) / 1e9 for m in models]

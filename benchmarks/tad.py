@@ -135,20 +135,31 @@ PAPER_DROP_GMACS = (286.3, 263.5, 240.8, 218.0)
 PAPER_LATENCY_RATIO_3 = 81.2 / 104.9
 
 
-def bench_blockdrop(frames: int, repeats: int, dropped: tuple[int, ...] = (7, 10, 6)) -> dict:
+#: The block-drop paper's first three THUMOS drops (any three cost the same).
+PAPER_DROPPED = (7, 10, 6)
+
+
+def progressively_dropped(model: torch.nn.Module, dropped: tuple[int, ...]) -> list[torch.nn.Module]:
+    """``model`` and copies of it with the first 1, 2, ... of ``dropped`` blocks removed from its backbone."""
+    from models.blockdrop import drop_blocks
+
+    models = [model]
+    for k in range(1, len(dropped) + 1):
+        copied = copy.deepcopy(model)
+        drop_blocks(copied.backbone.vit, dropped[:k])
+        models.append(copied)
+    return models
+
+
+def bench_blockdrop(frames: int, repeats: int, dropped: tuple[int, ...] = PAPER_DROPPED) -> dict:
     """Per dropped block of the THUMOS VideoMAE-S detector (``frames`` input frames, batch 1, CPU, float32): MACs
     and forward latency against the uncompressed model, beside the paper's MACs. The blocks dropped are the
     paper's first three THUMOS choices (any three cost the same). Target: each latency ratio within 5% of its
     MACs ratio (the paper: latency 0.774 at a MACs ratio of 0.761)."""
-    from models.blockdrop import drop_blocks
     from models.flops import count_macs
 
     torch.manual_seed(0)
-    models = [thumos_detector().eval()]
-    for k in range(1, len(dropped) + 1):
-        model = copy.deepcopy(models[0])
-        drop_blocks(model.backbone.vit, dropped[:k])
-        models.append(model)
+    models = progressively_dropped(thumos_detector().eval(), dropped)
     video = _video(frames)
     valid = torch.ones(1, frames, dtype=torch.bool)
     with torch.inference_mode():
