@@ -293,12 +293,16 @@ def wandb_records(log_file: Path) -> list:
     from wandb.proto import wandb_internal_pb2
 
     data, block, pos, pending, records = log_file.read_bytes(), 32768, 7, b"", []
+    if len(data) < 7:
+        return records  # not written yet
     assert data[:4] == b":W&B"
     while pos + 7 <= len(data):
         if block - pos % block < 7:
             pos += block - pos % block  # the rest of a block too short for a header is padding
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):
+            break  # a chunk still being written
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -317,8 +321,13 @@ def test_wandb_offline_run_holds_the_whole_recipe_and_metrics(
                              "--trainer.logger+=lightning_modules.loggers.AutoWandbLogger")])  # fmt: skip
     cli.trainer.loggers[-1].experiment.finish()
     (log_file,) = (tmp_path / "w1" / "wandb").glob("offline-run-*/run-w1.wandb")
+    # finish() can return before W&B's service has flushed the file: wait for the run's closing record.
+    deadline, records = time.monotonic() + 60, wandb_records(log_file)
+    while not any(r.HasField("exit") for r in records) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        records = wandb_records(log_file)
     config, history = {}, set()
-    for record in wandb_records(log_file):
+    for record in records:
         if record.HasField("config"):
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})
         if record.HasField("history"):
