@@ -27,6 +27,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import lightning as L
@@ -41,6 +42,46 @@ from datamodules.video_io import Video, VideoDecodeError, open_video
 log = logging.getLogger(__name__)
 
 BadVideoPolicy = Literal["error", "skip"]
+
+#: File endings taken as videos when ``predict_videos`` names a folder.
+VIDEO_FILE_EXTENSIONS = (
+    ".mp4", ".m4v", ".mkv", ".webm", ".avi", ".mov", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp", ".ogv",
+)  # fmt: skip
+
+
+def find_videos(items: str | Sequence[str], root: str | os.PathLike | None = None) -> list[Path]:
+    """The video files ``items`` name, in the order given: each a file or a folder (searched recursively for
+    ``VIDEO_FILE_EXTENSIONS``, sorted by path), absolute, relative to the working directory or, failing that,
+    to ``root``. A name that is neither raises ``FileNotFoundError`` naming where it was looked for."""
+    found: list[Path] = []
+    for item in [items] if isinstance(items, (str, os.PathLike)) else items:
+        candidates = [Path(item)] if Path(item).is_absolute() or root is None else [Path(item), Path(root) / item]
+        path = next((c for c in candidates if c.exists()), None)
+        if path is None:
+            raise FileNotFoundError(
+                f"predict_videos: {item} not found (looked at {' and '.join(str(c) for c in candidates)}); give "
+                "video files or folders, absolute or relative to the working directory"
+            )
+        if path.is_dir():
+            inside = sorted(f for f in path.rglob("*") if f.suffix.lower() in VIDEO_FILE_EXTENSIONS and f.is_file())
+            if not inside:
+                raise FileNotFoundError(
+                    f"predict_videos: folder {path} holds no video file ({', '.join(VIDEO_FILE_EXTENSIONS)})"
+                )
+            found += inside
+        else:
+            found.append(path)
+    return list(dict.fromkeys(found))
+
+
+def video_names(paths: Sequence[Path]) -> list[str]:
+    """A name per video for result files: the file stem, or, where stems repeat, the path below the files'
+    common folder without its ending (``a/clip``, ``b/clip``)."""
+    stems = Counter(p.stem for p in paths)
+    if all(n == 1 for n in stems.values()):
+        return [p.stem for p in paths]
+    base = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
+    return [p.stem if stems[p.stem] == 1 else str(p.resolve().with_suffix("").relative_to(base)) for p in paths]
 
 
 class BadVideoError(RuntimeError):
@@ -183,7 +224,8 @@ class VideoDataModule(L.LightningDataModule):
 
     Subclasses implement ``build_dataset(stage)`` returning the dataset of "train", "val", "test" or "predict".
     Clips leave the workers as uint8 ``(..., 3, T, H, W)`` under the key ``video``. Bad input found at set-up
-    goes through ``settle`` (one report for every data module).
+    goes through ``settle`` (one report for every data module). ``predict_videos`` (files or folders, see
+    ``find_videos``) are what ``predict`` runs on, with the evaluation transform and no annotation.
     """
 
     #: Problem kinds that are annotation errors, with their fix (``{skip}`` is filled in); other kinds are bad
@@ -203,8 +245,11 @@ class VideoDataModule(L.LightningDataModule):
         bad_video: BadVideoPolicy = "error",
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        predict_videos: str | list[str] | None = None,
     ):
         super().__init__()
+        self.predict_videos = predict_videos
+        self._predict_files: list[Path] | None = None
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -226,6 +271,19 @@ class VideoDataModule(L.LightningDataModule):
 
     def build_dataset(self, stage: str) -> Dataset:
         raise NotImplementedError
+
+    @property
+    def predict_files(self) -> list[Path]:
+        """The files of ``predict_videos`` (folders expanded; relative names against the working directory,
+        then the data module's ``root``): ``predict`` reads these instead of annotated videos."""
+        if self._predict_files is None:
+            self._predict_files = find_videos(self.predict_videos or [], getattr(self, "root", None))
+        return self._predict_files
+
+    def predicting_own_videos(self) -> bool:
+        """A ``predict`` run over ``predict_videos``: nothing else (annotations, a synthetic set) is needed."""
+        trainer = self.trainer
+        return bool(self.predict_videos) and trainer is not None and trainer.state.fn == "predict"
 
     def dataset(self, stage: str) -> Dataset:
         if stage not in self._datasets:

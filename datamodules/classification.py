@@ -125,8 +125,9 @@ class VideoClassificationDataModule(VideoDataModule):
     uses the ``train_subset`` entries, evaluation the ``eval_subset`` ones, videos are found under ``video_dir``,
     targets are multi-label (set ``multilabel: true``), and classes come from the JSON unless ``classes_file``
     exists. Videos the JSON lists but ``video_dir`` lacks are an error under ``bad_video: error``; under
-    ``skip`` they are dropped, counted and logged once. ``predict_videos`` (paths, relative to ``root`` or
-    absolute) are unlabelled videos for ``predict``, instead of ``predict_list``. ``augment_on``: where the
+    ``skip`` they are dropped, counted and logged once. ``predict_videos`` (files or folders, absolute or relative
+    to the working directory or ``root``) are unlabelled videos for ``predict``, instead of ``predict_list``; the
+    class names then come from ``classes_file`` (or ``num_classes``). ``augment_on``: where the
     training clips' RandAugment runs, in the loader workers (``loader``) or on the batch once it is on the
     training device (``device``: the same ops from per-clip seeds drawn in the worker; README, "Loader workers
     per GPU").
@@ -166,7 +167,6 @@ class VideoClassificationDataModule(VideoDataModule):
         static_clips: bool = False,
         augment_on: Literal["loader", "device"] = "loader",
         download_hint: str | None = None,
-        predict_videos: list[str] | None = None,
         video_dir: str = "videos",
         train_subset: str = "training",
         eval_subset: str = "validation",
@@ -176,7 +176,6 @@ class VideoClassificationDataModule(VideoDataModule):
         self.root = Path(root)
         self.lists = {"train": train_list, "val": val_list, "test": test_list or val_list}
         self.lists["predict"] = predict_list or self.lists["test"]
-        self.predict_videos = predict_videos
         self._class_names: list[str] | None = None
         self._missing_counted: set[str] = set()
         self.classes_file = classes_file
@@ -207,6 +206,8 @@ class VideoClassificationDataModule(VideoDataModule):
         }
 
     def prepare_data(self) -> None:
+        if self.predicting_own_videos():
+            return  # the files named, nothing else
         if self.synthetic and not synthetic.is_complete(self.root, **asdict(self.synthetic_set)):
             log.info("writing the synthetic classification set to %s", self.root)
             synthetic.generate_classification(self.root, self.synthetic_set)
@@ -221,6 +222,8 @@ class VideoClassificationDataModule(VideoDataModule):
                 self._class_names = read_class_names(self.root / self.classes_file)
             elif self.is_json("train"):
                 self._class_names = class_names_of(load_database(self.root / self.lists["train"]))
+            elif self.synthetic and self.classes_file == "classes.txt":
+                return list(synthetic.CLASSIFICATION_CLASSES)  # the list the generator writes
         return self._class_names
 
     @property
@@ -276,7 +279,7 @@ class VideoClassificationDataModule(VideoDataModule):
             transform = EvalClipTransform(self.crop_size, self.eval_short_side, self.test_num_crops)
         try:
             if stage == "predict" and self.predict_videos:
-                records = [VideoRecord(str(self.root / p), ()) for p in self.predict_videos]
+                records = [VideoRecord(str(p), ()) for p in self.predict_files]
             elif self.is_json(stage):
                 records = self.activitynet_records(stage)
             else:

@@ -24,7 +24,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_modules.callbacks import ProgressReport, RunModelSummary
@@ -157,6 +157,8 @@ class VideoCLI(LightningCLI):
         if self.subcommand != "fit":
             # A validate/test/predict run sharing a fit's run id keeps the fit's config.yaml.
             self.save_config_kwargs["config_filename"] = f"config_{self.subcommand}.yaml"
+            if cfg.ckpt_path is None:
+                rank_zero_warn_line(untrained_message(self.subcommand, cfg))
             return
         if launching and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
             self.lock = RunLock(self.run.path)
@@ -187,6 +189,24 @@ class VideoCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+def untrained_message(subcommand: str, cfg: Namespace) -> str:
+    """What a validate / test / predict without ``--ckpt_path`` runs with, in one line."""
+    init = cfg.model.get("init_args") if isinstance(cfg.get("model"), Namespace) else None
+    pretrained = init.get("pretrained") if isinstance(init, Namespace) else None
+    what = (
+        f"only the backbone comes from {pretrained}, the rest of the model is untrained"
+        if pretrained
+        else "the model has its initial, untrained weights"
+    )
+    return f"{subcommand} without --ckpt_path: {what}; pass --ckpt_path <the trained checkpoint>"
+
+
+@rank_zero_only
+def rank_zero_warn_line(message: str) -> None:
+    """A warning as one line on the console (``warnings.warn`` adds the calling file and source line)."""
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 def default_callbacks(trainer: Namespace, fit: bool) -> list[L.Callback]:

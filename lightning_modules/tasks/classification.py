@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from datamodules.base import video_names
 from lightning_modules.compression.task import Compressible
 from lightning_modules.metrics.classification import VideoClassificationScores, first_occurrences
+from lightning_modules.outputs import write_class_predictions
 from lightning_modules.tasks.base import OptimizerSettings, ScheduleSettings, VideoTask
 from models.blockdrop import MLPActivation, class_alignment
 from models.checkpoint import LoadReport, load_pretrained
@@ -27,6 +31,10 @@ class VideoClassifier(Compressible, VideoTask):
     (softmax; sigmoid for ``bce``), and logs the mean GFLOPs (multiply-accumulates) per clip; a dense model's
     cost is counted once per clip shape. Block drop can compress it (``Compressible``): the backbone is the
     block stack, and its ``drop_blocks`` / ``mlp_activation`` rebuild a compressed model.
+
+    ``predict`` writes each video's ``predict_top_k`` classes with their scores into the run directory
+    (``lightning_modules.outputs.write_class_predictions``: ActivityNet-style JSON and a CSV), each video once
+    under DDP.
     """
 
     def __init__(
@@ -42,6 +50,7 @@ class VideoClassifier(Compressible, VideoTask):
         top_k: tuple[int, ...] = (1, 5),
         optimizer: OptimizerSettings = OptimizerSettings(),
         schedule: ScheduleSettings = ScheduleSettings(),
+        predict_top_k: int = 5,
     ):
         super().__init__(optimizer, schedule)
         self.save_hyperparameters(ignore=["backbone"])
@@ -62,6 +71,10 @@ class VideoClassifier(Compressible, VideoTask):
         self._macs: dict[str, dict[str, list[Tensor]]] = {"val": {}, "test": {}}
         self._video_macs: dict[str, dict[str, list[Tensor]]] = {"val": {}, "test": {}}
         self._dense_macs: dict[tuple[int, ...], int] = {}
+        if predict_top_k < 1:
+            raise ValueError(f"predict_top_k must be >= 1, got {predict_top_k}")
+        self.predict_top_k = predict_top_k
+        self._predicted: list[tuple[Tensor, Tensor]] = []
 
     def load_backbone(self, path: str, trust_pickle: bool = False) -> LoadReport:
         return load_pretrained(self.backbone, path, trust_pickle=trust_pickle)
@@ -193,7 +206,34 @@ class VideoClassifier(Compressible, VideoTask):
     def on_test_epoch_end(self) -> None:
         self._log_scores(self.test_scores, "test")
 
+    def on_predict_epoch_start(self) -> None:
+        self._predicted = []
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         if batch["batch_size"] == 0:  # every video of the batch was skipped as bad
             return {"index": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0, self.num_classes)}
-        return {"index": batch["index"], "scores": self.video_scores(batch["video"])}
+        scores = self.video_scores(batch["video"])
+        self._predicted.append((batch["index"].detach(), scores.detach().float()))
+        return {"index": batch["index"], "scores": scores}
+
+    def on_predict_epoch_end(self) -> None:
+        """Every rank's videos gathered (a video DDP padding repeated once), written by global rank 0."""
+        ids = torch.cat([i for i, _ in self._predicted]) if self._predicted else torch.zeros(0, dtype=torch.long)
+        scores = torch.cat([s for _, s in self._predicted]) if self._predicted else torch.zeros(0, self.num_classes)
+        self._predicted = []
+        rows = torch.cat([ids.to(self.device).double()[:, None], scores.to(self.device).double()], 1)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            rows = torch.cat(gather_all_tensors(rows))
+        rows = rows[first_occurrences(rows[:, 0].long())].cpu()
+        rows = rows[rows[:, 0].argsort()]
+        if self._trainer is None or not self.trainer.is_global_zero:
+            return
+        dm = self.trainer.datamodule
+        records = dm.dataset("predict").records
+        paths = [str(records[int(i)].path) for i in rows[:, 0]]
+        class_names = getattr(dm, "class_names", None) or [str(c) for c in range(self.num_classes)]
+        json_path, csv_path = write_class_predictions(
+            self.trainer.default_root_dir, video_names([Path(p) for p in paths]), paths, rows[:, 1:],
+            class_names, self.predict_top_k,
+        )  # fmt: skip
+        rank_zero_info(f"predict: top-{self.predict_top_k} classes of {len(paths)} videos: {json_path}, {csv_path}")

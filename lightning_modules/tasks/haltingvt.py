@@ -72,11 +72,12 @@ class HaltingVTClassifier(VideoClassifier):
         top_k: tuple[int, ...] = (1, 5),
         optimizer: OptimizerSettings = OptimizerSettings(name="adam", lr=1e-5, weight_decay=1e-5),
         schedule: ScheduleSettings = ScheduleSettings(warmup_epochs=5.0, warmup_start_factor=0.1, min_lr_ratio=0.0),
+        predict_top_k: int = 5,
     ):
         super().__init__(
             backbone, num_classes, pretrained=pretrained, trust_pickle=trust_pickle, head_dropout=head_dropout,
             label_smoothing=label_smoothing, multilabel=multilabel, multilabel_loss=multilabel_loss, top_k=top_k,
-            optimizer=optimizer, schedule=schedule,
+            optimizer=optimizer, schedule=schedule, predict_top_k=predict_top_k,
         )  # fmt: skip
         self.ponder_weight = ponder_weight
         self.prior_weight = prior_weight
