@@ -3,12 +3,14 @@ disagree, ratios the MACs do not allow; it measures again and then marks the fig
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,12 +30,23 @@ def long_work() -> None:
         work(10)
 
 
-def foreign_burners(n: int) -> list[int]:
+def foreign_burners(n: int, pid_file: Path) -> list[int]:
     """``n`` busy-looping processes that are not this process's children (their shell exits at once), as another
-    user's jobs on a shared machine; returns their pids."""
-    script = f"for i in $(seq {n}); do {sys.executable} -c 'while True: pass' >/dev/null 2>&1 </dev/null & echo $!; done"
-    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True, timeout=30).stdout
-    return [int(pid) for pid in out.split()]
+    user's jobs on a shared machine; returns their pids. The pids travel through ``pid_file``, not a pipe: a pipe
+    the loops might hold open would keep the shell's reader waiting for as long as they run."""
+    script = (
+        f"for i in $(seq {n}); do {sys.executable} -c 'while True: pass' >/dev/null 2>&1 </dev/null & "
+        f"echo $! >> {pid_file}; done"
+    )
+    subprocess.run(["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True, timeout=30)  # fmt: skip
+    return [int(pid) for pid in pid_file.read_text().split()]
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_the_rules_against_hand_made_repeats():
@@ -44,18 +57,18 @@ def test_the_rules_against_hand_made_repeats():
     assert unstable(steady, 1.2, 0.1, 0.25) == ["other processes kept 1.20 cores busy (limit 0.25)"]
 
 
-def test_a_loaded_machine_is_seen_and_the_figure_marked_unreliable():
+def test_a_loaded_machine_is_seen_and_the_figure_marked_unreliable(tmp_path):
     """Two foreign busy loops on this 2-core machine while two equal functions are timed: the load is measured,
     the comparison is tried again and then reported as unreliable, not as a result."""
-    pids = foreign_burners(2)
+    pid_file = tmp_path / "burners.pid"
     try:
+        foreign_burners(2, pid_file)
         time.sleep(0.5)
         with OtherLoad() as load:
             time.sleep(1.0)
         timing = interleaved({"a": long_work, "b": long_work}, repeats=3, attempts=2)
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
+    finally:  # whatever happened, no loop outlives the test
+        kill_all([int(pid) for pid in pid_file.read_text().split()] if pid_file.is_file() else [])
     assert load.cores > 0.8, load.cores  # at least most of a core went to the loops
     assert not timing.reliable and timing.attempts == 2
     assert any(r.startswith("other processes kept") for r in timing.reasons), timing.reasons
