@@ -191,6 +191,20 @@ class VideoCLI(LightningCLI):
         return trainer
 
 
+def without_pretrained(node: Any) -> None:
+    """Set every ``pretrained`` weight file of a model config to None, wherever the task keeps it (a model whose
+    weights all come from a checkpoint)."""
+    if isinstance(node, Namespace):
+        for key in list(node.keys()):
+            if key == "pretrained" or key.endswith(".pretrained"):
+                node[key] = None
+            else:
+                without_pretrained(node[key])
+    elif isinstance(node, list):
+        for item in node:
+            without_pretrained(item)
+
+
 def untrained_message(subcommand: str, cfg: Namespace) -> str:
     """What a validate / test / predict without ``--ckpt_path`` runs with, in one line."""
     init = cfg.model.get("init_args") if isinstance(cfg.get("model"), Namespace) else None

@@ -13,7 +13,8 @@ Supported sources (all local files; nothing is downloaded):
 ``load_pretrained`` remaps the keys, lets the model adapt tensors whose shape depends on the input size
 (positions, the patch kernel) and is strict: it never leaves part of the model at its initial values, nor
 drops part of the checkpoint, without being asked to. What it refuses, it refuses with a ``CheckpointError``
-that names the file, the keys and the fix.
+that names the file, the keys and the fix. Whole trained models of the official EVAD, HaltingVT and OpenTAD code
+load through ``models.official_weights``, as strictly.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_modules.callbacks import ValidationSchedule
-from lightning_modules.cli import as_list, place_checkpoints, place_loggers
+from lightning_modules.cli import as_list, place_checkpoints, place_loggers, without_pretrained
 from lightning_modules.compression.checks import (
     record_source,
     refuse_several_processes,
@@ -142,7 +142,7 @@ class Compressor:
         cfg = copy.deepcopy(self.cfg)
         for key, value in (data or {}).items():
             cfg.data.init_args[key] = value
-        _without_pretrained(cfg.model)  # every task built here takes its weights from a checkpoint
+        without_pretrained(cfg.model)  # every task built here takes its weights from a checkpoint
         if run is not None:
             place_loggers(cfg.trainer, run, wandb_id=f"{self.compression_id}-{run.root.name}")
             place_checkpoints(cfg.trainer, run, fit=True)
@@ -476,19 +476,6 @@ class Compressor:
             }
             save_atomic(state, self.out / f"{name}.ckpt")
             (self.out / f"{name}.yaml").write_text(task.compressed_config(kept["dropped"], activation))
-
-
-def _without_pretrained(node: Any) -> None:
-    """Set every ``pretrained`` weight file of a model config to None, wherever the task keeps it."""
-    if isinstance(node, Namespace):
-        for key in list(node.keys()):
-            if key == "pretrained" or key.endswith(".pretrained"):
-                node[key] = None
-            else:
-                _without_pretrained(node[key])
-    elif isinstance(node, list):
-        for item in node:
-            _without_pretrained(item)
 
 
 def _take(loader: Any, count: int | None):
