@@ -51,6 +51,7 @@ from datamodules.base import (
     load_guarded,
     seeded,
     split_key,
+    video_names,
 )
 from datamodules.keyframes import (
     AVA_MEAN,
@@ -60,6 +61,7 @@ from datamodules.keyframes import (
     clip_frame_indices,
     transform_keyframe_clip,
 )
+from datamodules.video_io import Decoder, VideoDecodeError, open_video
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ class ActVideo:
     num_frames: int
     resolution: tuple[int, int]  # (height, width) of the frames the boxes are in
     rows: np.ndarray  # (n, 7) float64
+    file: str | None = None  # a video file to decode instead of the frame folder (predict_videos)
 
     def boxes_at(self, frame: int) -> np.ndarray:
         """The rows of ``frame`` (1-based)."""
@@ -237,8 +240,10 @@ class ActFrameDataset(Dataset):
         train: bool = False,
         flip: bool = True,
         bad_video: BadVideoPolicy = "error",
+        decoder: Decoder = "auto",
     ):
         self.videos = list(videos)
+        self.decoder = decoder
         self.samples = list(samples)
         self.num_classes = num_classes
         self.frames_root = Path(frames_root)
@@ -269,10 +274,14 @@ class ActFrameDataset(Dataset):
     def load(self, index: int) -> dict[str, Any]:
         position, frame = self.samples[index]
         video = self.videos[position]
-        folder = FrameFolder(
-            self.frames_root, video.name, self.frame_pattern, video.num_frames, self.first_frame_number
+        source = (
+            open_video(video.file, decoder=self.decoder)
+            if video.file is not None
+            else FrameFolder(
+                self.frames_root, video.name, self.frame_pattern, video.num_frames, self.first_frame_number
+            )
         )
-        frames = folder.get_frames(self.clip_indices(index))
+        frames = source.get_frames(self.clip_indices(index))
         rows = video.boxes_at(frame)
         height, width = video.resolution
         lo, hi = self.short_side
@@ -308,6 +317,9 @@ class ActPickleDataModule(KeyframeDetectionDataModule):
     Checks at setup: the pickle's layout, frame numbers and classes (errors naming the file and video); the
     first and last frame file of every video of the stage: a missing one stops the run with the fix under
     ``bad_video: error`` and is counted and left out under ``skip``.
+
+    ``predict_videos`` (files or folders) are decoded directly, a clip around every ``eval_frame_step``-th frame,
+    without annotations (the pickle is read for the class names only).
     """
 
     def __init__(
@@ -384,8 +396,31 @@ class ActPickleDataModule(KeyframeDetectionDataModule):
         """Video name of each ``video_index`` of ``stage``."""
         return [v.name for v in self.dataset(stage).videos]
 
+    def _own_videos(self) -> list[ActVideo]:
+        videos, problems = [], []
+        for path, name in zip(self.predict_files, video_names(self.predict_files), strict=True):
+            try:
+                file = open_video(path, decoder=self.decoder)
+                height, width = file.get_frames([0]).shape[1:3]
+            except VideoDecodeError as err:
+                problems.append(Problem(err.kind, f"predict_videos: {path}", err.reason, err.path))
+                continue
+            videos.append(ActVideo(name, len(videos), file.num_frames, (height, width), np.zeros((0, 7)), str(path)))
+        self.settle(problems, "predict_videos", ("predict",))
+        if not videos:
+            raise AnnotationError("predict_videos: no readable video")
+        return videos
+
     def build_dataset(self, stage: str) -> ActFrameDataset:
         train = stage == "train"
+        if stage == "predict" and self.predict_videos:
+            videos = self._own_videos()
+            samples = [(i, f) for i, v in enumerate(videos) for f in range(1, v.num_frames + 1, self.eval_frame_step)]
+            return ActFrameDataset(
+                videos, samples, self.num_classes, self.frames_root, self.frame_pattern, self.first_frame_number,
+                self.num_frames, self.frame_stride, (self.eval_short_side, self.eval_short_side), train=False,
+                flip=False, bad_video=self.bad_video, decoder=self.decoder,
+            )  # fmt: skip
         annotations = self.annotations
         names = annotations.videos("train" if train else "test", self.split)
         videos, problems, dropped = [], [], 0

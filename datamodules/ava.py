@@ -46,7 +46,7 @@ from datamodules.ava_annotations import (
     read_proposals_csv,
 )
 from datamodules.ava_dataset import AVAKeyframeDataset, VideoSource
-from datamodules.base import AnnotationError, Problem
+from datamodules.base import AnnotationError, Problem, video_names
 from datamodules.keyframes import (
     AVA_MEAN,
     AVA_STD,
@@ -85,6 +85,11 @@ class AVADataModule(KeyframeDetectionDataModule):
     writes the synthetic AVA-style set (``synthetic.generate_spatiotemporal``) to ``root`` on first use, and
     again when its settings change, never into a folder it did not write.
     ``timestamp_offset`` unset is 900 (AVA's 15-minute clips start at second 900), or 0 when ``synthetic``.
+
+    ``predict_videos`` (files or folders) are read without annotations: a keyframe every
+    ``predict_keyframe_interval`` seconds from second 0 to the end of each file (AVA annotates one per second;
+    the AVA CSV the task writes holds whole seconds), timestamps counted from the file's start. Only the label
+    map is read (for the actions' names).
     """
 
     annotation_fixes: ClassVar[dict[str, str]] = {
@@ -123,6 +128,7 @@ class AVADataModule(KeyframeDetectionDataModule):
         proposal_score_threshold: float = 0.8,
         synthetic: bool | SpatiotemporalSet = False,
         download_hint: str | None = None,
+        predict_keyframe_interval: int = 1,
         batch_size: int = 8,
         mean: tuple[float, float, float] = AVA_MEAN,
         std: tuple[float, float, float] = AVA_STD,
@@ -185,6 +191,9 @@ class AVADataModule(KeyframeDetectionDataModule):
         self.proposals_path = self.root / proposals_csv if proposals_csv is not None else None
         self.proposal_score_threshold = proposal_score_threshold
         self.download_hint = download_hint
+        if predict_keyframe_interval < 1:
+            raise ValueError(f"predict_keyframe_interval must be >= 1 second, got {predict_keyframe_interval}")
+        self.predict_keyframe_interval = predict_keyframe_interval
         self._label_map: dict[int, str] | None = None
         self._evaluated_label_map: dict[int, str] | None = None
         self._video_files: dict[str, Path] | None = None
@@ -193,6 +202,8 @@ class AVADataModule(KeyframeDetectionDataModule):
     # -------------------------------------------------------------------------------------------- files
 
     def prepare_data(self) -> None:
+        if self.predicting_own_videos():
+            return  # the files named, nothing else
         if not self.synthetic or synthetic.is_complete(self.root, "spatiotemporal", **asdict(self.synthetic_set)):
             return
         if synthetic.is_complete(self.root, kind=None) and not synthetic.is_complete(
@@ -297,7 +308,7 @@ class AVADataModule(KeyframeDetectionDataModule):
                     if path is None:
                         where = self.paths["video_dir"] / f"{video_id}.{self.video_ext or 'mp4'}"
                         raise VideoDecodeError(where, "missing", "video file not found")
-                    video = open_video(path, self.decode_threads)
+                    video = open_video(path, self.decode_threads, self.decoder)
                     found = VideoSource(video_id, str(path), video.num_frames, video.fps)
             except VideoDecodeError as err:
                 found = err
@@ -346,7 +357,35 @@ class AVADataModule(KeyframeDetectionDataModule):
         order = {v: i for i, v in reversed(list(enumerate(k.video_id for k in merged)))}
         return sorted(merged, key=lambda k: (order[k.video_id], k.timestamp))
 
+    def _own_keyframes(self) -> tuple[list[AVAKeyframe], list[VideoSource]]:
+        """A keyframe every ``predict_keyframe_interval`` seconds of each ``predict_videos`` file, no boxes."""
+        sources, keyframes, problems = [], [], []
+        no_boxes, no_labels = np.zeros((0, 4), np.float32), np.zeros((0, self.num_classes), np.float32)
+        for path, name in zip(self.predict_files, video_names(self.predict_files), strict=True):
+            try:
+                video = open_video(path, self.decode_threads, self.decoder)
+            except VideoDecodeError as err:
+                problems.append(Problem(err.kind, f"predict_videos: {path}", err.reason, err.path))
+                continue
+            last = grid_length(video.num_frames, video.fps, self.frame_rate) - 1
+            seconds = range(0, int(video.duration) + 1, self.predict_keyframe_interval)
+            times = [t for t in seconds if keyframe_grid_index(t, video.fps, self.frame_rate) <= last]
+            keyframes += [AVAKeyframe(name, t, str(path), 0, no_boxes, no_labels, len(sources)) for t in times]
+            sources.append(VideoSource(name, str(path), video.num_frames, video.fps))
+        self.settle(problems, "predict_videos", ("predict",))
+        if not keyframes:
+            raise AnnotationError("predict_videos: no readable video")
+        return keyframes, sources
+
     def build_dataset(self, stage: str) -> AVAKeyframeDataset:
+        if stage == "predict" and self.predict_videos:
+            keyframes, sources = self._own_keyframes()
+            return AVAKeyframeDataset(
+                keyframes, sources, self.eval_short_side, train=False, timestamp_offset=0.0,
+                frame_rate=self.frame_rate, num_frames=self.num_frames, frame_stride=self.frame_stride,
+                bad_video=self.bad_video, decode_threads=self.decode_threads, antialias=self.antialias,
+                decoder=self.decoder,
+            )  # fmt: skip
         keyframes = self.keyframes(stage)
         what = f"{stage} keyframes"
         first_row = {}
@@ -397,7 +436,7 @@ class AVADataModule(KeyframeDetectionDataModule):
             flip=self.flip, timestamp_offset=self.timestamp_offset, frame_rate=self.frame_rate,
             num_frames=self.num_frames, frame_stride=self.frame_stride, frame_pattern=self.frame_pattern,
             first_frame_number=self.first_frame_number, bad_video=self.bad_video,
-            decode_threads=self.decode_threads, antialias=self.antialias,
+            decode_threads=self.decode_threads, antialias=self.antialias, decoder=self.decoder,
         )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from datamodules.ava_annotations import AVAKeyframe
 from datamodules.base import BadVideoPolicy, SampleKey, load_guarded, open_checked, seeded, split_key
 from datamodules.keyframes import FrameFolder, keyframe_clip_indices, transform_keyframe_clip
+from datamodules.video_io import Decoder
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class AVAKeyframeDataset(Dataset):
         bad_video: BadVideoPolicy = "error",
         decode_threads: int = 1,
         antialias: bool = False,
+        decoder: Decoder = "auto",
     ):
         self.keyframes = list(keyframes)
         self.antialias = antialias
@@ -68,6 +70,7 @@ class AVAKeyframeDataset(Dataset):
         self.first_frame_number = first_frame_number
         self.bad_video = bad_video
         self.decode_threads = decode_threads
+        self.decoder = decoder
 
     def __len__(self) -> int:
         return len(self.keyframes)
@@ -94,7 +97,7 @@ class AVAKeyframeDataset(Dataset):
                 source.path, source.video_id, self.frame_pattern, source.num_frames, self.first_frame_number
             )
         else:
-            reader = open_checked(source.path, 1, self.decode_threads)
+            reader = open_checked(source.path, 1, self.decode_threads, self.decoder)
         frames = reader.get_frames(self.clip_indices(index))
         flip = self.train and self.flip and bool(torch.rand(()) < 0.5)
         box_sets = [keyframe.boxes] + ([keyframe.proposals] if keyframe.proposals is not None else [])

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from datamodules.transforms import normalize
-from datamodules.video_io import Video, VideoDecodeError, open_video
+from datamodules.video_io import Decoder, Video, VideoDecodeError, open_video
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,9 @@ class Problem:
     file: str | None = None
 
 
-def open_checked(path: str, min_frames: int, num_threads: int = 1) -> Video:
-    """Open ``path`` and require at least ``min_frames`` frames."""
-    video = open_video(path, num_threads)
+def open_checked(path: str, min_frames: int, num_threads: int = 1, decoder: Decoder = "auto") -> Video:
+    """Open ``path`` with the ``decoder`` backend and require at least ``min_frames`` frames."""
+    video = open_video(path, num_threads, decoder)
     if video.num_frames < min_frames:
         raise VideoDecodeError(
             path, "too_short", f"video has {video.num_frames} frames, fewer than the {min_frames} needed"
@@ -226,6 +226,8 @@ class VideoDataModule(L.LightningDataModule):
     Clips leave the workers as uint8 ``(..., 3, T, H, W)`` under the key ``video``. Bad input found at set-up
     goes through ``settle`` (one report for every data module). ``predict_videos`` (files or folders, see
     ``find_videos``) are what ``predict`` runs on, with the evaluation transform and no annotation.
+    ``decoder``: the video decoding backend, ``auto`` (decord, and PyAV for the files decord cannot read, e.g.
+    AV1), ``decord`` or ``pyav`` (``datamodules.video_io``); frame folders do not use it.
     """
 
     #: Problem kinds that are annotation errors, with their fix (``{skip}`` is filled in); other kinds are bad
@@ -241,6 +243,7 @@ class VideoDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
         decode_threads: int = 1,
+        decoder: Decoder = "auto",
         worker_start: Literal["forkserver", "spawn", "fork"] = "forkserver",
         bad_video: BadVideoPolicy = "error",
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
@@ -257,6 +260,7 @@ class VideoDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.prefetch_factor = prefetch_factor
         self.decode_threads = decode_threads
+        self.decoder = decoder
         self.worker_start = worker_start
         self.bad_video = bad_video
         self.mean = mean

@@ -30,6 +30,7 @@ from datamodules.kinetics_list import VideoRecord, read_class_names, read_video_
 from datamodules.sampling import random_clip, uniform_clips
 from datamodules.synthetic import ClassificationSet, chosen_settings
 from datamodules.transforms import EvalClipTransform, TrainClipTransform
+from datamodules.video_io import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class ClipClassificationDataset(Dataset):
         bad_video: BadVideoPolicy = "error",
         decode_threads: int = 1,
         static_clips: bool = False,
+        decoder: Decoder = "auto",
     ):
         self.records = list(records)
         self.num_classes = num_classes
@@ -69,6 +71,7 @@ class ClipClassificationDataset(Dataset):
         self.min_video_frames = min_video_frames
         self.bad_video = bad_video
         self.decode_threads = decode_threads
+        self.decoder = decoder
         self.static_clips = static_clips
 
     def __len__(self) -> int:
@@ -84,7 +87,7 @@ class ClipClassificationDataset(Dataset):
 
     def load(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        video = open_checked(record.path, self.min_video_frames, self.decode_threads)
+        video = open_checked(record.path, self.min_video_frames, self.decode_threads, self.decoder)
         sample = {"label": self.target(record), "index": index}
         if self.train:
             # Torch's generator is the one Lightning seeds per worker; numpy only draws from it.
@@ -303,6 +306,7 @@ class VideoClassificationDataModule(VideoDataModule):
             min_video_frames=self.min_video_frames,
             bad_video=self.bad_video,
             decode_threads=self.decode_threads,
+            decoder=self.decoder,
             static_clips=self.static_clips and train,
         )
 

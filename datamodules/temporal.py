@@ -38,6 +38,7 @@ from datamodules.base import (
     AnnotationError,
     Problem,
     VideoDataModule,
+    video_names,
 )
 from datamodules.kinetics_list import read_class_names
 from datamodules.sampling import sliding_window_starts
@@ -91,6 +92,8 @@ class TemporalDetectionDataModule(VideoDataModule):
     ``duration`` (the segments are in the JSON's seconds, and ``resize`` scales them by it) stops the run, or is
     left out and counted under ``skip``.
     ``eval_max_videos`` evaluates the first N videos of the evaluation subset only (JSON order).
+    ``predict_videos`` (files or folders) are windowed as evaluation videos, with no annotation (only the class
+    list is read, for the detections' names); their ``video_index`` is their position in that list.
 
     ``augment_on``: where the training windows' RandAugment and colour jitter run, in the loader workers
     (``loader``) or on the batch once it is on the training device (``device``: the same ops from the same
@@ -200,6 +203,8 @@ class TemporalDetectionDataModule(VideoDataModule):
     # ------------------------------------------------------------------------------------------- files
 
     def prepare_data(self) -> None:
+        if self.predicting_own_videos():
+            return  # the files named, nothing else
         if not self.synthetic or synthetic.is_complete(self.root, "temporal", **asdict(self.synthetic_set)):
             return
         if synthetic.is_complete(self.root, kind=None) and not synthetic.is_complete(self.root, "temporal"):
@@ -233,6 +238,13 @@ class TemporalDetectionDataModule(VideoDataModule):
     def video_ids(self) -> list[str]:
         """Video id of each ``video_index``: the JSON database's ids in file order."""
         return list(self.database)
+
+    def stage_video_ids(self, stage: str) -> list[str]:
+        """Video id of each ``video_index`` of ``stage``: ``video_ids``, or for a ``predict`` over
+        ``predict_videos`` the files' names (``datamodules.base.video_names``)."""
+        if stage == "predict" and self.predict_videos:
+            return video_names(self.predict_files)
+        return self.video_ids
 
     @property
     def class_names(self) -> list[str]:
@@ -299,7 +311,7 @@ class TemporalDetectionDataModule(VideoDataModule):
         (the segments are in the JSON's seconds; in ``resize`` mode they are scaled by it)."""
         if video.num_frames is not None:
             return video  # no duration in the JSON: it was the file's
-        file = open_video(video.path, self.decode_threads)
+        file = open_video(video.path, self.decode_threads, self.decoder)
         if abs(file.duration - video.duration) > self.duration_tolerance:
             raise _DurationMismatch(
                 f"the JSON gives {video.duration:g} s but {video.path} holds {file.duration:.2f} s "
@@ -323,7 +335,7 @@ class TemporalDetectionDataModule(VideoDataModule):
             duration, num_frames = entry.get("duration"), None
             if duration is None:  # optional in the JSON: the decoder knows
                 try:
-                    opened = open_video(path, self.decode_threads)
+                    opened = open_video(path, self.decode_threads, self.decoder)
                 except VideoDecodeError as err:
                     problems.append(Problem(err.kind, self.where(video_id), err.reason, err.path))
                     continue
@@ -392,13 +404,30 @@ class TemporalDetectionDataModule(VideoDataModule):
             ])  # fmt: skip
         return super().on_after_batch_transfer(batch, dataloader_idx)
 
+    def _own_videos(self) -> list[TemporalVideo]:
+        """The ``predict_videos`` files, opened once each for their length, without annotations."""
+        videos, problems = [], []
+        no_segments, no_labels = np.zeros((0, 2), np.float64), np.zeros(0, np.int64)
+        for i, (path, name) in enumerate(zip(self.predict_files, video_names(self.predict_files), strict=True)):
+            try:
+                file = open_video(path, self.decode_threads, self.decoder)
+            except VideoDecodeError as err:
+                problems.append(Problem(err.kind, f"predict_videos: {path}", err.reason, err.path))
+                continue
+            videos.append(TemporalVideo(name, i, str(path), file.duration, no_segments, no_labels, file.num_frames))
+        self.settle(problems, "predict_videos", ("predict",))
+        if not videos:
+            raise AnnotationError("predict_videos: no readable video")
+        return videos
+
     def build_dataset(self, stage: str) -> TemporalWindowDataset:
-        if not self.root.is_dir():
+        own = stage == "predict" and bool(self.predict_videos)
+        if not own and not self.root.is_dir():
             raise self._missing_data(f"data root {self.root}")
         train = stage == "train"
         opened = not train  # evaluation videos are opened at set-up: windows planned, durations checked
-        videos = self.subset_videos(self.subsets[stage], opened=opened)
-        if not train and self.eval_max_videos is not None:
+        videos = self._own_videos() if own else self.subset_videos(self.subsets[stage], opened=opened)
+        if not train and not own and self.eval_max_videos is not None:
             videos = videos[: self.eval_max_videos]  # e.g. block drop scoring on part of the training set
         if train:
             videos = [self._training_segments(v) for v in videos]
@@ -426,6 +455,7 @@ class TemporalDetectionDataModule(VideoDataModule):
             frame_stride=self.frame_stride, train=train, trunc_thresh=self.trunc_thresh,
             crop_ratio=self.crop_ratio, window_ioa_thresh=self.window_ioa_thresh,
             class_agnostic=self.class_agnostic, bad_video=self.bad_video, decode_threads=self.decode_threads,
+            decoder=self.decoder,
         )  # fmt: skip
 
     def _training_segments(self, video: TemporalVideo) -> TemporalVideo:

@@ -29,7 +29,7 @@ from datamodules.base import (
     split_key,
 )
 from datamodules.transforms import EvalClipTransform, to_tchw
-from datamodules.video_io import Video
+from datamodules.video_io import Decoder, Video
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,7 @@ class TemporalWindowDataset(Dataset):
         class_agnostic: bool = False,
         bad_video: BadVideoPolicy = "error",
         decode_threads: int = 1,
+        decoder: Decoder = "auto",
     ):
         self.videos = list(videos)
         self.windows = list(windows)
@@ -224,6 +225,7 @@ class TemporalWindowDataset(Dataset):
         self.class_agnostic = class_agnostic
         self.bad_video = bad_video
         self.decode_threads = decode_threads
+        self.decoder = decoder
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -236,7 +238,7 @@ class TemporalWindowDataset(Dataset):
     def load(self, index: int) -> dict[str, Any]:
         position, first_step = self.windows[index]
         record = self.videos[position]
-        video = open_checked(record.path, 1, self.decode_threads)
+        video = open_checked(record.path, 1, self.decode_threads, self.decoder)
         if self.mode == "resize":
             steps = self.window_size
             seconds_per_step = record.duration / steps

@@ -30,6 +30,16 @@ TOOLS = {
         "progressive block drop of a trained task: score candidate drops, remove the chosen block, recover with "
         "LoRA and alignment losses, round by round, resumable; writes a report and the compressed model",
     ),
+    "convert-checkpoint": (
+        "lightning_modules.tools.convert_checkpoint",
+        "turn an official trained model (EVAD model zoo, HaltingVT release, OpenTAD AdaTAD / ActionFormer) into a "
+        "checkpoint of the recipe's task, converted strictly, for validate / test / predict --ckpt_path",
+    ),
+    "extract-features": (
+        "lightning_modules.tools.extract_features",
+        "a recipe's backbone features of videos (temporal detection: stitched over its windows, (T, C); "
+        "classification: per view), one .npy per video and an index, resumable, one process per GPU",
+    ),
     "diagnose-tad": (
         "lightning_modules.tools.diagnose_tad",
         "DETAD error analysis of one or more TAD models' predictions against a ground truth: false positives by "
@@ -44,6 +54,31 @@ TOOLS = {
         "lightning_modules.tools.evaluate_tad",
         "score temporal detections (ActivityNet results JSON) against a ground truth (ActivityNet JSON or "
         "THUMOS14 CSV) by the ActivityNet protocol; prints one JSON object",
+    ),
+    "check-videos": (
+        "lightning_modules.tools.check_videos",
+        "decode every video of a list (folder, text or Kinetics list, ActivityNet/THUMOS JSON, AVA CSV): first, "
+        "middle and last frame; writes the list without the bad videos and a CSV/JSON report of why each is bad",
+    ),
+    "prepare-ava": (
+        "lightning_modules.tools.prepare_ava",
+        "cut AVA movies to the annotated 15 minutes (seconds 900-1801) and optionally extract frames at 30 fps "
+        "in the layout the AVA data module reads; parallel, resumable",
+    ),
+    "kinetics-lists": (
+        "lightning_modules.tools.kinetics_lists",
+        "Kinetics-style video lists and a class index from a <split>/<class>/<video> folder tree; Mini-Kinetics "
+        "as a subset by class list and video-id lists",
+    ),
+    "convert-thumos": (
+        "lightning_modules.tools.convert_thumos",
+        "THUMOS14's official per-class annotation files to the temporal detection JSON and class list, with "
+        "durations read from the videos",
+    ),
+    "convert-activitynet": (
+        "lightning_modules.tools.convert_activitynet",
+        "check the official ActivityNet-1.3 JSON against the videos: fps and frame counts filled in, videos "
+        "without a file and duration mismatches reported",
     ),
     "submit": (
         "lightning_modules.tools.submit",

@@ -70,8 +70,13 @@ def test_predict_with_the_callback_writes_both_pictures_per_keyframe(tmp_path):
     ])  # fmt: skip
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, EVADPictures)]
     names = cli.datamodule.video_names("predict")
-    assert len(callback.written) == 4
+    strips = [p for p in callback.written if p.stem.endswith("_predict_strip")]
+    pictures = [p for p in callback.written if p not in strips]
+    assert len(pictures) == 4
+    drawn = {p.stem.rsplit("_", 3)[0] for p in pictures}
+    assert sorted(p.stem.removesuffix("_predict_strip") for p in strips) == sorted(drawn)  # one per video
     for path in callback.written:
         assert path.read_bytes()[:4] == b"\x89PNG"
+    for path in pictures:
         video, stamp, stage, kind = path.stem.rsplit("_", 3)
         assert video in names and stamp.startswith("t") and stage == "predict" and kind in ("boxes", "tokens")

@@ -270,9 +270,12 @@ def test_ddp_fit_and_validation_equal_a_single_process(tmp_path):
     [("evad_ucf24.yaml", "UCF101v2-GT.pkl", "rgb-images/{video}/{index:05d}.jpg"),
      ("evad_jhmdb.yaml", "JHMDB-GT.pkl", "Frames/{video}/{index:05d}.png")],
 )  # fmt: skip
-def test_act_recipes_fit_and_test_with_video_map_on_act_pickle_frames(tmp_path, recipe, pickle_name, frame_file):
+def test_act_recipes_fit_and_test_with_video_map_on_act_pickle_frames(
+    tmp_path, recipe, pickle_name, frame_file, make_video
+):
     """The UCF101-24 and JHMDB recipes end to end on a tiny ACT-pickle set in each one's layout: fit, then test
-    with video-mAP. Every frame of the split's test videos is evaluated once, and every metric is a fraction."""
+    with video-mAP. Every frame of the split's test videos is evaluated once, and every metric is a fraction. Then
+    predict on a video file of one's own: a clip around each frame, detections under the file's name."""
     from tests.paper_files import act_pickle
     from tests.test_act_data import NFRAMES, ground_truth
 
@@ -314,3 +317,9 @@ def test_act_recipes_fit_and_test_with_video_map_on_act_pickle_frames(tmp_path, 
     logged = {k: float(v) for k, v in tested.trainer.callback_metrics.items() if k.startswith("test/")}
     assert {"test/frame_mAP@0.5", "test/video_mAP@0.5", "test/video_mAP@0.5:0.95"} <= set(logged)
     assert all(0.0 <= v <= 1.0 for k, v in logged.items() if "mAP" in k), logged
+
+    own = make_video("my_clip.mp4", num_frames=12, fps=10)
+    main(["predict", *args, "--run_id=own", f"--ckpt_path={ckpt}", f"--data.init_args.predict_videos=[{own}]"])
+    with (tmp_path / "runs" / "own" / "detections_predict.csv").open() as f:
+        frames = {(row[0], int(row[1])) for row in csv.reader(f)}
+    assert frames == {("my_clip", k) for k in range(1, 13)}

@@ -19,7 +19,7 @@ FORBIDDEN = {"models": {"lightning_modules", "datamodules"}, "datamodules": {"li
 #: ``lightning_modules/`` holds its rooms and, at its top, only what serves every room.
 ROOMS = {"tasks", "metrics", "compression", "pictures", "tools", "demos"}
 TOP = {"__init__.py", "__main__.py", "cli.py", "runs.py", "loggers.py", "callbacks.py", "weights.py", "catalogue.py",
-       "lightning_private.py"}
+       "lightning_private.py", "outputs.py"}
 
 
 def modules(package: str) -> list[Path]:

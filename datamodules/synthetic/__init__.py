@@ -30,7 +30,7 @@ from datamodules.synthetic.classification import (
     classification_trajectory,
     generate_classification,
 )
-from datamodules.synthetic.files import DECORD_UNSAFE_WIDTHS, is_complete, write_video
+from datamodules.synthetic.files import DECORD_UNSAFE_WIDTHS, VIDEO_CODECS, is_complete, write_video
 from datamodules.synthetic.spatiotemporal import (
     SPATIOTEMPORAL_ACTIONS,
     SpatiotemporalSet,
@@ -97,6 +97,7 @@ __all__ = [
     "SETTINGS",
     "SPATIOTEMPORAL_ACTIONS",
     "TEMPORAL_ACTIONS",
+    "VIDEO_CODECS",
     "ClassificationSet",
     "SpatiotemporalSet",
     "TemporalSet",

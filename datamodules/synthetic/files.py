@@ -1,4 +1,5 @@
-"""Writing the synthetic datasets: H.264 files, atomic text files, the completeness marker, seeds and splits."""
+"""Writing the synthetic datasets: video files (H.264, or AV1 / VP9 / H.265), atomic text files, the completeness
+marker, seeds and splits."""
 
 from __future__ import annotations
 
@@ -14,6 +15,19 @@ import numpy as np
 # decord 0.6.0 raises "Check failed: from_size == to_size" on these frame widths (measured for even widths
 # 8..198); write_video warns so a bad size is caught at generation time rather than in a data loader.
 DECORD_UNSAFE_WIDTHS: frozenset[int] = frozenset({8, 12, 16, 24, 48, 72})
+
+#: The codecs ``write_video`` writes: the encoder the PyAV wheel's FFmpeg has for each (it has no libaom-av1 or
+#: librav1e encoder; AV1 is SVT-AV1), and its options (fast presets, one thread, no B-frames, quiet; ``crf`` is on
+#: each encoder's own scale). AV1 is what yt-dlp fetches by default from YouTube, VP9 its WebM alternative; decord
+#: reads VP9 and H.265 but not AV1.
+VIDEO_CODECS: dict[str, tuple[str, dict[str, str]]] = {
+    "h264": ("libx264", {"preset": "veryfast"}),
+    "h265": ("libx265", {"preset": "veryfast", "x265-params": "log-level=error:bframes=0"}),
+    "vp9": ("libvpx-vp9", {"deadline": "realtime", "cpu-used": "8", "b": "0"}),
+    "av1": ("libsvtav1", {"preset": "10", "svtav1-params": "lp=1"}),
+}
+#: Container of each file suffix (any other: mp4).
+CONTAINERS = {".webm": "webm", ".mkv": "matroska"}
 
 MARKER_NAME = ".complete"
 #: Present while the generator writes a folder (so an interrupted write may be resumed over).
@@ -31,10 +45,12 @@ def write_video(
     fps: int,
     *,
     crf: int = 20,
-    preset: str = "veryfast",
+    preset: str | None = None,
     gop: int | None = None,
+    codec: str = "h264",
 ) -> None:
-    """Encode ``frames`` (T, H, W, 3) uint8 RGB as an H.264 (yuv420p) mp4 at ``fps``.
+    """Encode ``frames`` (T, H, W, 3) uint8 RGB as an H.264 (yuv420p) mp4 at ``fps``, or in another of
+    ``VIDEO_CODECS`` (``codec``); ``.webm`` / ``.mkv`` files are WebM / Matroska (no frame count in the header).
 
     The file is written under a ``.part`` name and renamed at the end, so a crash never leaves a truncated
     ``.mp4`` behind. B-frames are disabled and one encoder thread is used, so every decoder reports exactly T
@@ -43,6 +59,9 @@ def write_video(
     """
     import av  # deferred: importing this module must stay cheap and side-effect free
 
+    if codec not in VIDEO_CODECS:
+        raise ValueError(f"codec must be one of {', '.join(VIDEO_CODECS)}, got {codec!r}")
+    encoder, options = VIDEO_CODECS[codec]
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
@@ -51,20 +70,23 @@ def write_video(
         raise ValueError("frames must contain at least one frame")
     if h % 2 or w % 2:
         raise ValueError(f"yuv420p needs even width and height, got {w}x{h}")
-    if w in DECORD_UNSAFE_WIDTHS:
+    if w in DECORD_UNSAFE_WIDTHS and codec == "h264":
         warnings.warn(f"decord 0.6.0 cannot decode {w} px wide videos; pick another width", stacklevel=2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     try:
-        with av.open(str(tmp), "w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=int(fps))
+        container_format = CONTAINERS.get(path.suffix, "mp4")
+        # Matroska's segment id is random unless bit-exact output is asked for
+        bitexact = {"fflags": "+bitexact"} if container_format != "mp4" else {}
+        with av.open(str(tmp), "w", format=container_format, options=bitexact) as container:
+            stream = container.add_stream(encoder, rate=int(fps))
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
             ctx = stream.codec_context
             ctx.gop_size = int(gop if gop is not None else max(1, int(fps)))
             ctx.max_b_frames = 0
             ctx.thread_count = 1
-            stream.options = {"crf": str(crf), "preset": preset}
+            stream.options = {**options, "crf": str(crf), **({"preset": preset} if preset else {})}
             for i in range(t):
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
                 frame.pts = i

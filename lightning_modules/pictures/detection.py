@@ -123,17 +123,24 @@ class EVADPictures(L.Callback):
     given boxes)`` -> ``models.evad.EVADOutput``, its ``predict``), reading ``video`` (normalised), ``boxes``,
     ``labels``, ``image_size``, ``video_index`` and ``timestamp`` / ``frame`` from the batch. Under DDP each rank
     draws its own keyframes into ``out_dir``.
+
+    At the end of a ``predict`` the keyframe pictures of each video are also laid out in time order as one
+    ``<video>_predict_strip.png``, ``strip_columns`` to a row (None: no strips). ``max_keyframes`` None draws
+    every keyframe.
     """
 
     def __init__(
         self,
         out_dir: str | None = None,
-        max_keyframes: int = 8,
+        max_keyframes: int | None = 8,
         stages: list[str] | None = None,
         threshold: float = 0.3,
         log_to_wandb: bool = True,
+        strip_columns: int | None = 4,
     ):
         self.out_dir = out_dir
+        self.strip_columns = strip_columns
+        self._keyframes: list[tuple[str, int, Path]] = []
         self.max_keyframes = max_keyframes
         self.stages = stages or ["predict"]
         self.threshold = threshold
@@ -143,6 +150,7 @@ class EVADPictures(L.Callback):
     def _start(self, stage: str) -> None:
         self._stage, self._count = stage, 0
         self.written = []
+        self._keyframes = []
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start("predict")
@@ -166,7 +174,7 @@ class EVADPictures(L.Callback):
         self._draw(trainer, pl_module, batch)
 
     def _draw(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict[str, Any]) -> None:
-        room = self.max_keyframes - self._count
+        room = len(batch["video"]) if self.max_keyframes is None else self.max_keyframes - self._count
         if self._stage not in self.stages or room <= 0 or batch.get("batch_size", 1) == 0:
             return
         dm = trainer.datamodule
@@ -197,6 +205,9 @@ class EVADPictures(L.Callback):
                 det.boxes.float().cpu().numpy(), scores, classes, self.threshold, title=stem,
             )  # fmt: skip
             new["keyframes"].append(self._save(fig, out_dir / f"{stem}_{self._stage}_boxes.png", trainer))
+            time = batch["timestamp"][i] if "timestamp" in batch else batch["frame"][i]
+            video_name = dm.video_names(DATA_STAGE[self._stage])[int(batch["video_index"][i])]
+            self._keyframes.append((video_name, int(time), new["keyframes"][-1]))
             kept = {block: positions[i] for block, positions in outputs.kept.items()}
             fig = kept_tokens_figure(clip[::step], kept, grid, title=f"{stem}: kept tokens")
             new["kept_tokens"].append(self._save(fig, out_dir / f"{stem}_{self._stage}_tokens.png", trainer))
@@ -229,5 +240,33 @@ class EVADPictures(L.Callback):
         return path
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.strip_columns and self._keyframes:
+            by_video: dict[str, list[tuple[int, Path]]] = {}
+            for video, time, path in self._keyframes:
+                by_video.setdefault(video, []).append((time, path))
+            for video, pictures in by_video.items():
+                path = self._keyframes[0][2].parent / f"{video}_predict_strip.png"
+                strip = picture_strip([p for _, p in sorted(pictures)], self.strip_columns)
+                partial = path.with_suffix(f".{trainer.global_rank}.tmp.png")
+                plt.imsave(partial, strip)
+                partial.replace(path)
+                self.written.append(path)
         if self.written:
             rank_zero_info(f"wrote {len(self.written)} EVAD pictures to {self.written[0].parent}")
+
+
+def picture_strip(paths: Sequence[Path], columns: int) -> np.ndarray:
+    """The images at ``paths`` (PNG) in reading order, ``columns`` to a row, each row as high as its tallest
+    image, on white: (H, W, 4) float in [0, 1]."""
+    images = [plt.imread(p) for p in paths]
+    images = [np.dstack([im, np.ones(im.shape[:2])]) if im.shape[2] == 3 else im for im in images]
+    width = max(im.shape[1] for im in images)
+    rows = []
+    for start in range(0, len(images), columns):
+        part = images[start : start + columns]
+        height = max(im.shape[0] for im in part)
+        row = np.ones((height, width * columns, 4), dtype=np.float32)
+        for k, im in enumerate(part):
+            row[: im.shape[0], k * width : k * width + im.shape[1]] = im
+        rows.append(row)
+    return np.concatenate(rows, axis=0)

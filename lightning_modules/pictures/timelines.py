@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import matplotlib
@@ -20,13 +19,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import torch.distributed as dist
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from matplotlib.patches import Patch, Rectangle
 from torch import Tensor
-
-from models.tad_postprocess import Detections
 
 #: One colour per class index (cycling past 20 classes), shared by ground truth and detections: tab20's ten
 #: strong hues first, then their light twins, so that the first ten classes differ in hue.
@@ -102,12 +98,11 @@ class TemporalDetectionTimeline(L.Callback):
     of the stage in annotation order (None: all); logged to W&B under ``<stage>/timelines`` when a W&B logger
     is attached. Only global rank 0 draws.
 
-    Validation and test draw the detections the task scored: the video-level results (merged over windows
-    and ranks) that it writes to ``<default_root_dir>/predictions_<stage>.json`` in its ``on_*_epoch_end``.
-    Lightning calls that hook before the callbacks' ``on_validation_end`` / ``on_test_end``, where this reads
-    the file. Nothing is drawn in the sanity check, nor when this evaluation did not rewrite the file.
-    Predict writes no file: the windows' candidates from ``predict_step`` are gathered and merged per video
-    with the task's post-processing (and class fusion), as evaluation does.
+    Each stage draws the detections the task wrote: the video-level results (merged over windows and ranks)
+    in ``<default_root_dir>/predictions_<stage>.json``, written in its ``on_*_epoch_end``, which Lightning
+    calls before the callbacks' ``on_validation_end`` / ``on_test_end`` / ``on_predict_end``, where this reads
+    the file. Nothing is drawn in the sanity check, nor when this pass did not rewrite the file. A predict
+    over one's own videos has no ground truth: its timelines show the detections alone.
     """
 
     def __init__(
@@ -123,8 +118,6 @@ class TemporalDetectionTimeline(L.Callback):
         self.log_to_wandb = log_to_wandb
         self.written: list[Path] = []
         self._results_stamp: dict[str, int | None] = {}
-        self._windows: list[dict[str, Any]] = []
-        self._predict_videos: list[int] = []
 
     def drawn_videos(self, trainer: L.Trainer, stage: str) -> list[int]:
         """The ``video_index`` of the videos drawn: the first ``max_videos`` of the stage."""
@@ -148,10 +141,11 @@ class TemporalDetectionTimeline(L.Callback):
             return
         dm = trainer.datamodule
         results = json.loads(path.read_text())["results"]
+        names = dm.stage_video_ids(stage)
         index = {name: c for c, name in enumerate(dm.class_names)}
         detections = {}
         for video in self.drawn_videos(trainer, stage):
-            entries = [d for d in results.get(dm.video_ids[video], []) if d["label"] in index]
+            entries = [d for d in results.get(names[video], []) if d["label"] in index]
             detections[video] = (
                 np.array([d["segment"] for d in entries], dtype=np.float64).reshape(-1, 2),
                 np.array([d["score"] for d in entries], dtype=np.float64),
@@ -173,60 +167,12 @@ class TemporalDetectionTimeline(L.Callback):
         if trainer.is_global_zero:
             self._draw_results_file(trainer, "test")
 
-    # ------------------------------------------------------------------- predict: the windows' candidates
-
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._windows = []
-        self._predict_videos = self.drawn_videos(trainer, "predict")
-
-    def on_predict_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
-        wanted = set(self._predict_videos)
-        self._windows += [
-            {k: v.cpu() if isinstance(v, Tensor) else v for k, v in window.items()}
-            for window in outputs or []
-            if window["video_index"] in wanted
-        ]
+        self._stamp(trainer, "predict")
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        windows, self._windows = self._windows, []
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            everyone: list = [None] * trainer.world_size
-            dist.all_gather_object(everyone, windows)  # a window repeated by DDP padding is merged by NMS
-            windows = [w for part in everyone for w in part]
         if trainer.is_global_zero:
-            self._draw(trainer, "predict", self._merge(trainer, pl_module, windows))
-
-    def _merge(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, windows: list[dict[str, Any]]
-    ) -> dict[int, VideoDetections]:
-        from lightning_modules.tasks.temporal_detection import read_class_scores  # the task's heavier imports
-
-        dm = trainer.datamodule
-        class_scores = {}
-        if pl_module.external_class_scores:
-            class_scores = read_class_scores(pl_module.external_class_scores, dm.video_ids, dm.class_names)
-        elif pl_module.num_classes == 1 and len(dm.class_names) > 1:
-            rank_zero_warn(
-                "TemporalDetectionTimeline: a class-agnostic detector names classes only with "
-                "model.init_args.external_class_scores; its timelines show class 0 for every detection"
-            )
-        durations = {v.video_index: v.duration for v in dm.dataset("predict").videos}
-        detections = {}
-        for video in self._predict_videos:
-            parts = [Detections(w["segments"], w["scores"], w["labels"]) for w in windows
-                     if w["video_index"] == video]  # fmt: skip
-            if not parts:
-                continue
-            # The candidates are in seconds already: offset 0 and one second per step.
-            whole = getattr(dm, "mode", None) == "resize"
-            merged = pl_module.postprocess.merge_windows(parts, [0.0] * len(parts), 1.0, durations[video], whole)
-            if video in class_scores:
-                merged = pl_module.postprocess.fuse_video_classes(merged, class_scores[video])
-            detections[video] = (merged.segments.numpy(), merged.scores.numpy(), merged.labels.numpy())
-        return detections
+            self._draw_results_file(trainer, "predict")
 
     # ----------------------------------------------------------------------------------------------- drawing
 
@@ -238,10 +184,13 @@ class TemporalDetectionTimeline(L.Callback):
         out_dir.mkdir(parents=True, exist_ok=True)
         none: VideoDetections = (np.zeros((0, 2)), np.zeros(0), np.zeros(0, dtype=np.int64))
         new, captions = [], []
+        names = dm.stage_video_ids(stage)
         for video in self.drawn_videos(trainer, stage):
-            video_id = dm.video_ids[video]
+            video_id = names[video]
             segments, scores, labels = detections.get(video, none)
-            caption = (f"{video_id} ({stage}): {len(truth[video]['labels'])} ground-truth segments, "
+            own = stage == "predict" and bool(getattr(dm, "predict_videos", None))  # no annotation to show
+            truth_text = "" if own else f"{len(truth[video]['labels'])} ground-truth segments, "
+            caption = (f"{video_id} ({stage}): {truth_text}"
                        f"top {min(self.top_k, len(scores))} of {len(scores)} detections")  # fmt: skip
             fig = timeline_figure(
                 truth[video]["segments"], truth[video]["labels"], segments, scores, labels, dm.class_names,

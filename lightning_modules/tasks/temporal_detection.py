@@ -10,6 +10,10 @@ evaluator or ``python -m lightning_modules evaluate-tad``.
 
 ActivityNet: a class-agnostic head (``data.class_agnostic: true``) with ``external_class_scores`` (a JSON of
 per-video class scores) fuses each proposal with the video's top classes, as AdaTAD does.
+
+Predict (e.g. on one's own ``data.predict_videos``) runs the evaluation's windows, merging and post-processing
+and writes ``predictions_predict.json`` (what ``evaluate-tad`` and ``diagnose-tad`` read) and, per video,
+``subtitles/<video>.srt`` with its ``subtitles_top_k`` best detections, without scoring anything.
 """
 
 from __future__ import annotations
@@ -22,11 +26,18 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_modules.compression.task import Compressible
-from lightning_modules.metrics.tad import THUMOS_TIOUS, TemporalDetectionMAP, map_key
+from lightning_modules.metrics.tad import (
+    THUMOS_TIOUS,
+    TemporalDetectionMAP,
+    TemporalSegments,
+    map_key,
+    write_predictions,
+)
+from lightning_modules.outputs import subtitles
 from lightning_modules.tasks.base import OptimizerSettings, ScheduleSettings, VideoTask, param_groups
 from models.actionformer import ActionFormerHead, ActionFormerOutputs
 from models.blockdrop import MLPActivation, detector_alignment
@@ -96,6 +107,8 @@ class TemporalActionDetection(Compressible, VideoTask):
         backbone_weight_decay: float | None = None,
         optimizer: OptimizerSettings = OptimizerSettings(lr=1e-4),
         schedule: ScheduleSettings = ScheduleSettings(warmup_epochs=5.0, warmup_start_factor=0.001, min_lr_ratio=0.0),
+        subtitles_top_k: int = 20,
+        subtitles_min_score: float = 0.0,
     ):
         super().__init__(optimizer, schedule)
         self.save_hyperparameters(ignore=["backbone", "head", "postprocess"])
@@ -110,8 +123,10 @@ class TemporalActionDetection(Compressible, VideoTask):
             raise ValueError(f"missing_class_scores must be 'error' or 'empty', got {missing_class_scores!r}")
         self.missing_class_scores = missing_class_scores
         self.tious = tuple(tious)
-        self._candidates: dict[str, list[dict[str, Any]]] = {"val": [], "test": []}
-        self.metrics = nn.ModuleDict({s: TemporalDetectionMAP(self.tious) for s in ("val", "test")})
+        self.subtitles_top_k = subtitles_top_k
+        self.subtitles_min_score = subtitles_min_score
+        self._candidates: dict[str, list[dict[str, Any]]] = {"val": [], "test": [], "predict": []}
+        self.metrics = nn.ModuleDict({s: TemporalDetectionMAP(self.tious) for s in ("val", "test", "predict")})
 
     def load_backbone(self, path: str, trust_pickle: bool = False) -> LoadReport:
         return self.detector.backbone.load_pretrained(path, trust_pickle=trust_pickle)
@@ -248,9 +263,10 @@ class TemporalActionDetection(Compressible, VideoTask):
         for c in self._gathered_candidates(stage):
             by_video[c["video"]].append(c)
         class_scores = {}
+        video_ids = dm.stage_video_ids(stage) if hasattr(dm, "stage_video_ids") else dm.video_ids
         if self.external_class_scores:
-            class_scores = read_class_scores(self.external_class_scores, dm.video_ids, dm.class_names)
-            missing = [dm.video_ids[v] for v in sorted(truth) if v not in class_scores]
+            class_scores = read_class_scores(self.external_class_scores, video_ids, dm.class_names)
+            missing = [video_ids[v] for v in sorted(truth) if v not in class_scores]
             if missing and self.missing_class_scores == "error":
                 raise ValueError(
                     f"external_class_scores {self.external_class_scores} has no scores for {len(missing)} of the "
@@ -286,13 +302,37 @@ class TemporalActionDetection(Compressible, VideoTask):
             )
             metric.update([{"segments": dets.segments, "scores": dets.scores, "labels": dets.labels}],
                           [truth[video]], [video])  # fmt: skip
+        if stage == "predict":  # nothing to score against
+            self._write_predictions(metric.predictions(video_ids))
+            metric.reset()
+            return
         scores = metric.compute()
         for name, value in scores.items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "average_mAP", rank_zero_only=False)
         if self._trainer is not None and self.trainer.log_dir:
             metric.write_results(Path(self.trainer.default_root_dir) / f"predictions_{stage}.json",
-                                 dm.video_ids)  # fmt: skip
+                                 video_ids)  # fmt: skip
         metric.reset()
+
+    def _write_predictions(self, detections: TemporalSegments) -> None:
+        """Global rank 0 writes the results JSON and a SubRip file per video into the run directory."""
+        if self._trainer is None or not self.trainer.is_global_zero:
+            return
+        out = Path(self.trainer.default_root_dir)
+        path = write_predictions(out / "predictions_predict.json", detections)
+        folder = out / "subtitles"
+        folder.mkdir(parents=True, exist_ok=True)
+        for v, name in enumerate(detections.video_names):
+            mine = detections.video == v
+            labels = [detections.class_names[c] for c in detections.labels[mine]]
+            text = subtitles(detections.segments[mine], detections.scores[mine], labels, self.subtitles_min_score,
+                             self.subtitles_top_k)  # fmt: skip
+            target = folder / f"{name}.srt"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        rank_zero_info(
+            f"predict: detections of {len(detections.video_names)} videos in {path}, subtitles in {folder}"
+        )
 
     def on_validation_epoch_start(self) -> None:
         self._candidates["val"] = []
@@ -306,17 +346,15 @@ class TemporalActionDetection(Compressible, VideoTask):
     def on_test_epoch_end(self) -> None:
         self._evaluate("test")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Per window: its video index, offset and the decoded candidates in seconds (not yet merged)."""
-        if batch["batch_size"] == 0:
-            return []
-        outputs = self(batch["video"], batch["valid"])
-        head_step = batch["seconds_per_step"].double() * batch["video"].shape[2] / outputs.masks[0].shape[1]
-        return [
-            {"video_index": int(batch["video_index"][i]), "segments": d.segments * float(head_step[i])
-             + float(batch["window_start"][i]), "scores": d.scores, "labels": d.labels}
-            for i, d in enumerate(self.postprocess.decode(outputs))
-        ]  # fmt: skip
+    def on_predict_epoch_start(self) -> None:
+        self._candidates["predict"] = []
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """The windows' candidates, kept for the merge at the end of the pass (as evaluation)."""
+        self._eval_step(batch, "predict")
+
+    def on_predict_epoch_end(self) -> None:
+        self._evaluate("predict")
 
     # -------------------------------------------------------------------------------------------- optimiser
 
