@@ -8,6 +8,7 @@ kernels may round one level apart on another CPU. A wrong matrix or range is 20 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -130,7 +131,11 @@ def test_other_codecs_decode_under_auto_and_pyav(tmp_path, codec):
     where a sequential decode has it, and recognisably the frame written. decord cannot open AV1, which ``auto``
     then reads with PyAV."""
     path = tmp_path / f"ramp_{codec}.mp4"
+    scheduling = os.sched_getscheduler(0), os.sched_getparam(0)
     write_video(path, ramp_video(30, 48, 64), 10, codec=codec)
+    # Run as root, SVT-AV1 switches the thread that opens it to real-time FIFO scheduling: the writer undoes it
+    # (else a busy child of this process, e.g. a data loader worker, holds a CPU nothing else gets back).
+    assert (os.sched_getscheduler(0), os.sched_getparam(0)) == scheduling
     reference = sequential_decode(path)
     idx = [29, 0, 7, 8, 9, 20, 3]
     for decoder in ("auto", "pyav"):

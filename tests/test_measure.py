@@ -32,8 +32,8 @@ def long_work() -> None:
 
 def foreign_burners(n: int, pid_file: Path) -> list[int]:
     """``n`` busy-looping processes that are not this process's children (their shell exits at once), as another
-    user's jobs on a shared machine; returns their pids. The pids travel through ``pid_file``, not a pipe: a pipe
-    the loops might hold open would keep the shell's reader waiting for as long as they run."""
+    user's jobs on a shared machine; returns their pids, also written to ``pid_file`` as they start, so that the
+    test can kill every one of them whatever fails after."""
     script = (
         f"for i in $(seq {n}); do {sys.executable} -c 'while True: pass' >/dev/null 2>&1 </dev/null & "
         f"echo $! >> {pid_file}; done"

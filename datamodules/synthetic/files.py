@@ -7,6 +7,8 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,22 @@ FORMAT_VERSION = 2
 
 # Per-kind tags mixed into the RNG seed so the three kinds never share random streams for the same seed.
 KIND_TAG = {"classification": 101, "spatiotemporal": 202, "temporal": 303}
+
+
+@contextmanager
+def same_scheduling() -> Iterator[None]:
+    """Restore the calling thread's scheduling policy on exit. Run as root, SVT-AV1 (the AV1 encoder) switches the
+    thread that opens it to real-time FIFO scheduling, which its children inherit: a busy child then holds a CPU
+    that no normal process gets back."""
+    if not hasattr(os, "sched_getscheduler"):  # not on Linux
+        yield
+        return
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if os.sched_getscheduler(0) != policy or os.sched_getparam(0) != param:
+            os.sched_setscheduler(0, policy, param)
 
 
 def write_video(
@@ -79,7 +97,7 @@ def write_video(
         container_format = CONTAINERS.get(path.suffix, "mp4")
         # Matroska's segment id is random unless bit-exact output is asked for
         bitexact = {"fflags": "+bitexact"} if container_format != "mp4" else {}
-        with av.open(str(tmp), "w", format=container_format, options=bitexact) as container:
+        with same_scheduling(), av.open(str(tmp), "w", format=container_format, options=bitexact) as container:
             stream = container.add_stream(encoder, rate=int(fps))
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
             ctx = stream.codec_context
