@@ -34,6 +34,16 @@ def no_open_wandb_run():
         wandb.finish()
 
 
+@pytest.fixture(autouse=True)
+def ordinary_scheduling():
+    """No test may leave this process under real-time scheduling (run as root, the AV1 encoder SVT-AV1 switches the
+    thread that opens it to FIFO): every later child would inherit it, and a busy one would hold a CPU for good."""
+    yield
+    if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) != os.SCHED_OTHER:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        pytest.fail("the test left this process under real-time scheduling (restored)")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_intra_op_thread():
     """Torch may have been imported (and sized its thread pool) before the environment above was read."""
