@@ -58,6 +58,7 @@ from datamodules.keyframes import (
     AVA_STD,
     FrameFolder,
     KeyframeDetectionDataModule,
+    ResizeOn,
     clip_frame_indices,
     transform_keyframe_clip,
 )
@@ -241,8 +242,10 @@ class ActFrameDataset(Dataset):
         flip: bool = True,
         bad_video: BadVideoPolicy = "error",
         decoder: Decoder = "auto",
+        resize_on: ResizeOn = "loader",
     ):
         self.videos = list(videos)
+        self.resize_on = resize_on
         self.decoder = decoder
         self.samples = list(samples)
         self.num_classes = num_classes
@@ -288,11 +291,11 @@ class ActFrameDataset(Dataset):
         short_side = lo if lo == hi else int(torch.randint(lo, hi + 1, ()))
         flip = self.train and self.flip and bool(torch.rand(()) < 0.5)
         normalised = rows[:, 1:5] / np.array([width, height, width, height], dtype=np.float64)
-        clip, (boxes,), size = transform_keyframe_clip(frames, [normalised], short_side, flip)
+        clip, (boxes,), size = transform_keyframe_clip(frames, [normalised], short_side, flip, resize_on=self.resize_on)
         classes = torch.as_tensor(rows[:, 5], dtype=torch.long)
         labels = torch.zeros(len(rows), self.num_classes)
         labels[torch.arange(len(rows)), classes] = 1.0
-        return {
+        sample = {
             "video": clip,
             "boxes": boxes,
             "labels": labels,
@@ -304,6 +307,9 @@ class ActFrameDataset(Dataset):
             "video_index": video.video_index,
             "frame": frame,
         }
+        if self.resize_on == "device":
+            sample["flip"] = flip
+        return sample
 
 
 class ActPickleDataModule(KeyframeDetectionDataModule):
@@ -419,7 +425,7 @@ class ActPickleDataModule(KeyframeDetectionDataModule):
             return ActFrameDataset(
                 videos, samples, self.num_classes, self.frames_root, self.frame_pattern, self.first_frame_number,
                 self.num_frames, self.frame_stride, (self.eval_short_side, self.eval_short_side), train=False,
-                flip=False, bad_video=self.bad_video, decoder=self.decoder,
+                flip=False, bad_video=self.bad_video, decoder=self.decoder, resize_on=self.resize_on,
             )  # fmt: skip
         annotations = self.annotations
         names = annotations.videos("train" if train else "test", self.split)
@@ -455,7 +461,7 @@ class ActPickleDataModule(KeyframeDetectionDataModule):
             videos, samples, self.num_classes, self.frames_root, self.frame_pattern, self.first_frame_number,
             self.num_frames, self.frame_stride,
             self.train_short_side if train else (self.eval_short_side, self.eval_short_side), train=train,
-            flip=self.flip, bad_video=self.bad_video,
+            flip=self.flip, bad_video=self.bad_video, resize_on=self.resize_on,
         )  # fmt: skip
 
 

@@ -384,7 +384,7 @@ class AVADataModule(KeyframeDetectionDataModule):
                 keyframes, sources, self.eval_short_side, train=False, timestamp_offset=0.0,
                 frame_rate=self.frame_rate, num_frames=self.num_frames, frame_stride=self.frame_stride,
                 bad_video=self.bad_video, decode_threads=self.decode_threads, antialias=self.antialias,
-                decoder=self.decoder,
+                decoder=self.decoder, resize_on=self.resize_on,
             )  # fmt: skip
         keyframes = self.keyframes(stage)
         what = f"{stage} keyframes"
@@ -437,6 +437,7 @@ class AVADataModule(KeyframeDetectionDataModule):
             num_frames=self.num_frames, frame_stride=self.frame_stride, frame_pattern=self.frame_pattern,
             first_frame_number=self.first_frame_number, bad_video=self.bad_video,
             decode_threads=self.decode_threads, antialias=self.antialias, decoder=self.decoder,
+            resize_on=self.resize_on,
         )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from datamodules.ava_annotations import AVAKeyframe
 from datamodules.base import BadVideoPolicy, SampleKey, load_guarded, open_checked, seeded, split_key
-from datamodules.keyframes import FrameFolder, keyframe_clip_indices, transform_keyframe_clip
+from datamodules.keyframes import FrameFolder, ResizeOn, keyframe_clip_indices, transform_keyframe_clip
 from datamodules.video_io import Decoder
 
 
@@ -55,8 +55,10 @@ class AVAKeyframeDataset(Dataset):
         decode_threads: int = 1,
         antialias: bool = False,
         decoder: Decoder = "auto",
+        resize_on: ResizeOn = "loader",
     ):
         self.keyframes = list(keyframes)
+        self.resize_on = resize_on
         self.antialias = antialias
         self.sources = list(sources)
         self.short_side = short_side
@@ -101,7 +103,9 @@ class AVAKeyframeDataset(Dataset):
         frames = reader.get_frames(self.clip_indices(index))
         flip = self.train and self.flip and bool(torch.rand(()) < 0.5)
         box_sets = [keyframe.boxes] + ([keyframe.proposals] if keyframe.proposals is not None else [])
-        clip, boxes, size = transform_keyframe_clip(frames, box_sets, self.short_side, flip, self.antialias)
+        clip, boxes, size = transform_keyframe_clip(
+            frames, box_sets, self.short_side, flip, self.antialias, self.resize_on
+        )
         sample = {
             "video": clip,
             "boxes": boxes[0],
@@ -112,6 +116,8 @@ class AVAKeyframeDataset(Dataset):
             "video_index": keyframe.video_index,
             "timestamp": keyframe.timestamp,
         }
+        if self.resize_on == "device":
+            sample["flip"] = flip
         if keyframe.proposals is not None:
             sample["proposals"] = boxes[1]
             sample["proposal_scores"] = torch.from_numpy(keyframe.proposal_scores)

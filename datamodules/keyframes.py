@@ -30,7 +30,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from torch import Tensor
 
 from datamodules.base import VideoDataModule
 from datamodules.transforms import to_tchw
-from datamodules.video_io import VideoDecodeError
+from datamodules.video_io import VideoDecodeError, permission_error
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ AVA_STD = (0.225, 0.225, 0.225)
 
 #: Per-sample entries collated as lists (their length differs between samples).
 LIST_KEYS = ("boxes", "labels", "proposals", "proposal_scores", "classes", "tube_ids")
+#: Where keyframe clips are resized and flipped: in the loader workers, or on the training device after the
+#: batch moved there (the workers then hand over the frames as decoded).
+ResizeOn = Literal["loader", "device"]
 #: Per-sample integers collated into (B,) tensors.
 INDEX_KEYS = ("index", "video_index", "timestamp", "frame")
 
@@ -127,19 +130,27 @@ def _opencv() -> Any:
 
 
 def transform_keyframe_clip(
-    frames: Tensor, boxes: Sequence[np.ndarray], short_side: int, flip: bool, antialias: bool = True
+    frames: Tensor,
+    boxes: Sequence[np.ndarray],
+    short_side: int,
+    flip: bool,
+    antialias: bool = True,
+    resize_on: ResizeOn = "loader",
 ) -> tuple[Tensor, list[Tensor], tuple[int, int]]:
     """Resize the short side (bilinear; ``antialias: false`` is ``cv2.resize(INTER_LINEAR)``, what the official
     EVAD loader runs), optionally flip; boxes follow.
 
     ``frames`` (T, H, W, 3) uint8 -> clip (3, T, h, w) uint8, each normalised box set as pixel boxes of the
-    resized clip (float32), and (h, w).
+    resized clip (float32), and (h, w). Under ``resize_on: device`` the frames come back as they are and only
+    the boxes and the size are computed: ``resize_keyframe_batch`` resizes and flips the batch on the device.
     """
     height, width = frames.shape[1:3]
     new_h, new_w = resized_size(height, width, short_side)
     out = [scale_boxes(b, new_w, new_h) for b in boxes]
     if flip:
         out = [flip_boxes(b, new_w) for b in out]
+    if resize_on == "device":
+        return frames, [torch.from_numpy(b) for b in out], (new_h, new_w)
     if not antialias:
         # The official resize itself, frame by frame on (H, W, 3) uint8; the flip is a view, and the one copy
         # is into the (3, T, h, w) layout: about half the time of the same in torch (README, "Loader workers").
@@ -159,22 +170,37 @@ def transform_keyframe_clip(
     return clip.permute(1, 0, 2, 3).contiguous(), [torch.from_numpy(b) for b in out], (new_h, new_w)
 
 
+def batch_buffer(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """An uninitialised tensor for a batch; in a loader worker, in shared memory, as ``default_collate``
+    allocates, so that handing the batch to the training process does not copy it once more."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(*shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(*shape)
+
+
 def collate_keyframes(samples: Sequence[dict[str, Any]], pad_multiple: int = 32) -> dict[str, Any]:
     """Pad the clips right and bottom to one size, a multiple of ``pad_multiple``; boxes stay as they are.
 
     ``video`` (B, 3, T, H, W) uint8 (zeros in the padding), ``image_size`` / ``orig_size`` (B, 2) as (h, w),
     the ``LIST_KEYS`` as per-sample lists and the ``INDEX_KEYS`` as (B,) int64; skips as in ``collate_clips``.
+    Samples of ``resize_on: device`` (a ``flip`` entry, frames as decoded) stay apart: ``video`` is the list of
+    their (T, H, W, 3) uint8 tensors, uncopied, and ``flip`` (B,) bool, for ``resize_keyframe_batch``.
     """
     good = [s for s in samples if "skipped" not in s]
     batch: dict[str, Any] = {}
     if good:
         sizes = torch.tensor([s["image_size"] for s in good], dtype=torch.long)  # (B, 2)
-        height, width = (int(math.ceil(int(v) / pad_multiple) * pad_multiple) for v in sizes.max(0).values)
-        channels, frames = good[0]["video"].shape[:2]
-        video = torch.zeros(len(good), channels, frames, height, width, dtype=good[0]["video"].dtype)
-        for i, s in enumerate(good):
-            h, w = s["video"].shape[-2:]
-            video[i, :, :, :h, :w] = s["video"]
+        if "flip" in good[0]:
+            video: Tensor | list[Tensor] = [s["video"] for s in good]
+            batch["flip"] = torch.tensor([s["flip"] for s in good], dtype=torch.bool)
+        else:
+            height, width = (int(math.ceil(int(v) / pad_multiple) * pad_multiple) for v in sizes.max(0).values)
+            channels, frames = good[0]["video"].shape[:2]
+            video = batch_buffer((len(good), channels, frames, height, width), good[0]["video"].dtype).zero_()
+            for i, s in enumerate(good):
+                h, w = s["video"].shape[-2:]
+                video[i, :, :, :h, :w] = s["video"]
         batch["video"], batch["image_size"] = video, sizes
         batch["orig_size"] = torch.tensor([s["orig_size"] for s in good], dtype=torch.long)
         for key in LIST_KEYS:
@@ -186,6 +212,34 @@ def collate_keyframes(samples: Sequence[dict[str, Any]], pad_multiple: int = 32)
     batch["skipped"] = [s["skipped"] for s in samples if "skipped" in s]
     batch["batch_size"] = len(good)
     return batch
+
+
+def resize_keyframe_batch(
+    frames: Sequence[Tensor], image_size: Tensor, flip: Tensor, pad_multiple: int = 32, antialias: bool = False
+) -> Tensor:
+    """The resize and flip of ``transform_keyframe_clip`` and the padding of ``collate_keyframes``, done where
+    the batch is (the training device, under ``resize_on: device``).
+
+    ``frames``: each sample's (T, H, W, 3) uint8 clip as decoded, resized to its ``image_size`` (bilinear with
+    half-pixel centres, rounded to uint8: OpenCV's ``INTER_LINEAR`` to within one grey level; ``antialias``
+    filters first, as torchvision) and flipped where ``flip`` says -> (B, 3, T, H', W') uint8, zeros in the
+    padding to a multiple of ``pad_multiple``: the batch the loader path gives.
+    """
+    sizes = image_size.tolist()
+    height, width = (int(math.ceil(max(v) / pad_multiple) * pad_multiple) for v in zip(*sizes, strict=True))
+    first = frames[0]
+    out = first.new_zeros(len(frames), first.shape[-1], first.shape[0], height, width)
+    for i, (clip, (h, w), mirror) in enumerate(zip(frames, sizes, flip.tolist(), strict=True)):
+        clip = clip.permute(0, 3, 1, 2)  # (T, 3, H, W)
+        if (h, w) != tuple(clip.shape[-2:]):
+            clip = torch.nn.functional.interpolate(
+                clip.float(), size=(h, w), mode="bilinear", align_corners=False, antialias=antialias
+            )
+            clip = clip.round_().clamp_(0, 255)
+        if mirror:
+            clip = clip.flip(-1)
+        out[i, :, :, :h, :w] = clip.transpose(0, 1)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- frame folders
@@ -220,9 +274,12 @@ class FrameFolder:
         return self.root / self.pattern.format(video=self.video_id, index=int(index) + self.first_number)
 
     def get_frames(self, indices: Sequence[int] | np.ndarray) -> Tensor:
-        """Frames at ``indices`` (clamped to the video) as uint8 (T, H, W, 3), each file decoded once."""
-        from PIL import Image
+        """Frames at ``indices`` (clamped to the video) as uint8 (T, H, W, 3), each file decoded once.
 
+        JPEG files are decoded by libjpeg-turbo through simplejpeg straight into the clip (the pixels of PIL and
+        of OpenCV's ``imread``, which the official loaders use: accurate DCT, smooth chroma upsampling); other
+        files, and JPEGs it cannot read (CMYK), through PIL.
+        """
         idx = np.clip(np.asarray(indices, dtype=np.int64), 0, self.num_frames - 1)
         out: np.ndarray | None = None
         first: dict[int, int] = {}  # frame -> its first row in ``out``: each file is decoded once
@@ -233,21 +290,63 @@ class FrameFolder:
             first[i] = row
             path = self.path(i)
             try:
-                with Image.open(path) as image:
-                    # an RGB JPEG's pixels as they are (convert would copy them once more)
-                    frame = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+                data = path.read_bytes()
             except FileNotFoundError:
                 raise VideoDecodeError(path, "missing", "frame file not found") from None
-            except Exception as err:
-                raise VideoDecodeError(path, "corrupt", f"cannot be read as an image ({err})") from err
+            except PermissionError as err:
+                raise permission_error(path, err) from None
+            except OSError as err:
+                raise VideoDecodeError(path, "corrupt", f"cannot be read ({err})") from err
+            frame = None
+            shape = _jpeg_shape(data) if path.suffix.lower() in (".jpg", ".jpeg") else None
+            if shape is None:
+                frame = _decode_image(path, data)
+                shape = frame.shape
             if out is None:
-                out = np.empty((len(idx), *frame.shape), dtype=np.uint8)
-            if frame.shape != out.shape[1:]:
-                raise VideoDecodeError(
-                    path, "decode_failed", f"frames differ in size: {frame.shape} and {out.shape[1:]}"
-                )
-            out[row] = frame
+                out = np.empty((len(idx), *shape), dtype=np.uint8)
+            if shape != out.shape[1:]:
+                raise VideoDecodeError(path, "decode_failed", f"frames differ in size: {shape} and {out.shape[1:]}")
+            if frame is None and not _decode_jpeg_into(data, out[row]):
+                frame = _decode_image(path, data)  # what PIL says of a JPEG simplejpeg could not decode
+            if frame is not None:
+                out[row] = frame
         return torch.from_numpy(out)
+
+
+def _jpeg_shape(data: bytes) -> tuple[int, int, int] | None:
+    """(H, W, 3) of a JPEG simplejpeg can decode to RGB, else None."""
+    import simplejpeg
+
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:  # simplejpeg's error for what libjpeg-turbo cannot read
+        return None
+    return (height, width, 3) if colorspace in ("Gray", "YCbCr", "RGB") else None
+
+
+def _decode_jpeg_into(data: bytes, out: np.ndarray) -> bool:
+    """Decode a JPEG into ``out`` (H, W, 3) uint8; False where simplejpeg cannot."""
+    import simplejpeg
+
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, buffer=out)
+    except ValueError:
+        return False
+    return True
+
+
+def _decode_image(path: Path, data: bytes) -> np.ndarray:
+    """An image file's pixels as (H, W, 3) uint8 RGB, through PIL."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            # an RGB image's pixels as they are (convert would copy them once more)
+            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    except Exception as err:
+        raise VideoDecodeError(path, "corrupt", f"cannot be read as an image ({err})") from err
 
 
 def count_frames(root: str | Path, video_id: str, pattern: str, first_number: int = 1) -> int:
@@ -272,14 +371,20 @@ class KeyframeDetectionDataModule(VideoDataModule):
     """Base of the spatio-temporal detection data modules: keyframe collation, padding, setup checks.
 
     Bad input found at setup goes through the base's ``settle``. Videos that fail while loading follow the base
-    policy.
+    policy. ``resize_on``: where the clips are resized and flipped, in the loader workers (``loader``) or on the
+    training device once the batch is there (``device``: the workers decode and collate the frames as they are,
+    ``resize_keyframe_batch`` gives the loader's batch to within one grey level; a worker then keeps up with
+    raw decoding, README "Loader workers per GPU").
     """
 
-    def __init__(self, pad_multiple: int = 32, **kwargs: Any):
+    def __init__(self, pad_multiple: int = 32, resize_on: ResizeOn = "loader", **kwargs: Any):
         super().__init__(**kwargs)
         if pad_multiple < 1:
             raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
+        if resize_on not in ("loader", "device"):
+            raise ValueError(f"resize_on must be loader or device, got {resize_on!r}")
         self.pad_multiple = pad_multiple
+        self.resize_on = resize_on
 
     @property
     def collate_fn(self) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
@@ -291,7 +396,14 @@ class KeyframeDetectionDataModule(VideoDataModule):
         for name in stages.get(stage, ()):
             self.dataset(name)
 
+    #: Whether the clips are resized with an antialiasing filter (``transform_keyframe_clip``'s ``antialias``).
+    antialias: bool = True
+
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        if "flip" in batch:  # resize_on: device
+            batch["video"] = resize_keyframe_batch(
+                batch["video"], batch["image_size"], batch.pop("flip"), self.pad_multiple, self.antialias
+            )
         batch = super().on_after_batch_transfer(batch, dataloader_idx)
         video = batch.get("video")
         if video is not None and video.is_floating_point():
@@ -307,6 +419,8 @@ __all__ = [
     "AVA_STD",
     "FrameFolder",
     "KeyframeDetectionDataModule",
+    "ResizeOn",
+    "batch_buffer",
     "clip_frame_indices",
     "collate_keyframes",
     "count_frames",
@@ -314,6 +428,7 @@ __all__ = [
     "grid_length",
     "keyframe_clip_indices",
     "keyframe_grid_index",
+    "resize_keyframe_batch",
     "resized_size",
     "scale_boxes",
     "transform_keyframe_clip",

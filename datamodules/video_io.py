@@ -70,7 +70,7 @@ class Video:
         except FileNotFoundError:
             raise VideoDecodeError(path, "missing", "file not found") from None
         except PermissionError as err:
-            raise _denied(path, err) from None
+            raise permission_error(path, err) from None
         if stat.S_ISDIR(info.st_mode):
             raise VideoDecodeError(path, "missing", "a folder, not a video file")
         if info.st_size < MIN_VIDEO_BYTES:
@@ -122,7 +122,7 @@ class Video:
             with open(self.path, "rb"):
                 pass
         except PermissionError as denied:
-            raise _denied(self.path, denied) from None
+            raise permission_error(self.path, denied) from None
 
     @property
     def duration(self) -> float:
@@ -215,7 +215,7 @@ def open_video(path: str | Path, num_threads: int = 1, decoder: Decoder = "auto"
         raise
 
 
-def _denied(path: str | Path, err: PermissionError) -> VideoDecodeError:
+def permission_error(path: str | Path, err: PermissionError) -> VideoDecodeError:
     return VideoDecodeError(path, "unreadable", f"permission denied ({err.strerror}): make it readable by this user")
 
 

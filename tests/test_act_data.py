@@ -202,3 +202,21 @@ def test_missing_frames_stop_the_run_or_are_skipped_and_counted(act_root):
     assert batch["batch_size"] == 2 and batch["frame"].tolist() == [1, 2]
     sample = dm.dataset("val")[2]  # frame 3's clip is frames 1, 1, 3, 5
     assert sample["skipped"][1] == "missing" and sample["skipped"][0].endswith("00005.jpg")
+
+
+def test_resizing_on_the_device_gives_the_loaders_batches(act_root):
+    """Random short sides (each sample its own size) and flips: the frames as decoded, resized on the device, give
+    the loader path's batches to one grey level, with the same boxes and sizes."""
+    batches = {}
+    for where in ("loader", "device"):
+        dm = module(act_root, train_short_side=(26, 40), flip=True, resize_on=where)
+        dm.setup("fit")
+        batches[where] = [dm.on_after_batch_transfer(b, 0) for b in dm.train_dataloader()]
+    assert len(batches["device"]) == len(batches["loader"]) > 0
+    sizes = set()
+    for a, b in zip(batches["loader"], batches["device"], strict=True):
+        torch.testing.assert_close(b["video"], a["video"], atol=1 / 255 / 0.225 + 1e-5, rtol=0)
+        assert torch.equal(a["image_size"], b["image_size"])
+        assert all(torch.equal(x, y) for x, y in zip(a["boxes"], b["boxes"], strict=True))
+        sizes.update(map(tuple, b["image_size"].tolist()))
+    assert len(sizes) > 1

@@ -17,13 +17,17 @@ from datamodules.ava import AVADataModule
 from datamodules.ava_annotations import read_ava_csv, read_excluded_timestamps, read_label_map
 from datamodules.base import AnnotationError, BadVideoError
 from datamodules.keyframes import (
+    FrameFolder,
+    batch_buffer,
     clip_frame_indices,
     collate_keyframes,
     flip_boxes,
     keyframe_clip_indices,
+    resize_keyframe_batch,
     resized_size,
     transform_keyframe_clip,
 )
+from datamodules.video_io import VideoDecodeError
 
 LABEL_MAP = (
     'item {\n  name: "e"\n  id: 5\n}\nitem {\n  name: "a"\n  id: 1\n}\nitem {\n  name: "c"\n  id: 3\n}\n'
@@ -430,3 +434,106 @@ def test_resize_without_antialiasing_samples_as_opencv_inter_linear(size):
         assert np.array_equal(flipped[:, t].permute(1, 2, 0).numpy(), reference[:, ::-1])
     filtered, _, _ = transform_keyframe_clip(frames, [np.zeros((0, 4))], 96, flip=False, antialias=True)
     assert np.abs(filtered.numpy().astype(int) - clip.numpy().astype(int)).mean() > 5
+
+
+# ------------------------------------------------------------------------------ resize_on: device
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_resizing_on_the_device_gives_the_loaders_batch_to_one_grey_level(antialias):
+    """Clips of three sizes, two flipped: the frames as decoded, collated apart and resized by
+    ``resize_keyframe_batch`` equal the loader path's padded batch (OpenCV's INTER_LINEAR without antialiasing)
+    to one grey level, with the same boxes and sizes; OpenCV's own resize is within one level as well."""
+    import cv2
+
+    rng = np.random.default_rng(1)
+    loader, device = [], []
+    for i, size in enumerate([(72, 128), (45, 67), (96, 96)]):
+        frames = torch.from_numpy(rng.integers(0, 256, (3, *size, 3), dtype=np.uint8))
+        boxes = [np.array([[0.1, 0.2, 0.5, 0.9]])]
+        for out, where in ((loader, "loader"), (device, "device")):
+            clip, (b,), hw = transform_keyframe_clip(frames, boxes, 40, i != 1, antialias, where)
+            sample = {"video": clip, "boxes": b, "image_size": hw, "orig_size": size, "index": i}
+            out.append(sample | ({"flip": i != 1} if where == "device" else {}))
+    assert device[0]["video"].shape == (3, 72, 128, 3)  # as decoded
+    expected, batch = collate_keyframes(loader), collate_keyframes(device)
+    assert isinstance(batch["video"], list) and batch["flip"].tolist() == [True, False, True]
+    assert all(a.data_ptr() == s["video"].data_ptr() for a, s in zip(batch["video"], device, strict=True))
+    video = resize_keyframe_batch(batch["video"], batch["image_size"], batch["flip"], 32, antialias)
+    assert video.shape == expected["video"].shape == (3, 3, 3, 64, 96) and video.dtype == torch.uint8
+    difference = (video.int() - expected["video"].int()).abs()
+    assert difference.max() <= 1 and difference.float().mean() < 0.2
+    for key in ("image_size", "orig_size"):
+        assert torch.equal(batch[key], expected[key])
+    for a, b in zip(batch["boxes"], expected["boxes"], strict=True):
+        assert torch.equal(a, b)
+    if not antialias:
+        (h, w), frame = expected["image_size"][1].tolist(), device[1]["video"][0].numpy()
+        reference = cv2.resize(frame, (w, h), interpolation=cv2.INTER_LINEAR)
+        got = video[1, :, 0, :h, :w].permute(1, 2, 0).numpy().astype(int)
+        assert np.abs(got - reference).max() <= 1
+
+
+@pytest.mark.parametrize("stage", ["train", "val"])
+def test_a_data_module_resizing_on_the_device_gives_the_same_batches(synthetic_root, stage):
+    """The synthetic AVA set through both paths (training flips at random, from the same seeds): after the
+    transfer hook the batches agree to one grey level, boxes and sizes exactly."""
+    batches, flips = {}, []
+    for where in ("loader", "device"):
+        dm = synthetic_module(synthetic_root, resize_on=where)
+        dm.setup("fit")
+        loader = dm.train_dataloader() if stage == "train" else dm.val_dataloader()
+        batches[where] = []
+        for batch in loader:
+            flips += batch["flip"].tolist() if where == "device" else []
+            batches[where].append(dm.on_after_batch_transfer(batch, 0))
+    assert len(batches["loader"]) == len(batches["device"]) > 0
+    assert any(flips) == (stage == "train") and not all(flips)
+    for a, b in zip(batches["loader"], batches["device"], strict=True):
+        assert a["video"].shape == b["video"].shape and "flip" not in b
+        torch.testing.assert_close(b["video"], a["video"], atol=1 / 255 / 0.225 + 1e-5, rtol=0)
+        for x, y in zip(a["boxes"], b["boxes"], strict=True):
+            assert torch.equal(x, y)
+        assert torch.equal(a["image_size"], b["image_size"]) and torch.equal(a["index"], b["index"])
+
+
+def test_a_batch_collated_in_a_loader_worker_is_in_shared_memory():
+    """In a worker the padded batch is allocated in shared memory (nothing is copied again to hand it over);
+    in the training process it is ordinary memory."""
+    assert not batch_buffer((2, 3), torch.uint8).is_shared()
+    samples = [{"video": torch.zeros(3, 2, 8, 8, dtype=torch.uint8), "image_size": (8, 8), "orig_size": (8, 8)}]
+    loader = torch.utils.data.DataLoader(samples, batch_size=1, num_workers=1, collate_fn=_collate_and_report)
+    assert next(iter(loader)) == {"shared": True, "shape": (1, 3, 2, 32, 32)}
+
+
+def _collate_and_report(samples):
+    video = collate_keyframes(samples)["video"]
+    return {"shared": video.is_shared(), "shape": tuple(video.shape)}
+
+
+def test_frame_files_decode_as_pil_does_whatever_their_kind(tmp_path):
+    """JPEG frames (colour, grey, CMYK) and PNG frames give PIL's RGB pixels; a truncated JPEG is a corrupt
+    frame naming the file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    colour = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    kinds = {
+        "rgb": (Image.fromarray(colour), "jpg"), "grey": (Image.fromarray(colour[..., 0]), "jpg"),
+        "cmyk": (Image.fromarray(colour).convert("CMYK"), "jpg"), "png": (Image.fromarray(colour), "png"),
+    }  # fmt: skip
+    for name, (image, ext) in kinds.items():
+        for i in range(3):
+            path = tmp_path / name / f"{i + 1:05d}.{ext}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.rotate(90 * i).save(path, quality=90)
+        folder = FrameFolder(tmp_path, name, "{video}/{index:05d}." + ext, 3)
+        clip = folder.get_frames([2, 0, 2, 1]).numpy()
+        for row, i in enumerate([2, 0, 2, 1]):
+            with Image.open(folder.path(i)) as image:
+                np.testing.assert_array_equal(clip[row], np.asarray(image.convert("RGB")), err_msg=name)
+    broken = tmp_path / "rgb" / "00002.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    with pytest.raises(VideoDecodeError, match="00002.jpg") as err:
+        FrameFolder(tmp_path, "rgb", "{video}/{index:05d}.jpg", 3).get_frames([0, 1])
+    assert err.value.kind == "corrupt"
