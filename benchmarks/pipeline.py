@@ -22,11 +22,10 @@ does (``datamodules.base.keep_freed_memory``).
 AV1 (what yt-dlp fetches today) through ``decoder: auto``, which reads them with PyAV, against raw PyAV.
 
 ``pipeline``: the data module's training loader with no worker processes (so: one worker's work) for a number of
-batches: decode, sample, transform, collate. ``raw``: the same number of clips decoded by the plain decoder call
-(decord's ``get_batch`` of the clip's frame indices, a fresh reader per clip as in the loader; for JPEG files
-simplejpeg's ``decode_jpeg``, the decoder the pipeline reads them with, 1.6x PIL's speed), nothing else; AVA's
-raw decode reads the training loader's own clips in its order. ``ratio`` = pipeline clips/s over raw clips/s
-(target >= 0.9).
+batches: decode, sample, transform, collate. ``raw``: exactly the frames that pass read (``recorded_reads``),
+decoded by the plain decoder call (``replay``: decord's ``get_batch`` with a fresh reader wherever the loader
+opened a video; for JPEG files simplejpeg's ``decode_jpeg``, the decoder the pipeline reads them with, 1.6x
+PIL's speed), nothing else. ``ratio`` = pipeline clips/s over raw clips/s (target >= 0.9).
 
 Workers per GPU = the GPU's training clips/s / one worker's clips/s. The GPU figure is an assumption stated with
 it: an A100 at 40% model-FLOPs utilisation of its dense peak (312 TFLOPS bf16; 156 TF32 for HaltingVT's fp32
@@ -35,10 +34,10 @@ recipe), a training step costing three forwards, each forward's multiply-accumul
 
 from __future__ import annotations
 
-import itertools
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,15 +108,66 @@ def _raw_frames(paths: list[Path]) -> None:
         simplejpeg.decode_jpeg(p.read_bytes(), colorspace="RGB", fastdct=False, fastupsample=False)
 
 
-def sources(root: Path, clips: int = 16) -> dict[str, Any]:
-    """The data modules of each source, their media written under ``root``, and the raw decode of each clip
-    (AVA's: the first ``clips`` of the training loader, in turn)."""
+@contextmanager
+def recorded_reads() -> Iterator[list[tuple[int, Any, np.ndarray]]]:
+    """Every frame read the data modules make meanwhile, as (reader id, reader, clamped frame indices)."""
+    from datamodules.keyframes import FrameFolder
+    from datamodules.video_io import Video
+
+    reads: list[tuple[int, Any, np.ndarray]] = []
+    originals = {cls: cls.get_frames for cls in (Video, FrameFolder)}
+
+    def spy(cls: type) -> Callable[..., Any]:
+        def get_frames(self: Any, indices: Any) -> Any:
+            reads.append((id(self), self, np.clip(np.asarray(indices), 0, self.num_frames - 1)))
+            return originals[cls](self, indices)
+
+        return get_frames
+
+    try:
+        for cls in originals:
+            cls.get_frames = spy(cls)
+        yield reads
+    finally:
+        for cls, original in originals.items():
+            cls.get_frames = original
+
+
+def replay(reads: list[tuple[int, Any, np.ndarray]]) -> Callable[[], None]:
+    """Raw decoding of exactly the frames ``reads`` asked for, call by call: a fresh reader of the backend the
+    loader used wherever it opened a video (the same reader for its further calls, e.g. a THUMOS window's
+    chunks), each frame file once per call, nothing else."""
+    from datamodules.keyframes import FrameFolder
+    from datamodules.video_pyav import PyAVReader
+
+    def open_reader(source: Any) -> Callable[[np.ndarray], Any]:
+        if source.backend != "decord":
+            return PyAVReader(str(source.path), num_threads=1).read
+        import decord
+
+        reader = decord.VideoReader(str(source.path), num_threads=1)
+        return lambda idx: reader.get_batch(idx.tolist()).asnumpy()
+
+    def run() -> None:
+        read, opened = None, None
+        for key, source, idx in reads:
+            if isinstance(source, FrameFolder):
+                _raw_frames([source.path(i) for i in dict.fromkeys(idx.tolist())])
+                continue
+            if key != opened:
+                read, opened = open_reader(source), key
+            read(idx)
+
+    return run
+
+
+def sources(root: Path) -> dict[str, Any]:
+    """The data module of each source, its media written under ``root``."""
     from datamodules.ava import AVADataModule
     from datamodules.classification import VideoClassificationDataModule
     from datamodules.synthetic import ClassificationSet, SpatiotemporalSet, TemporalSet
     from datamodules.temporal import TemporalDetectionDataModule
 
-    rng = np.random.default_rng(0)
     kinetics = VideoClassificationDataModule(
         str(root / "kinetics"), num_frames=16, frame_stride=4, crop_size=224, train_short_side=(256, 320),
         batch_size=4, num_workers=0,
@@ -175,52 +225,17 @@ def sources(root: Path, clips: int = 16) -> dict[str, Any]:
     for dm in (ava_device, ava_frames_device):
         dm.setup("fit")
 
-    def kinetics_raw() -> None:
-        path = str(rng.choice(sorted((root / "kinetics").rglob("*.mp4"))))
-        start = int(rng.integers(0, 300 - 61))
-        _raw_video(path, np.arange(start, start + 61, 4))
-
-    def halting_raw() -> None:
-        path = str(rng.choice(sorted((root / "kinetics").rglob("*.mp4"))))
-        start = int(rng.integers(0, 300 - 225))
-        _raw_video(path, np.arange(start, start + 225, 32))
-
-    # AVA's raw decode reads the clips the training loader reads, in its order: where a clip sits in the movie
-    # (how far from the last key frame) is most of its decoding time.
-    train = ava.dataset("train")
-    order = itertools.cycle([key.index for key in itertools.islice(iter(ava.train_dataloader().sampler), clips)])
-
-    def ava_clip() -> tuple[Any, np.ndarray]:
-        index = next(order)
-        return train.sources[train.keyframes[index].video_index], train.clip_indices(index)
-
-    def ava_raw() -> None:
-        source, idx = ava_clip()
-        _raw_video(source.path, idx)
-
-    def ava_frames_raw() -> None:
-        source, idx = ava_clip()
-        folder = root / "ava_frames" / source.video_id
-        _raw_frames([folder / f"{source.video_id}_{i + 1:06d}.jpg" for i in idx])
-
-    thumos_videos = sorted((root / "thumos").rglob("*.mp4"))
-
-    def thumos_raw() -> None:
-        path = str(thumos_videos[int(rng.integers(len(thumos_videos)))])
-        start = int(rng.integers(0, 3600 - 3072))
-        _raw_video(path, np.arange(start, start + 3072, 4))
-
     return {
-        "kinetics_mp4": (kinetics, kinetics_raw),
-        "kinetics_8x32_static": (halting, halting_raw),
-        "kinetics_mp4 (augment_on: device)": (kinetics_device, kinetics_raw),
-        "kinetics_8x32_static (augment_on: device)": (halting_device, halting_raw),
-        "ava_mp4": (ava, ava_raw),
-        "ava_frames": (ava_frames, ava_frames_raw),
-        "ava_mp4 (resize_on: device)": (ava_device, ava_raw),
-        "ava_frames (resize_on: device)": (ava_frames_device, ava_frames_raw),
-        "thumos_window": (thumos, thumos_raw),
-        "thumos_window (augment_on: device)": (thumos_device, thumos_raw),
+        "kinetics_mp4": kinetics,
+        "kinetics_8x32_static": halting,
+        "kinetics_mp4 (augment_on: device)": kinetics_device,
+        "kinetics_8x32_static (augment_on: device)": halting_device,
+        "ava_mp4": ava,
+        "ava_frames": ava_frames,
+        "ava_mp4 (resize_on: device)": ava_device,
+        "ava_frames (resize_on: device)": ava_frames_device,
+        "thumos_window": thumos,
+        "thumos_window (augment_on: device)": thumos_device,
     }
 
 
@@ -317,16 +332,28 @@ def bench_decoders(root: Path, batches: int = 4, repeats: int = 3, kinetics: dic
 def bench_pipeline(batches: int = 4, repeats: int = 3) -> dict:
     """Clips/s of one worker through each source's whole training pipeline against raw decoding, and the
     workers per GPU each paper recipe needs."""
+    import torch
+
     from datamodules.base import keep_freed_memory
 
-    keep_freed_memory()  # as in every loader worker: this process stands for one
+    # as in every loader worker (one thread, freed memory kept): this process stands for one
+    keep_freed_memory()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _bench_pipeline(batches, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bench_pipeline(batches: int, repeats: int) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.monotonic()
-        built = sources(Path(tmp), batches * 4)
+        built = sources(Path(tmp))
         setup_seconds = time.monotonic() - start
-        for name, (dm, raw) in built.items():
-            loader = dm.train_dataloader()
+        for name, dm in built.items():
+            loader = dm.train_dataloader()  # the same clips on every pass (no set_epoch)
             clips = batches * loader.batch_size
 
             def run_pipeline(loader=loader) -> None:
@@ -334,10 +361,9 @@ def bench_pipeline(batches: int = 4, repeats: int = 3) -> dict:
                     if i + 1 == batches:
                         break
 
-            def run_raw(raw=raw, clips=clips) -> None:
-                for _ in range(clips):
-                    raw()
-
+            with recorded_reads() as reads:
+                run_pipeline()
+            run_raw = replay(reads)
             t = interleaved({"pipeline": run_pipeline, "raw": run_raw}, repeats, stat=min)
             rows[name] = {
                 "pipeline_clips_per_s": clips / t["pipeline"], "raw_clips_per_s": clips / t["raw"],

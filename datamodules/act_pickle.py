@@ -24,10 +24,10 @@ from frame 1, with or without boxes, so that video-mAP can link each video's det
 Transforms: training resizes the short side to a random size in ``train_short_side`` (UCF101-24: 224; JHMDB:
 256-320) and flips at random; evaluation resizes to ``eval_short_side`` (UCF101-24: 256). Boxes are clipped to
 the frame (boxes that are then empty are dropped and counted), and given in pixels of the resized clip;
-clip geometry, padding and normalisation are AVA's, from ``datamodules.keyframes``. The batch is AVA's with
-``frame`` (1-based) instead of ``timestamp`` and, per sample, ``labels`` (n, C) one-hot, ``classes`` (n,) class
-indices and ``tube_ids`` (n,), the ground-truth tube of each box within its video (what the video-mAP metric
-needs).
+clip geometry, padding, normalisation and ``resize_on`` are AVA's, from ``datamodules.keyframes``. The batch is
+AVA's with ``frame`` (1-based) instead of ``timestamp`` and, per sample, ``labels`` (n, C) one-hot, ``classes``
+(n,) class indices and ``tube_ids`` (n,), the ground-truth tube of each box within its video (what the video-mAP
+metric needs).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ Transforms (EVAD): training flips at random (boxes too) and resizes the short si
 (288; 224 for the ablations), no crop; evaluation resizes to ``eval_short_side`` (288). The resize is bilinear
 without antialiasing, as the official loader's ``cv2.resize(INTER_LINEAR)`` (``antialias: true`` filters
 first). Boxes become pixels of the resized clip; batches pad every clip to a multiple of ``pad_multiple`` (32),
-and normalise with mean 0.45, std 0.225.
+and normalise with mean 0.45, std 0.225. ``resize_on: device`` (the recipes') leaves the resize and flip to the
+training device, where the batch equals the loader's to one grey level (``KeyframeDetectionDataModule``).
 
 The dataset (one keyframe clip per sample, from a video file or a frame folder) is in ``datamodules.ava_dataset``;
 the clip geometry, transforms, collation, frame folders and setup checks that AVA shares with UCF101-24/JHMDB

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import threading
 import time
@@ -192,27 +193,61 @@ def load_guarded(load: Callable[[], dict[str, Any]], policy: BadVideoPolicy, ind
         return {"skipped": (err.path, err.kind, err.reason, index), "index": index}
 
 
+#: The clip entries of a sample, stacked by ``stack_clips`` (in the layout the worker left them in).
+CLIP_KEYS = ("video", "static")
+
+
+def batch_buffer(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for a batch; in a loader worker, in shared memory, as ``default_collate``
+    allocates, so that handing the batch to the training process does not copy it once more."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(*shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(*shape)
+
+
+def stack_clips(clips: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` that keeps the samples' memory order: a (3, T, H, W) clip laid out as (T, H, W, 3), as the
+    resize leaves frames decoded channels-last, is copied as it lies (not transposed on the CPU) and the batch
+    is a (B, 3, T, H, W) view of (B, T, H, W, 3) memory; the data module makes it contiguous once on the
+    device. In a worker the batch is in shared memory (``batch_buffer``); a batch of one is not copied."""
+    first = clips[0]
+    if len(clips) == 1:  # a batch of one (a THUMOS window) is the clip itself
+        return first[None]
+    order = sorted(range(first.dim()), key=lambda d: -first.stride(d))  # outermost dimension first
+    out = batch_buffer((len(clips), *(first.shape[d] for d in order)), first.dtype)
+    for i, clip in enumerate(clips):
+        out[i] = clip.permute(order)
+    return out.permute(0, *(order.index(d) + 1 for d in range(first.dim())))
+
+
 def collate_clips(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Default collation of the good samples; skipped ones travel as a list of (path, kind, reason, index)."""
+    """Default collation of the good samples, the clips by ``stack_clips``; skipped ones travel as a list of
+    (path, kind, reason, index)."""
     good = [s for s in samples if "skipped" not in s]
-    batch: dict[str, Any] = default_collate(good) if good else {}
+    batch: dict[str, Any] = {}
+    if good:
+        batch = default_collate([{k: v for k, v in s.items() if k not in CLIP_KEYS} for s in good])
+        for key in CLIP_KEYS:
+            if key in good[0]:
+                batch[key] = stack_clips([s[key] for s in good])
     batch["skipped"] = [s["skipped"] for s in samples if "skipped" in s]
     batch["batch_size"] = len(good)
     return batch
 
 
-def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
-    """glibc's malloc in a loader worker: allocations up to ``mmap_threshold`` bytes (a decoded clip is about 11
-    MB) come from the heap, and up to ``trim_threshold`` freed bytes stay there for the next clip, instead of fresh
-    pages from the kernel for every clip (their page faults cost AVA's JPEG frames 0.79 of raw decoding instead of
-    0.94, README "Loader workers per GPU"). True where set (glibc); elsewhere nothing changes."""
+def keep_freed_memory(trim_threshold: int = 256 << 20) -> bool:
+    """glibc's malloc in a loader worker: every allocation from the heap (none mapped apart, however large: a
+    decoded clip is about 11 MB, a THUMOS window 59 MB) and up to ``trim_threshold`` freed bytes kept there for the
+    next clip, instead of fresh pages from the kernel for every clip (their page faults cost AVA's JPEG frames
+    0.79 of raw decoding instead of 0.94, README "Loader workers per GPU"). True where set (glibc); elsewhere
+    nothing changes."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(mallopt(m_mmap_threshold, mmap_threshold)) and bool(mallopt(m_trim_threshold, trim_threshold))
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, trim_threshold))
 
 
 class _ExitWithTrainer:
@@ -440,7 +475,8 @@ class VideoDataModule(L.LightningDataModule):
         stage = self.current_stage()
         self.record_skips(batch.get("skipped", []), stage)
         self._epoch_samples[stage] += int(batch.get("batch_size", 0))
-        for key in ("video", "static"):
+        for key in CLIP_KEYS:
             if key in batch and batch[key].dtype == torch.uint8:
-                batch[key] = normalize(batch[key], self.mean, self.std)
+                # one contiguous copy here, on the device, of a batch stacked channels-last (stack_clips)
+                batch[key] = normalize(batch[key].contiguous(), self.mean, self.std)
         return batch

@@ -37,7 +37,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
-from datamodules.base import VideoDataModule
+from datamodules.base import VideoDataModule, batch_buffer
 from datamodules.transforms import to_tchw
 from datamodules.video_io import VideoDecodeError, permission_error
 
@@ -168,15 +168,6 @@ def transform_keyframe_clip(
     if flip:
         clip = clip.flip(-1)
     return clip.permute(1, 0, 2, 3).contiguous(), [torch.from_numpy(b) for b in out], (new_h, new_w)
-
-
-def batch_buffer(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
-    """An uninitialised tensor for a batch; in a loader worker, in shared memory, as ``default_collate``
-    allocates, so that handing the batch to the training process does not copy it once more."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(*shape, dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-    return torch.empty(0, dtype=dtype).set_(storage).view(*shape)
 
 
 def collate_keyframes(samples: Sequence[dict[str, Any]], pad_multiple: int = 32) -> dict[str, Any]:
@@ -420,7 +411,6 @@ __all__ = [
     "FrameFolder",
     "KeyframeDetectionDataModule",
     "ResizeOn",
-    "batch_buffer",
     "clip_frame_indices",
     "collate_keyframes",
     "count_frames",

@@ -27,6 +27,7 @@ from datamodules.base import (
     open_checked,
     seeded,
     split_key,
+    stack_clips,
 )
 from datamodules.transforms import EvalClipTransform, to_tchw
 from datamodules.video_io import Decoder, Video
@@ -150,14 +151,15 @@ class TemporalTrainTransform:
         return top, left, h, w, flip, int(torch.randint(0, 2**62, ()))
 
     def __call__(self, frames: Tensor, plan: tuple[int, int, int, int, bool, int]) -> Tensor:
-        """(T, H, W, 3) uint8 -> (3, T, crop, crop) uint8."""
+        """(T, H, W, 3) uint8 -> (3, T, crop, crop) uint8, laid out in memory as the resize leaves it (channels
+        last: the window is copied once, as it lies, by ``TemporalWindowDataset.decode``)."""
         top, left, h, w, flip, seed = plan
         clip = TF.resized_crop(to_tchw(frames), top, left, h, w, [self.crop_size] * 2, antialias=True)
         if flip:
             clip = clip.flip(-1)
         if self.photometric_on == "loader":
             clip = self.photometric(clip, seed)
-        return clip.permute(1, 0, 2, 3).contiguous()
+        return clip.permute(1, 0, 2, 3)
 
     def photometric(self, clip: Tensor, seed: int) -> Tensor:
         """RandAugment then the colour jitter on ``clip`` (T, 3, H, W) uint8, on any device, with the ops drawn
@@ -282,18 +284,20 @@ class TemporalWindowDataset(Dataset):
 
     def decode(self, video: Video, frames: np.ndarray) -> tuple[Tensor, Any]:
         """The frames, transformed, padded with the last one to ``window_size``: (3, T, crop, crop), and the
-        transform's plan of the window."""
-        plan = None
-        chunks = []
+        transform's plan of the window. Each chunk is written once into the window, which is laid out
+        channels-last in memory (the decoder's and the resize's layout; the batch stays so until the device,
+        ``stack_clips``)."""
+        plan, clip = None, None
         for i in range(0, len(frames), DECODE_CHUNK):
             decoded = video.get_frames(frames[i : i + DECODE_CHUNK])
             if plan is None:
                 plan = self.transform.plan(*decoded.shape[1:3])
-            chunks.append(self.transform(decoded, plan))
-        clip = torch.cat(chunks, dim=1)
-        pad = self.window_size - clip.shape[1]
-        if pad > 0:
-            clip = torch.cat([clip, clip[:, -1:].expand(-1, pad, -1, -1)], dim=1)
+            chunk = self.transform(decoded, plan)  # (3, n, h, w)
+            if clip is None:
+                channels, _, height, width = chunk.shape
+                clip = torch.empty(self.window_size, height, width, channels, dtype=chunk.dtype).permute(3, 0, 1, 2)
+            clip[:, i : i + chunk.shape[1]] = chunk
+        clip[:, len(frames) :] = clip[:, len(frames) - 1 : len(frames)]
         return clip, plan
 
 
@@ -302,7 +306,7 @@ def collate_windows(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     good = [s for s in samples if "skipped" not in s]
     batch: dict[str, Any] = {}
     if good:
-        batch["video"] = torch.stack([s["video"] for s in good])
+        batch["video"] = stack_clips([s["video"] for s in good])
         batch["valid"] = torch.stack([s["valid"] for s in good])
         batch["segments"] = [s["segments"] for s in good]
         batch["labels"] = [s["labels"] for s in good]

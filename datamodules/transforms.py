@@ -98,7 +98,9 @@ class TrainClipTransform:
         seed = draw_seed() if self.randaugment is not None else None
         if seed is not None and self.photometric_on == "loader":
             clip, seed = self.photometric(clip, seed), None
-        return clip.permute(1, 0, 2, 3).contiguous(), seed
+        # (3, T, crop, crop) as the resize laid it out (channels last): the batch is stacked as it lies
+        # (base.stack_clips) and made contiguous on the device
+        return clip.permute(1, 0, 2, 3), seed
 
     def photometric(self, clip: Tensor, seed: int) -> Tensor:
         """RandAugment on ``clip`` (T, 3, H, W) uint8, on any device, its ops drawn from ``seed``."""

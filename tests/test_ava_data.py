@@ -15,10 +15,9 @@ import torch
 from datamodules import synthetic
 from datamodules.ava import AVADataModule
 from datamodules.ava_annotations import read_ava_csv, read_excluded_timestamps, read_label_map
-from datamodules.base import AnnotationError, BadVideoError
+from datamodules.base import AnnotationError, BadVideoError, batch_buffer
 from datamodules.keyframes import (
     FrameFolder,
-    batch_buffer,
     clip_frame_indices,
     collate_keyframes,
     flip_boxes,

@@ -355,7 +355,10 @@ def test_photometric_ops_on_the_device_give_the_loaders_windows(temporal_root):
         samples = [dataset[SampleKey(i, 0, 11)] for i in range(len(dataset))]
         batch = collate_windows(samples)
         assert ("photometric_seed" in batch) == (where == "device")
+        if where == "device":  # the windows stay channels-last, as decoded and resized, until the device
+            assert batch["video"].permute(0, 2, 3, 4, 1).is_contiguous()
         batches[where] = dm.on_after_batch_transfer(batch, 0)
+        assert batches[where]["video"].is_contiguous()
     assert "photometric_seed" not in batches["device"]
     assert torch.equal(batches["loader"]["video"], batches["device"]["video"])
     assert not torch.equal(batches["loader"]["video"][0], batches["loader"]["video"][1])

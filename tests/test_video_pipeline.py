@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from datamodules.base import AnnotationError, BadVideoError, collate_clips
+from datamodules.base import AnnotationError, BadVideoError, collate_clips, stack_clips
 from datamodules.classification import ClipClassificationDataset, VideoClassificationDataModule
 from datamodules.kinetics_list import VideoRecord, read_video_list
 from datamodules.sampling import centre_clip, random_clip, uniform_clips
@@ -264,7 +264,10 @@ def test_randaugment_on_the_device_gives_the_loaders_clips(synthetic_classificat
         assert ("photometric_seed" in batch) == ("static_photometric_seed" in batch) == (where == "device")
         batch = dm.on_before_batch_transfer(batch, 0)  # the seeds become ints before the transfer
         assert all(isinstance(s, int) for s in batch.get("photometric_seed", []))
+        if where == "device":  # stacked channels-last, as the resize left the clips
+            assert batch["video"].permute(0, 2, 3, 4, 1).is_contiguous()
         batches[where] = dm.on_after_batch_transfer(batch, 0)
+        assert batches[where]["video"].is_contiguous() and batches[where]["static"].is_contiguous()
     for key in ("video", "static"):
         assert torch.equal(batches["loader"][key], batches["device"][key])
     # RandAugment did act: the clips differ from the same pipeline without it
@@ -277,3 +280,20 @@ def test_randaugment_on_the_device_gives_the_loaders_clips(synthetic_classificat
     )
     assert unaugmented["video"].shape == batches["loader"]["video"].shape
     assert not torch.equal(unaugmented["video"], batches["loader"]["video"])
+
+
+def test_clips_are_stacked_as_they_lie_and_made_contiguous_on_the_device(synthetic_classification):
+    """``stack_clips`` equals ``torch.stack`` whatever the clips' layout, keeps a channels-last one (no transpose
+    in the worker), and the transfer hook hands the model the contiguous normalised batch."""
+    gen = torch.Generator().manual_seed(0)
+    frames = [torch.randint(0, 256, (4, 6, 5, 3), dtype=torch.uint8, generator=gen) for _ in range(2)]
+    lying = [f.permute(3, 0, 1, 2) for f in frames]  # (3, T, H, W) views of (T, H, W, 3)
+    planar = [c.contiguous() for c in lying]
+    for clips in (lying, planar, [c[:, :, 1:4] for c in lying], [c.flip(-1) for c in planar]):
+        assert torch.equal(stack_clips(clips), torch.stack(clips))
+    assert stack_clips(lying).permute(0, 2, 3, 4, 1).is_contiguous() and stack_clips(planar).is_contiguous()
+    assert torch.equal(stack_clips(lying[:1]), torch.stack(lying[:1]))
+    dm = VideoClassificationDataModule(root=str(synthetic_classification), num_workers=0)
+    out = dm.on_after_batch_transfer({"video": stack_clips(lying), "batch_size": 2}, 0)["video"]
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, normalize(torch.stack(planar), dm.mean, dm.std), rtol=0, atol=0)
