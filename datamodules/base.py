@@ -193,7 +193,8 @@ def load_guarded(load: Callable[[], dict[str, Any]], policy: BadVideoPolicy, ind
         return {"skipped": (err.path, err.kind, err.reason, index), "index": index}
 
 
-#: The clip entries of a sample, stacked by ``stack_clips`` (in the layout the worker left them in).
+#: The clip entries of a sample, stacked by ``stack_clips`` (in the layout the worker left them in); a clip
+#: whose transform is left to the device travels with its plan under ``<key>_plan`` and stays apart, uncopied.
 CLIP_KEYS = ("video", "static")
 
 
@@ -230,7 +231,8 @@ def collate_clips(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         batch = default_collate([{k: v for k, v in s.items() if k not in CLIP_KEYS} for s in good])
         for key in CLIP_KEYS:
             if key in good[0]:
-                batch[key] = stack_clips([s[key] for s in good])
+                clips = [s[key] for s in good]
+                batch[key] = clips if f"{key}_plan" in good[0] else stack_clips(clips)
     batch["skipped"] = [s["skipped"] for s in samples if "skipped" in s]
     batch["batch_size"] = len(good)
     return batch
@@ -239,8 +241,8 @@ def collate_clips(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def keep_freed_memory(trim_threshold: int = 256 << 20) -> bool:
     """glibc's malloc in a loader worker: every allocation from the heap (none mapped apart, however large: a
     decoded clip is about 11 MB, a THUMOS window 59 MB) and up to ``trim_threshold`` freed bytes kept there for the
-    next clip, instead of fresh pages from the kernel for every clip (their page faults cost AVA's JPEG frames
-    0.79 of raw decoding instead of 0.94, README "Loader workers per GPU"). True where set (glibc); elsewhere
+    next clip, instead of fresh pages from the kernel for every clip (whose page faults took about a sixth of a
+    worker's time on AVA's JPEG frames, README "Loader workers per GPU"). True where set (glibc); elsewhere
     nothing changes."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from datamodules import synthetic
 from datamodules.activitynet import class_names_of, load_database, read_activitynet
 from datamodules.base import (
+    CLIP_KEYS,
     AnnotationError,
     BadVideoPolicy,
     Problem,
@@ -95,15 +96,15 @@ class ClipClassificationDataset(Dataset):
             frames = video.get_frames(
                 random_clip(video.num_frames, self.num_frames, self.frame_stride, rng)
             )
-            sample["video"], seed = self.transform_with_seed(frames)
-            if seed is not None:
-                sample["photometric_seed"] = seed  # applied on the device (augment_on: device)
+            sample["video"], plan = self.transform_with_seed(frames)
+            if plan is not None:
+                sample["video_plan"] = plan  # applied on the device (augment_on: device)
             if self.static_clips:
                 # One of the clip's frames repeated over time, augmented on its own: same label, no motion.
                 still = frames[int(rng.integers(len(frames)))]
-                sample["static"], seed = self.transform_with_seed(still.expand(len(frames), *still.shape))
-                if seed is not None:
-                    sample["static_photometric_seed"] = seed
+                sample["static"], plan = self.transform_with_seed(still.expand(len(frames), *still.shape))
+                if plan is not None:
+                    sample["static_plan"] = plan
         else:
             idx = uniform_clips(video.num_frames, self.num_frames, self.frame_stride, self.num_clips)
             frames = video.get_frames(idx.reshape(-1)).unflatten(0, idx.shape)  # (clips, T, H, W, 3)
@@ -115,8 +116,8 @@ class ClipClassificationDataset(Dataset):
         with seeded(seed):
             return load_guarded(lambda: self.load(index), self.bad_video, index)
 
-    def transform_with_seed(self, frames: Tensor) -> tuple[Tensor, int | None]:
-        """The training transform's clip and the seed of photometric ops it left for the device, if any."""
+    def transform_with_seed(self, frames: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The training transform's clip and the plan of what it left for the device, if anything."""
         with_seed = getattr(self.transform, "with_seed", None)
         return with_seed(frames) if with_seed is not None else (self.transform(frames), None)
 
@@ -131,9 +132,9 @@ class VideoClassificationDataModule(VideoDataModule):
     ``skip`` they are dropped, counted and logged once. ``predict_videos`` (files or folders, absolute or relative
     to the working directory or ``root``) are unlabelled videos for ``predict``, instead of ``predict_list``; the
     class names then come from ``classes_file`` (or ``num_classes``). ``augment_on``: where the
-    training clips' RandAugment runs, in the loader workers (``loader``) or on the batch once it is on the
-    training device (``device``: the same ops from per-clip seeds drawn in the worker; README, "Loader workers
-    per GPU").
+    training clips' transform (resize, crop, flip, RandAugment) runs, in the loader workers (``loader``) or on
+    the batch once it is on the training device (``device``: the worker decodes only and draws each clip's
+    parameters, the same ops follow from them there; README, "Loader workers per GPU").
     ``download_hint`` is added to the error raised when a list file is missing (what to download, where to put
     it). ``synthetic`` (``true``, or ``ClassificationSet`` settings such as ``{videos_per_class: 200}``) writes the
     embedded synthetic motion dataset to ``root`` on first use (rank 0 only), and again when its settings change.
@@ -244,25 +245,23 @@ class VideoClassificationDataModule(VideoDataModule):
             self._num_classes = len(names)
         return self._num_classes
 
-    SEED_KEYS: ClassVar[dict[str, str]] = {"video": "photometric_seed", "static": "static_photometric_seed"}
-
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """The photometric seeds as plain ints before the transfer: read on the device, they would make the
-        host wait for it on every batch."""
-        for key in self.SEED_KEYS.values():
-            if isinstance(batch.get(key), torch.Tensor):
-                batch[key] = batch[key].tolist()
+        """The device plans as plain ints before the transfer: read on the device, they would make the host wait
+        for it on every batch."""
+        for key in CLIP_KEYS:
+            if isinstance(batch.get(f"{key}_plan"), torch.Tensor):
+                batch[f"{key}_plan"] = batch[f"{key}_plan"].tolist()
         return super().on_before_batch_transfer(batch, dataloader_idx)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Under ``augment_on: device``, the training clips' RandAugment, on the device, before normalisation."""
-        for key, seed_key in self.SEED_KEYS.items():
-            seeds = batch.pop(seed_key, None)
-            if seeds is not None:
-                seeds = seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds
+        """Under ``augment_on: device``, the training clips' resize, crop, flip and RandAugment, on the device,
+        before normalisation."""
+        for key in CLIP_KEYS:
+            plans = batch.pop(f"{key}_plan", None)
+            if plans is not None:
+                plans = plans.tolist() if isinstance(plans, torch.Tensor) else plans
                 batch[key] = torch.stack([
-                    self._train_transform.photometric(clip.transpose(0, 1), seed).transpose(0, 1)
-                    for clip, seed in zip(batch[key], seeds, strict=True)
+                    self._train_transform.on_device(clip, plan) for clip, plan in zip(batch[key], plans, strict=True)
                 ])  # fmt: skip
         return super().on_after_batch_transfer(batch, dataloader_idx)
 

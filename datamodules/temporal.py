@@ -95,10 +95,10 @@ class TemporalDetectionDataModule(VideoDataModule):
     ``predict_videos`` (files or folders) are windowed as evaluation videos, with no annotation (only the class
     list is read, for the detections' names); their ``video_index`` is their position in that list.
 
-    ``augment_on``: where the training windows' RandAugment and colour jitter run, in the loader workers
-    (``loader``) or on the batch once it is on the training device (``device``: the same ops from the same
-    per-window seeds; a worker then only decodes, crops and flips, about a fifth of its work on THUMOS windows,
-    so a GPU needs far fewer workers: README, "Loader workers per GPU").
+    ``augment_on``: where the training windows' resize, flip, RandAugment and colour jitter run, in the loader
+    workers (``loader``) or on the batch once it is on the training device (``device``: the same ops from the
+    same per-window draws; a worker then only decodes and crops, and keeps up with raw decoding, so a GPU needs
+    far fewer workers: README, "Loader workers per GPU").
 
     ``synthetic`` (``true``, or ``TemporalSet`` settings such as ``{num_videos: 240, seconds: 12}``) writes the
     synthetic temporal set (``datamodules.synthetic.generate_temporal``) to ``root`` on first use, and again
@@ -393,15 +393,17 @@ class TemporalDetectionDataModule(VideoDataModule):
         return collate_windows
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Under ``augment_on: device``, the training windows' photometric ops, on the device, before
-        normalisation."""
-        seeds = batch.pop("photometric_seed", None)
+        """Under ``augment_on: device``, the training windows' resize, flip and photometric ops, on the device,
+        before normalisation."""
+        seeds, flips = batch.pop("photometric_seed", None), batch.pop("flip", None)
         if seeds is not None:
-            video = batch["video"]  # (B, 3, T, H, W) uint8
-            batch["video"] = torch.stack([
-                self.train_transform.photometric(clip.transpose(0, 1), seed).transpose(0, 1)
-                for clip, seed in zip(video, seeds, strict=True)
-            ])  # fmt: skip
+            transform, clips = self.train_transform, []
+            for i, (clip, seed) in enumerate(zip(batch["video"], seeds, strict=True)):  # (3, T, h, w) uint8
+                clip = clip.transpose(0, 1)
+                if flips is not None:  # the worker cropped only
+                    clip = transform.geometry(clip, bool(flips[i]))
+                clips.append(transform.photometric(clip, seed).transpose(0, 1))
+            batch["video"] = torch.stack(clips)
         return super().on_after_batch_transfer(batch, dataloader_idx)
 
     def _own_videos(self) -> list[TemporalVideo]:

@@ -106,11 +106,12 @@ class TemporalTrainTransform:
     (brightness, contrast, saturation, hue). ``plan`` draws one window's parameters; the crop is mapped back
     to the decoded frame, so each frame is interpolated once.
 
-    ``photometric_on="device"`` leaves RandAugment and the jitter out of ``__call__``: the loader worker only
-    decodes, crops and flips, the sample carries the window's photometric seed, and ``photometric`` applies the
-    same ops from that seed once the batch is on the training device (the data module's
-    ``on_after_batch_transfer``); the ops' random draws come from the CPU generator either way, so the result is
-    the same window (tests/test_temporal_data.py).
+    ``photometric_on="device"`` leaves the rest to the training device: the loader worker only decodes and
+    crops (``crop``; ``TemporalWindowDataset``), the sample carries the window's flip and photometric seed, and
+    once the batch is on the device ``geometry`` resizes and flips and ``photometric`` applies the same ops from
+    that seed (the data module's ``on_after_batch_transfer``); the ops' random draws come from the CPU generator
+    either way, so the result is the same window (on a GPU, the resize to one grey level;
+    tests/test_temporal_data.py).
     """
 
     def __init__(
@@ -153,13 +154,23 @@ class TemporalTrainTransform:
     def __call__(self, frames: Tensor, plan: tuple[int, int, int, int, bool, int]) -> Tensor:
         """(T, H, W, 3) uint8 -> (3, T, crop, crop) uint8, laid out in memory as the resize leaves it (channels
         last: the window is copied once, as it lies, by ``TemporalWindowDataset.decode``)."""
-        top, left, h, w, flip, seed = plan
-        clip = TF.resized_crop(to_tchw(frames), top, left, h, w, [self.crop_size] * 2, antialias=True)
-        if flip:
-            clip = clip.flip(-1)
+        clip = self.geometry(to_tchw(self.crop(frames, plan)), plan[4])
         if self.photometric_on == "loader":
-            clip = self.photometric(clip, seed)
+            clip = self.photometric(clip, plan[5])
         return clip.permute(1, 0, 2, 3)
+
+    @staticmethod
+    def crop(frames: Tensor, plan: tuple[int, int, int, int, bool, int]) -> Tensor:
+        """The plan's crop of ``frames`` (T, H, W, 3): a view."""
+        top, left, h, w = plan[:4]
+        return frames[:, top : top + h, left : left + w]
+
+    def geometry(self, clip: Tensor, flip: bool) -> Tensor:
+        """A crop (T, 3, h, w) uint8, on any device, resized to ``crop_size`` squared (antialiased bilinear, as
+        torchvision's RandomResizedCrop: ``crop`` then ``geometry`` is its ``resized_crop``) and flipped. On the
+        CPU torchvision's uint8 kernel; elsewhere it resizes in float and rounds (one grey level apart at most)."""
+        clip = TF.resize(clip, [self.crop_size] * 2, antialias=True)
+        return clip.flip(-1) if flip else clip
 
     def photometric(self, clip: Tensor, seed: int) -> Tensor:
         """RandAugment then the colour jitter on ``clip`` (T, 3, H, W) uint8, on any device, with the ops drawn
@@ -278,9 +289,15 @@ class TemporalWindowDataset(Dataset):
             "seconds_per_step": float(seconds_per_step),
             "duration": float(record.duration),
         }
-        if getattr(self.transform, "photometric_on", "loader") == "device":
-            sample["photometric_seed"] = plan[-1]  # applied on the device (TemporalTrainTransform.photometric)
+        if self.geometry_on_device:  # TemporalTrainTransform.geometry and .photometric, on the device
+            sample["flip"], sample["photometric_seed"] = plan[4], plan[5]
         return sample
+
+    @property
+    def geometry_on_device(self) -> bool:
+        """Whether the worker leaves the training windows' resize, flip and photometric ops to the device
+        (``augment_on: device``): it then decodes and crops only."""
+        return getattr(self.transform, "photometric_on", "loader") == "device"
 
     def decode(self, video: Video, frames: np.ndarray) -> tuple[Tensor, Any]:
         """The frames, transformed, padded with the last one to ``window_size``: (3, T, crop, crop), and the
@@ -288,11 +305,15 @@ class TemporalWindowDataset(Dataset):
         channels-last in memory (the decoder's and the resize's layout; the batch stays so until the device,
         ``stack_clips``)."""
         plan, clip = None, None
+        crop_only = self.geometry_on_device
         for i in range(0, len(frames), DECODE_CHUNK):
             decoded = video.get_frames(frames[i : i + DECODE_CHUNK])
             if plan is None:
                 plan = self.transform.plan(*decoded.shape[1:3])
-            chunk = self.transform(decoded, plan)  # (3, n, h, w)
+            if crop_only:  # augment_on: device: the crop as decoded, (3, n, h, w)
+                chunk = to_tchw(self.transform.crop(decoded, plan)).transpose(0, 1)
+            else:
+                chunk = self.transform(decoded, plan)  # (3, n, crop, crop)
             if clip is None:
                 channels, _, height, width = chunk.shape
                 clip = torch.empty(self.window_size, height, width, channels, dtype=chunk.dtype).permute(3, 0, 1, 2)
@@ -306,7 +327,11 @@ def collate_windows(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     good = [s for s in samples if "skipped" not in s]
     batch: dict[str, Any] = {}
     if good:
-        batch["video"] = stack_clips([s["video"] for s in good])
+        if "flip" in good[0]:  # crops of any size, resized on the device: kept apart, uncopied
+            batch["video"] = [s["video"] for s in good]
+            batch["flip"] = torch.tensor([s["flip"] for s in good], dtype=torch.bool)
+        else:
+            batch["video"] = stack_clips([s["video"] for s in good])
         batch["valid"] = torch.stack([s["valid"] for s in good])
         batch["segments"] = [s["segments"] for s in good]
         batch["labels"] = [s["labels"] for s in good]

@@ -20,6 +20,15 @@ def to_tchw(frames: Tensor) -> Tensor:
     return frames.permute(0, 3, 1, 2)
 
 
+def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) after ``resize_short_side(clip, size)``: torchvision's rule (the long side truncated)."""
+    if min(height, width) == size:
+        return height, width
+    if height <= width:
+        return size, int(size * width / height)
+    return int(size * height / width), size
+
+
 def resize_short_side(clip: Tensor, size: int) -> Tensor:
     """(T, C, H, W) resized so that min(H, W) == size, keeping the aspect ratio."""
     if min(clip.shape[-2:]) == size:
@@ -51,8 +60,9 @@ class TrainClipTransform:
 
     ``flip`` must stay off when labels depend on direction (left vs right); RandAugment draws one set of ops per
     clip (from a seed drawn for the clip), so the frames of a clip stay consistent. ``photometric_on="device"``
-    leaves RandAugment to ``photometric`` on the training device: ``with_seed`` then returns the clip without it
-    and the seed that gives the same ops there (the draws come from the CPU generator wherever it runs).
+    leaves the whole transform to the training device: ``with_seed`` then returns the frames as decoded and the
+    clip's draws (``plan``), and ``on_device`` applies the same resize, crop, flip and RandAugment there (the
+    draws come from the CPU generator wherever it runs).
     """
 
     def __init__(
@@ -80,27 +90,42 @@ class TrainClipTransform:
         )
 
     def __call__(self, frames: Tensor) -> Tensor:
-        """(T, H, W, 3) uint8 -> (3, T, crop, crop) uint8 (RandAugment included only on the loader)."""
+        """(T, H, W, 3) uint8 -> (3, T, crop, crop) uint8 (the loader's transform)."""
         return self.with_seed(frames)[0]
 
-    def with_seed(self, frames: Tensor) -> tuple[Tensor, int | None]:
-        """The transformed clip (3, T, crop, crop) and, under ``photometric_on="device"``, the seed of the
-        RandAugment ops still to apply (``photometric``); None when nothing is left to do."""
-        clip = to_tchw(frames)
+    def plan(self, height: int, width: int) -> tuple[int, int, int, int, int]:
+        """One clip's draws, in this order: short side, crop corner (y, x) in the resized frame, flip (0/1) and
+        the RandAugment seed (-1: none)."""
         lo, hi = self.short_side_range
-        clip = resize_short_side(clip, int(torch.randint(lo, hi + 1, ()).item()))
-        h, w = clip.shape[-2:]
+        short = int(torch.randint(lo, hi + 1, ()).item())
+        h, w = short_side_size(height, width, short)
         y = int(torch.randint(0, h - self.crop_size + 1, ()).item())
         x = int(torch.randint(0, w - self.crop_size + 1, ()).item())
-        clip = clip[..., y : y + self.crop_size, x : x + self.crop_size]
-        if self.flip and torch.rand(()) < 0.5:
-            clip = clip.flip(-1)
-        seed = draw_seed() if self.randaugment is not None else None
-        if seed is not None and self.photometric_on == "loader":
-            clip, seed = self.photometric(clip, seed), None
+        flip = bool(self.flip and torch.rand(()) < 0.5)
+        return short, y, x, int(flip), draw_seed() if self.randaugment is not None else -1
+
+    def with_seed(self, frames: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The transformed clip (3, T, crop, crop) and None; under ``photometric_on="device"`` the frames as
+        decoded, (3, T, H, W), and the clip's plan (``plan``, int64) for ``on_device``."""
+        plan = self.plan(*frames.shape[1:3])
+        if self.photometric_on == "device":
+            return frames.permute(3, 0, 1, 2), torch.tensor(plan)
         # (3, T, crop, crop) as the resize laid it out (channels last): the batch is stacked as it lies
         # (base.stack_clips) and made contiguous on the device
-        return clip.permute(1, 0, 2, 3), seed
+        return self.on_device(frames.permute(3, 0, 1, 2), plan), None
+
+    def on_device(self, clip: Tensor, plan: Sequence[int]) -> Tensor:
+        """``clip`` (3, T, H, W) uint8 as decoded, on any device -> (3, T, crop, crop): the ``plan``'s resize,
+        crop, flip and RandAugment. On the CPU bit for bit the loader's clip; on a GPU torchvision resizes in
+        float and rounds (one grey level apart at most)."""
+        short, y, x, flip, seed = (int(v) for v in plan)
+        clip = resize_short_side(clip.transpose(0, 1), short)
+        clip = clip[..., y : y + self.crop_size, x : x + self.crop_size]
+        if flip:
+            clip = clip.flip(-1)
+        if seed >= 0:
+            clip = self.photometric(clip, seed)
+        return clip.transpose(0, 1)
 
     def photometric(self, clip: Tensor, seed: int) -> Tensor:
         """RandAugment on ``clip`` (T, 3, H, W) uint8, on any device, its ops drawn from ``seed``."""

@@ -344,9 +344,9 @@ def test_loader_batches_windows_through_collate(temporal_root):
 
 
 def test_photometric_ops_on_the_device_give_the_loaders_windows(temporal_root):
-    """augment_on: device -- the worker decodes, crops and flips, the batch carries each window's photometric
-    seed and the data module applies RandAugment and the jitter after the transfer: the same normalised batch as
-    the loader path, window for window (the same sample keys)."""
+    """augment_on: device -- the worker decodes and crops, the batch carries each window's crop as decoded, its
+    flip and photometric seed, and the data module resizes, flips and applies RandAugment and the jitter after
+    the transfer: the same normalised batch as the loader path, window for window (the same sample keys)."""
     batches = {}
     for where in ("loader", "device"):
         dm = module(temporal_root, augment_on=where)
@@ -355,7 +355,11 @@ def test_photometric_ops_on_the_device_give_the_loaders_windows(temporal_root):
         samples = [dataset[SampleKey(i, 0, 11)] for i in range(len(dataset))]
         batch = collate_windows(samples)
         assert ("photometric_seed" in batch) == (where == "device")
-        if where == "device":  # the windows stay channels-last, as decoded and resized, until the device
+        if where == "device":  # each window's crop as decoded (channels-last), whatever its size
+            crops = [clip.shape[-2:] for clip in batch["video"]]
+            assert len(set(crops)) > 1 and all(clip.permute(1, 2, 3, 0).is_contiguous() for clip in batch["video"])
+            assert batch["flip"].dtype == torch.bool and len(batch["flip"]) == len(samples)
+        else:  # stacked channels-last, as decoded and resized, until the device
             assert batch["video"].permute(0, 2, 3, 4, 1).is_contiguous()
         batches[where] = dm.on_after_batch_transfer(batch, 0)
         assert batches[where]["video"].is_contiguous()

@@ -14,7 +14,14 @@ from datamodules.base import AnnotationError, BadVideoError, collate_clips, stac
 from datamodules.classification import ClipClassificationDataset, VideoClassificationDataModule
 from datamodules.kinetics_list import VideoRecord, read_video_list
 from datamodules.sampling import centre_clip, random_clip, uniform_clips
-from datamodules.transforms import EvalClipTransform, TrainClipTransform, normalize, three_crops
+from datamodules.transforms import (
+    EvalClipTransform,
+    TrainClipTransform,
+    normalize,
+    resize_short_side,
+    short_side_size,
+    three_crops,
+)
 from datamodules.video_io import VideoDecodeError, open_video
 
 OPENCV_VIDEO = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
@@ -247,9 +254,9 @@ def test_an_unreadable_video_is_named_as_such_not_as_corrupt(tmp_path, monkeypat
 
 
 def test_randaugment_on_the_device_gives_the_loaders_clips(synthetic_classification):
-    """augment_on: device -- the worker resizes, crops and flips, each clip (and its static twin) carries its
-    RandAugment seed and the data module applies the ops after the transfer: the same normalised batch as the
-    loader path, clip for clip (the same sample keys)."""
+    """augment_on: device -- the worker decodes only, each clip (and its static twin) carries the frames as
+    decoded and its draws (short side, crop, flip, RandAugment seed), and the data module applies the transform
+    after the transfer: the same normalised batch as the loader path, clip for clip (the same sample keys)."""
     from datamodules.base import SampleKey
 
     batches = {}
@@ -261,10 +268,14 @@ def test_randaugment_on_the_device_gives_the_loaders_clips(synthetic_classificat
         )  # fmt: skip
         dataset = dm.dataset("train")
         batch = collate_clips([dataset[SampleKey(i, 0, 3)] for i in range(6)])
-        assert ("photometric_seed" in batch) == ("static_photometric_seed" in batch) == (where == "device")
-        batch = dm.on_before_batch_transfer(batch, 0)  # the seeds become ints before the transfer
-        assert all(isinstance(s, int) for s in batch.get("photometric_seed", []))
-        if where == "device":  # stacked channels-last, as the resize left the clips
+        assert ("video_plan" in batch) == ("static_plan" in batch) == (where == "device")
+        batch = dm.on_before_batch_transfer(batch, 0)  # the plans become ints before the transfer
+        assert all(isinstance(v, int) for plan in batch.get("video_plan", []) for v in plan)
+        if where == "device":  # the frames as decoded, uncopied
+            clip = batch["video"][0]  # (3, T, H, W) over (T, H, W, 3) memory, the set's 80 x 80 frames
+            assert isinstance(batch["video"], list) and clip.shape[-2:] == (80, 80)
+            assert clip.permute(1, 2, 3, 0).is_contiguous()
+        else:  # stacked channels-last, as the resize left the clips
             assert batch["video"].permute(0, 2, 3, 4, 1).is_contiguous()
         batches[where] = dm.on_after_batch_transfer(batch, 0)
         assert batches[where]["video"].is_contiguous() and batches[where]["static"].is_contiguous()
@@ -297,3 +308,12 @@ def test_clips_are_stacked_as_they_lie_and_made_contiguous_on_the_device(synthet
     out = dm.on_after_batch_transfer({"video": stack_clips(lying), "batch_size": 2}, 0)["video"]
     assert out.is_contiguous()
     torch.testing.assert_close(out, normalize(torch.stack(planar), dm.mean, dm.std), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [(240, 320, 256), (320, 240, 288), (180, 320, 182), (257, 256, 256), (99, 77, 99)])
+def test_a_plans_resized_size_is_the_one_torchvision_gives(size):
+    """The worker draws a crop corner in a frame it does not resize (augment_on: device): the size it assumes is
+    the one the resize then gives."""
+    height, width, short = size
+    out = resize_short_side(torch.zeros(1, 3, height, width, dtype=torch.uint8), short)
+    assert tuple(out.shape[-2:]) == short_side_size(height, width, short)
