@@ -4,8 +4,9 @@ On a CUDA machine (one H100: a few minutes) it runs
 
 - checks of the device paths: every SDPA backend the device offers (math, flash, memory-efficient, cuDNN) through
   the core's ``Attention`` against the math backend in float32; bf16 autocast against float32 for each model;
-  the RoIAlign paths EVAD uses against torchvision's kernel on the device; a one-GPU DDP fit (NCCL) of each
-  quickstart recipe through the CLI;
+  the RoIAlign paths EVAD uses against torchvision's kernel on the device; the transforms the recipes leave to
+  the device (AVA's resize and flip, the Kinetics-style and THUMOS training geometry) against the loader's on
+  the CPU, within one grey level; a one-GPU DDP fit (NCCL) of each quickstart recipe through the CLI;
 - the benchmarks: EVAD keep rate 0.7 vs 1.0 inference throughput at batch 8 (the paper's A100: 1.38x) and
   training-step memory (the paper: -47%); HaltingVT with halted tokens removed vs the dense DeiT-S; the THUMOS
   VideoMAE-S detector's latency per dropped block (the paper: 0.774 at a MACs ratio of 0.761); its LoRA training
@@ -258,6 +259,44 @@ def check_roi_align(device: torch.device) -> dict:
     return {"ok": all(e <= 1e-4 for e in errors.values()), "max_abs_error": errors}
 
 
+def check_device_transforms(device: torch.device) -> dict:
+    """The transforms the recipes leave to the device (``resize_on`` / ``augment_on: device``) run there against
+    the loader's on the CPU, as grey levels: AVA's resize and flip (OpenCV's INTER_LINEAR in the loader), the
+    Kinetics-style resize, crop and flip, a THUMOS window's resized crop and flip (torchvision's uint8 kernel in
+    the loader). At most one level apart."""
+    from datamodules.keyframes import collate_keyframes, resize_keyframe_batch, transform_keyframe_clip
+    from datamodules.temporal_windows import TemporalTrainTransform
+    from datamodules.transforms import TrainClipTransform, to_tchw
+
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (4, 180, 320, 3), dtype=torch.uint8, generator=gen)
+    diff = {}
+    boxes = [torch.zeros(0, 4).numpy()]
+    samples = {where: [] for where in ("loader", "device")}
+    for where, out in samples.items():
+        for flip in (False, True):
+            clip, (b,), size = transform_keyframe_clip(frames, boxes, 144, flip, False, where)
+            out.append({"video": clip, "boxes": b, "image_size": size, "orig_size": (180, 320)} | (
+                {"flip": flip} if where == "device" else {}
+            ))  # fmt: skip
+    loader, batch = collate_keyframes(samples["loader"]), collate_keyframes(samples["device"])
+    moved = [clip.to(device) for clip in batch["video"]]
+    resized = resize_keyframe_batch(moved, batch["image_size"], batch["flip"].to(device), 32, False).cpu()
+    diff["ava_resize"] = (resized.int() - loader["video"].int()).abs().max().item()
+    torch.manual_seed(1)
+    kinetics = TrainClipTransform(224, (256, 320), flip=True, randaugment_ops=0, photometric_on="device")
+    plan = kinetics.plan(180, 320)
+    expected = kinetics.on_device(frames.permute(3, 0, 1, 2), plan)  # on the CPU: the loader's clip
+    got = kinetics.on_device(frames.permute(3, 0, 1, 2).to(device), plan).cpu()
+    diff["kinetics_transform"] = (got.int() - expected.int()).abs().max().item()
+    tad = TemporalTrainTransform(160, 182, randaugment_ops=0, color_jitter=None, photometric_on="device")
+    plan = tad.plan(180, 320)
+    crop = to_tchw(tad.crop(frames, plan))
+    got = tad.geometry(crop.to(device), True).cpu()
+    diff["tad_window_geometry"] = (got.int() - tad.geometry(crop, True).int()).abs().max().item()
+    return {"ok": all(d <= 1 for d in diff.values()), "max_grey_level_difference": diff}
+
+
 def check_ddp_fits(device: torch.device, sizes: Sizes, data_root: Path, out_dir: Path) -> dict:
     """A one-device DDP fit (NCCL on CUDA, gloo on the CPU) of each quickstart recipe through the CLI."""
     accelerator = "gpu" if device.type == "cuda" else "cpu"
@@ -435,6 +474,7 @@ def run(device: torch.device, tiny: bool, work: Path) -> dict:
         "sdpa_backends": lambda: check_sdpa_backends(device),
         "bf16_vs_fp32": lambda: check_bf16(device, tiny, sizes),
         "roi_align": lambda: check_roi_align(device),
+        "device_transforms": lambda: check_device_transforms(device),
         "ddp_fits": lambda: check_ddp_fits(device, sizes, data, work / "runs"),
         "evad": lambda: bench_evad(device, tiny, sizes),
         "haltingvt": lambda: bench_haltingvt(device, tiny, sizes),
@@ -470,6 +510,8 @@ def summary(name: str, r: dict) -> str:
         )
     if name == "roi_align":
         return f"{'ok' if r['ok'] else 'FAILED'}: {r['max_abs_error']}"
+    if name == "device_transforms":
+        return f"{'ok' if r['ok'] else 'FAILED'}: grey levels from the loader's {r['max_grey_level_difference']}"
     if name == "ddp_fits":
         return ", ".join(
             f"{k} {'ok' if v['ok'] else 'FAILED'} ({v['seconds']} s)" for k, v in r["recipes"].items()

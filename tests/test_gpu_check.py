@@ -10,7 +10,10 @@ import pytest
 
 from benchmarks import gpu_check
 
-STEPS = ("sdpa_backends", "bf16_vs_fp32", "roi_align", "ddp_fits", "evad", "haltingvt", "blockdrop", "tad_training")
+STEPS = (
+    "sdpa_backends", "bf16_vs_fp32", "roi_align", "device_transforms", "ddp_fits", "evad", "haltingvt", "blockdrop",
+    "tad_training",
+)  # fmt: skip
 
 
 @pytest.mark.slow
