@@ -89,18 +89,6 @@ def _write_frames(video: Path, folder: Path) -> int:
     return len(reader)
 
 
-def _raw_video(path: str, indices: np.ndarray) -> None:
-    import decord
-
-    decord.VideoReader(path, num_threads=1).get_batch(indices.tolist()).asnumpy()
-
-
-def _raw_pyav(path: str, indices: np.ndarray) -> None:
-    from datamodules.video_pyav import PyAVReader
-
-    PyAVReader(path, num_threads=1).read(indices)
-
-
 def _raw_frames(paths: list[Path]) -> None:
     import simplejpeg
 
@@ -133,15 +121,15 @@ def recorded_reads() -> Iterator[list[tuple[int, Any, np.ndarray]]]:
             cls.get_frames = original
 
 
-def replay(reads: list[tuple[int, Any, np.ndarray]]) -> Callable[[], None]:
+def replay(reads: list[tuple[int, Any, np.ndarray]], backend: str | None = None) -> Callable[[], None]:
     """Raw decoding of exactly the frames ``reads`` asked for, call by call: a fresh reader of the backend the
-    loader used wherever it opened a video (the same reader for its further calls, e.g. a THUMOS window's
-    chunks), each frame file once per call, nothing else."""
+    loader used (or ``backend``: decord or pyav) wherever it opened a video (the same reader for its further
+    calls, e.g. a THUMOS window's chunks), each frame file once per call, nothing else."""
     from datamodules.keyframes import FrameFolder
     from datamodules.video_pyav import PyAVReader
 
     def open_reader(source: Any) -> Callable[[np.ndarray], Any]:
-        if source.backend != "decord":
+        if (backend or source.backend) != "decord":
             return PyAVReader(str(source.path), num_threads=1).read
         import decord
 
@@ -159,6 +147,25 @@ def replay(reads: list[tuple[int, Any, np.ndarray]]) -> Callable[[], None]:
             read(idx)
 
     return run
+
+
+def batches_of(dm: Any, batches: int) -> tuple[Callable[[], None], int, list[tuple[int, Any, np.ndarray]]]:
+    """A pass of ``batches`` batches of ``dm``'s training loader (starting it again when an epoch is shorter:
+    the same clips every time, no ``set_epoch``), the clips such a pass delivers, and the frame reads it makes."""
+    loader = dm.train_dataloader()
+
+    def run() -> int:
+        clips, done = 0, 0
+        while done < batches:
+            for batch in loader:
+                clips, done = clips + int(batch["batch_size"]), done + 1
+                if done == batches:
+                    break
+        return clips
+
+    with recorded_reads() as reads:
+        clips = run()
+    return run, clips, reads
 
 
 def sources(root: Path) -> dict[str, Any]:
@@ -259,8 +266,8 @@ def _av1_copy(source: Path, out: Path) -> None:
 
 
 def bench_decoders(root: Path, batches: int = 4, repeats: int = 3, kinetics: dict | None = None) -> dict:
-    """Clips/s of one worker through the Kinetics-style training pipeline (16 frames every 4, ``kinetics_mp4``'s)
-    with each decoding backend, against raw decoding of the same kind of clips: decord's ``get_batch`` (as
+    """Clips/s of one worker through the Kinetics-style training pipeline (16 frames every 4, ``kinetics_mp4``'s,
+    ``augment_on: device`` as the recipes: the worker decodes) with each decoding backend, against raw decoding of the same clips (``replay``): decord's ``get_batch`` (as
     ``kinetics_mp4``) and PyAV's (``PyAVReader.read``), a fresh reader per clip; and the videos re-encoded as AV1
     through ``decoder: auto`` against raw PyAV. The set is written under ``root`` (``kinetics``: its
     ``ClassificationSet`` settings, ``KINETICS_SET`` by default; an existing one is reused)."""
@@ -268,10 +275,9 @@ def bench_decoders(root: Path, batches: int = 4, repeats: int = 3, kinetics: dic
     from datamodules.synthetic import ClassificationSet
 
     settings = kinetics or KINETICS_SET
-    rng = np.random.default_rng(0)
     common = {
         "num_frames": 16, "frame_stride": 4, "crop_size": 224, "train_short_side": (256, 320), "batch_size": 4,
-        "num_workers": 0,
+        "num_workers": 0, "augment_on": "device",
     }  # fmt: skip
     h264 = root / "kinetics"
     modules = {
@@ -283,37 +289,17 @@ def bench_decoders(root: Path, batches: int = 4, repeats: int = 3, kinetics: dic
     modules["decord"].prepare_data()
     _av1_copy(h264, root / "kinetics_av1")
     modules["auto (AV1)"] = VideoClassificationDataModule(str(root / "kinetics_av1"), decoder="auto", **common)
-    clips = batches * common["batch_size"]
-    span = 15 * 4 + 1
-
-    def pipeline(dm: VideoClassificationDataModule) -> Callable[[], None]:
-        loader = dm.train_dataloader()
-
-        def run() -> None:
-            for i, _ in enumerate(loader):
-                if i + 1 == batches:
-                    break
-
-        return run
-
-    def raw(decode: Callable[[str, np.ndarray], None], folder: Path) -> Callable[[], None]:
-        videos = sorted((folder / "videos").glob("*.mp4"))
-
-        def run() -> None:
-            for _ in range(clips):
-                start = int(rng.integers(0, settings["num_frames"] - span))
-                decode(str(videos[int(rng.integers(len(videos)))]), np.arange(start, start + span, 4))
-
-        return run
-
+    passes = {name: batches_of(dm, batches) for name, dm in modules.items()}
+    clips = passes["decord"][1]
+    if any(n != clips for _, n, _ in passes.values()):
+        raise RuntimeError(f"the decoders' passes gave {[n for _, n, _ in passes.values()]} clips, not the same")
     t264 = interleaved({
-        "decord": pipeline(modules["decord"]), "pyav": pipeline(modules["pyav"]),
-        "raw_decord": raw(_raw_video, h264), "raw_pyav": raw(_raw_pyav, h264),
+        "decord": passes["decord"][0], "pyav": passes["pyav"][0],
+        "raw_decord": replay(passes["decord"][2], "decord"), "raw_pyav": replay(passes["decord"][2], "pyav"),
     }, repeats, stat=min)  # fmt: skip
     tav1 = interleaved(
-        {"auto": pipeline(modules["auto (AV1)"]), "raw_pyav": raw(_raw_pyav, root / "kinetics_av1")},
-        repeats, stat=min,
-    )  # fmt: skip
+        {"auto": passes["auto (AV1)"][0], "raw_pyav": replay(passes["auto (AV1)"][2], "pyav")}, repeats, stat=min
+    )
     rows = {
         "decord (H.264)": (t264["decord"], t264["raw_decord"], t264["raw_decord"]),
         "pyav (H.264)": (t264["pyav"], t264["raw_pyav"], t264["raw_decord"]),
@@ -353,20 +339,10 @@ def _bench_pipeline(batches: int, repeats: int) -> dict:
         built = sources(Path(tmp))
         setup_seconds = time.monotonic() - start
         for name, dm in built.items():
-            loader = dm.train_dataloader()  # the same clips on every pass (no set_epoch)
-            clips = batches * loader.batch_size
-
-            def run_pipeline(loader=loader) -> None:
-                for i, _ in enumerate(loader):
-                    if i + 1 == batches:
-                        break
-
-            with recorded_reads() as reads:
-                run_pipeline()
-            run_raw = replay(reads)
-            t = interleaved({"pipeline": run_pipeline, "raw": run_raw}, repeats, stat=min)
+            run_pipeline, clips, reads = batches_of(dm, batches)
+            t = interleaved({"pipeline": run_pipeline, "raw": replay(reads)}, repeats, stat=min)
             rows[name] = {
-                "pipeline_clips_per_s": clips / t["pipeline"], "raw_clips_per_s": clips / t["raw"],
+                "clips": clips, "pipeline_clips_per_s": clips / t["pipeline"], "raw_clips_per_s": clips / t["raw"],
                 "ratio": t["raw"] / t["pipeline"], **stability(t),
             }  # fmt: skip
         decoders = bench_decoders(Path(tmp), batches, repeats)

@@ -536,3 +536,22 @@ def test_frame_files_decode_as_pil_does_whatever_their_kind(tmp_path):
     with pytest.raises(VideoDecodeError, match="00002.jpg") as err:
         FrameFolder(tmp_path, "rgb", "{video}/{index:05d}.jpg", 3).get_frames([0, 1])
     assert err.value.kind == "corrupt"
+
+
+def test_the_pipeline_benchmark_replays_exactly_the_frames_the_loader_read(synthetic_root):
+    """``make bench``'s raw decode: the reads a pass of the loader made (wrapping around a short epoch), frame for
+    frame the clips of the keys the sampler gave, and a replay that decodes them."""
+    from benchmarks.pipeline import batches_of, replay
+
+    dm = synthetic_module(synthetic_root, resize_on="device")
+    dm.setup("fit")
+    per_epoch = len(dm.train_dataloader())
+    run, clips, reads = batches_of(dm, per_epoch + 1)
+    assert clips == 2 * (per_epoch + 1) and len(reads) == clips  # one read per keyframe clip
+    dataset, keys = dm.dataset("train"), list(dm.train_dataloader().sampler)
+    expected = [dataset.clip_indices(keys[i % (2 * per_epoch)].index) for i in range(clips)]  # drop_last
+    for (_, video, idx), want in zip(reads, expected, strict=True):
+        np.testing.assert_array_equal(idx, want)
+        assert video.num_frames > int(want.max())
+    replay(reads)()
+    assert run() == clips
