@@ -213,8 +213,8 @@ def stack_clips(clips: Sequence[torch.Tensor]) -> torch.Tensor:
     is a (B, 3, T, H, W) view of (B, T, H, W, 3) memory; the data module makes it contiguous once on the
     device. In a worker the batch is in shared memory (``batch_buffer``); a batch of one is not copied."""
     first = clips[0]
-    if len(clips) == 1:  # a batch of one (a THUMOS window) is the clip itself
-        return first[None]
+    if len(clips) == 1 and first.untyped_storage().nbytes() == first.numel() * first.element_size():
+        return first[None]  # a batch of one that fills its storage (a THUMOS window) is the clip itself
     order = sorted(range(first.dim()), key=lambda d: -first.stride(d))  # outermost dimension first
     out = batch_buffer((len(clips), *(first.shape[d] for d in order)), first.dtype)
     for i, clip in enumerate(clips):

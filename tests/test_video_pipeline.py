@@ -304,6 +304,9 @@ def test_clips_are_stacked_as_they_lie_and_made_contiguous_on_the_device(synthet
         assert torch.equal(stack_clips(clips), torch.stack(clips))
     assert stack_clips(lying).permute(0, 2, 3, 4, 1).is_contiguous() and stack_clips(planar).is_contiguous()
     assert torch.equal(stack_clips(lying[:1]), torch.stack(lying[:1]))
+    assert stack_clips(lying[:1]).data_ptr() == lying[0].data_ptr()  # a whole clip alone: not copied
+    crop = lying[0][:, :, 1:4]  # a view of part of its storage: copied, so that only the crop travels
+    assert torch.equal(stack_clips([crop]), crop[None]) and stack_clips([crop]).data_ptr() != crop.data_ptr()
     dm = VideoClassificationDataModule(root=str(synthetic_classification), num_workers=0)
     out = dm.on_after_batch_transfer({"video": stack_clips(lying), "batch_size": 2}, 0)["video"]
     assert out.is_contiguous()
