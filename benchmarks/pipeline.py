@@ -97,17 +97,17 @@ def _raw_frames(paths: list[Path]) -> None:
 
 
 @contextmanager
-def recorded_reads() -> Iterator[list[tuple[int, Any, np.ndarray]]]:
-    """Every frame read the data modules make meanwhile, as (reader id, reader, clamped frame indices)."""
+def recorded_reads() -> Iterator[list[tuple[Any, np.ndarray]]]:
+    """Every frame read the data modules make meanwhile, as (reader, clamped frame indices)."""
     from datamodules.keyframes import FrameFolder
     from datamodules.video_io import Video
 
-    reads: list[tuple[int, Any, np.ndarray]] = []
+    reads: list[tuple[Any, np.ndarray]] = []
     originals = {cls: cls.get_frames for cls in (Video, FrameFolder)}
 
     def spy(cls: type) -> Callable[..., Any]:
         def get_frames(self: Any, indices: Any) -> Any:
-            reads.append((id(self), self, np.clip(np.asarray(indices), 0, self.num_frames - 1)))
+            reads.append((self, np.clip(np.asarray(indices), 0, self.num_frames - 1)))
             return originals[cls](self, indices)
 
         return get_frames
@@ -121,7 +121,7 @@ def recorded_reads() -> Iterator[list[tuple[int, Any, np.ndarray]]]:
             cls.get_frames = original
 
 
-def replay(reads: list[tuple[int, Any, np.ndarray]], backend: str | None = None) -> Callable[[], None]:
+def replay(reads: list[tuple[Any, np.ndarray]], backend: str | None = None) -> Callable[[], None]:
     """Raw decoding of exactly the frames ``reads`` asked for, call by call: a fresh reader of the backend the
     loader used (or ``backend``: decord or pyav) wherever it opened a video (the same reader for its further
     calls, e.g. a THUMOS window's chunks), each frame file once per call, nothing else."""
@@ -138,18 +138,18 @@ def replay(reads: list[tuple[int, Any, np.ndarray]], backend: str | None = None)
 
     def run() -> None:
         read, opened = None, None
-        for key, source, idx in reads:
+        for source, idx in reads:
             if isinstance(source, FrameFolder):
                 _raw_frames([source.path(i) for i in dict.fromkeys(idx.tolist())])
                 continue
-            if key != opened:
-                read, opened = open_reader(source), key
+            if source is not opened:
+                read, opened = open_reader(source), source
             read(idx)
 
     return run
 
 
-def batches_of(dm: Any, batches: int) -> tuple[Callable[[], None], int, list[tuple[int, Any, np.ndarray]]]:
+def batches_of(dm: Any, batches: int) -> tuple[Callable[[], int], int, list[tuple[Any, np.ndarray]]]:
     """A pass of ``batches`` batches of ``dm``'s training loader (starting it again when an epoch is shorter:
     the same clips every time, no ``set_epoch``), the clips such a pass delivers, and the frame reads it makes."""
     loader = dm.train_dataloader()

@@ -550,7 +550,7 @@ def test_the_pipeline_benchmark_replays_exactly_the_frames_the_loader_read(synth
     assert clips == 2 * (per_epoch + 1) and len(reads) == clips  # one read per keyframe clip
     dataset, keys = dm.dataset("train"), list(dm.train_dataloader().sampler)
     expected = [dataset.clip_indices(keys[i % (2 * per_epoch)].index) for i in range(clips)]  # drop_last
-    for (_, video, idx), want in zip(reads, expected, strict=True):
+    for (video, idx), want in zip(reads, expected, strict=True):
         np.testing.assert_array_equal(idx, want)
         assert video.num_frames > int(want.max())
     replay(reads)()
